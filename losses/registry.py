@@ -1,0 +1,203 @@
+"""Objectives by name: the engine and researchers pick a loss with a string from the config.
+
+Each family has one call convention (shapes as in ``losses/__init__.py``):
+
+- ``sft``:      fn(logprobs, mask, **kw)
+- ``reward``:   fn(chosen_rewards, rejected_rewards, *, margin=None, **kw)
+- ``pairwise``: needs_reference=True:  fn(policy_chosen_logps, policy_rejected_logps,
+                                          ref_chosen_logps, ref_rejected_logps, **kw), each (B,),
+                                          reduced from per-token log-probs per ``logps_reduction``;
+                needs_reference=False: fn(chosen_logprobs, chosen_mask, rejected_logprobs, rejected_mask, **kw)
+- ``ppo``:      fn(logprobs, old_logprobs, advantages, mask, **kw)
+
+A new objective is a new function decorated with ``@register(...)``; a function outside this
+repository decorated the same way can be named in a config as ``"package.module:function"``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+FAMILIES = ("sft", "reward", "pairwise", "ppo")
+LOGPS_REDUCTIONS = ("sum", "mean")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A registered loss function and what the engine needs to know to call it."""
+
+    name: str
+    fn: Callable[..., Any]
+    family: str
+    """One of FAMILIES; fixes the positional arguments the engine passes."""
+    needs_reference: bool = False
+    """Whether the engine must load a frozen reference model for it."""
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    """Keyword arguments applied before the user's, e.g. cdpo's label_smoothing=0.1."""
+    logps_reduction: str = "sum"
+    """For pairwise objectives with a reference: per-sequence log-probs as the "sum" or "mean" over tokens."""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"objective {self.name!r}: family must be one of {FAMILIES}, got {self.family!r}")
+        if self.logps_reduction not in LOGPS_REDUCTIONS:
+            raise ValueError(
+                f"objective {self.name!r}: logps_reduction must be one of {LOGPS_REDUCTIONS}, "
+                f"got {self.logps_reduction!r}"
+            )
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        _check_kwargs(self.name, self.fn, self.defaults, require_all=False)
+
+
+_REGISTRY: dict[str, Objective] = {}
+
+
+def register(
+    name: str | None = None,
+    *,
+    family: str,
+    needs_reference: bool = False,
+    defaults: Mapping[str, Any] | None = None,
+    logps_reduction: str = "sum",
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator that registers ``fn`` as an objective under ``name`` (default: the function's name).
+
+    The function is returned unchanged, marked with ``fn.__objective__`` (its first registration),
+    so ``get_objective("package.module:function")`` resolves it with its family and defaults.
+    Registering one function twice under different names with different defaults is how variants
+    such as ``cdpo`` are made.
+
+    Args:
+        name: registry key; must not already name a different function.
+        family: one of "sft", "reward", "pairwise", "ppo".
+        needs_reference: whether the engine must provide reference log-probs.
+        defaults: keyword arguments applied before the user's; checked against the signature.
+        logps_reduction: "sum" or "mean" of per-token log-probs (pairwise with a reference).
+
+    Returns:
+        The decorator.
+    """
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        objective = Objective(
+            name=name or fn.__name__,
+            fn=fn,
+            family=family,
+            needs_reference=needs_reference,
+            defaults=dict(defaults or {}),
+            logps_reduction=logps_reduction,
+        )
+        existing = _REGISTRY.get(objective.name)
+        if existing is not None and _qualified_name(existing.fn) != _qualified_name(fn):
+            raise ValueError(
+                f"objective name {objective.name!r} is already registered for {_qualified_name(existing.fn)}"
+            )
+        _REGISTRY[objective.name] = objective
+        if not isinstance(getattr(fn, "__objective__", None), Objective):
+            fn.__objective__ = objective
+        return fn
+
+    return decorator
+
+
+def get_objective(name: str) -> Objective:
+    """Look up an objective by registry name or as ``"package.module:function"``.
+
+    Args:
+        name: a registered name ("dpo", "orpo", ...) or an importable path to a function decorated
+            with ``@register``.
+
+    Returns:
+        The Objective.
+
+    Raises:
+        ValueError: unknown name (the message names the nearest registered one), a module that does
+            not import, a missing attribute, or a function that was never registered.
+    """
+    if ":" in name:
+        return _import_objective(name)
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown objective {name!r}{_did_you_mean(name, _REGISTRY)}; registered: "
+            f"{', '.join(sorted(_REGISTRY))}; or name a function as 'package.module:function'"
+        )
+    return _REGISTRY[name]
+
+
+def bind_objective(name: str | Objective, kwargs: Mapping[str, Any]) -> tuple[Objective, Callable[..., Any]]:
+    """Check config keyword arguments against an objective's signature and bind them, before any model loads.
+
+    Args:
+        name: as for ``get_objective``, or an Objective.
+        kwargs: the user's keyword arguments (they override the objective's defaults).
+
+    Returns:
+        ``(objective, fn)`` with ``fn = functools.partial(objective.fn, **defaults, **kwargs)``.
+
+    Raises:
+        ValueError: a key that is not a keyword-only parameter (naming the nearest valid one), or a
+            required keyword-only parameter left without a value.
+    """
+    objective = name if isinstance(name, Objective) else get_objective(name)
+    merged = {**objective.defaults, **kwargs}
+    _check_kwargs(objective.name, objective.fn, merged, require_all=True)
+    return objective, functools.partial(objective.fn, **merged)
+
+
+def list_objectives() -> list[Objective]:
+    """All registered objectives, sorted by name."""
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
+def _check_kwargs(name: str, fn: Callable[..., Any], kwargs: Mapping[str, Any], *, require_all: bool) -> None:
+    params = inspect.signature(fn).parameters.values()
+    keyword_only = {p.name: p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    for key in kwargs:
+        if key not in keyword_only and not accepts_any:
+            valid = ", ".join(keyword_only) or "none"
+            raise ValueError(
+                f"objective {name!r} has no keyword argument {key!r}{_did_you_mean(key, keyword_only)}; "
+                f"valid: {valid}"
+            )
+    if require_all:
+        missing = [k for k, p in keyword_only.items() if p.default is inspect.Parameter.empty and k not in kwargs]
+        if missing:
+            raise ValueError(f"objective {name!r} needs keyword argument(s) {', '.join(map(repr, missing))}")
+
+
+def _did_you_mean(name: str, candidates: Any) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.0)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _qualified_name(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _import_objective(path: str) -> Objective:
+    module_name, _, attr_path = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"objective {path!r}: cannot import module {module_name!r} ({err})") from err
+    target: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            public = [n for n in dir(target) if not n.startswith("_")]
+            raise ValueError(f"objective {path!r}: {module_name!r} has no attribute {part!r}{_did_you_mean(part, public)}")
+        target = getattr(target, part)
+    objective = getattr(target, "__objective__", None)
+    if not isinstance(objective, Objective):
+        raise ValueError(
+            f"objective {path!r} is not registered: decorate it with "
+            "@losses.register(family=...) to declare its family"
+        )
+    return objective
