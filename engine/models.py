@@ -1,0 +1,303 @@
+"""Loading the policy, reward model and tokenizer as one `ModelConfig` describes them, and saving the result.
+
+Every model comes through the transformers Auto classes, so any causal LM on the hub or on disk works. The
+order of the steps in `_load` matters: quantised weights are prepared for k-bit training before the adapter
+is added, freezing only applies to full fine-tuning, and checkpointing is switched on last with input
+gradients enabled, so an adapter behind a frozen embedding still receives gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from engine.config import FreezeConfig, ModelConfig
+from engine.tiny import resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+FREEZE_GROUPS = ("embeddings", "layer_norms", "attention", "feed_forward", "other")
+
+# Parameter-name conventions across the common architectures (Llama/Mistral/Qwen, GPT-2, GPT-NeoX, BERT).
+# Norms are tested first: `post_attention_layernorm` and `self_attn.q_norm` are norms, not attention.
+_GROUP_PATTERNS = (
+    ("layer_norms", re.compile(r"(^|\.)(\w*norm\w*|ln_\w+|ln\d*)\.")),
+    (
+        "embeddings",
+        re.compile(r"(^|\.)(embed_tokens|embed_positions|embed_in|wte|wpe|\w+_embeddings|embeddings)\."),
+    ),
+    ("attention", re.compile(r"(^|\.)(\w*attn\w*|\w*attention\w*)\.")),
+    ("feed_forward", re.compile(r"(^|\.)(mlp|feed_forward|ffn|\w*experts?)\.")),
+)
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def torch_dtype(name: str, *, key: str = "model.dtype") -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"{key}={name!r} is not a dtype; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    """The model's tokenizer with a pad token; a tokenizer without one pads with its EOS token."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_cfg.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                f"the tokenizer of model.name_or_path={model_cfg.name_or_path!r} has neither a pad nor an EOS "
+                "token; add a pad token to it (tokenizer.add_special_tokens({'pad_token': '<pad>'})) and save it"
+            )
+        logger.warning("tokenizer has no pad token; padding with its EOS token %r", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(model_cfg: ModelConfig, *, for_training: bool = True):
+    """A causal LM with the config's dtype, attention, quantisation, LoRA, freezing and checkpointing.
+
+    With `for_training=False` (a reference model, an evaluator) the model is in eval mode with every
+    parameter frozen, and no adapter, freezing or checkpointing is applied.
+    """
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, model_cfg, for_training=for_training, task_type="CAUSAL_LM")
+
+
+def load_reward_model(model_cfg: ModelConfig, *, num_labels: int = 1, for_training: bool = True):
+    """A sequence-classification model with `num_labels` outputs scoring each sequence at its last non-pad
+    token; a causal-LM checkpoint gains a freshly initialised `score` head."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(model_cfg.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"the tokenizer of the reward model model.name_or_path={model_cfg.name_or_path!r} has no pad token, "
+            "and a reward model reads its score at the last non-pad token. Add one and save both beside each "
+            "other: tokenizer.add_special_tokens({'pad_token': '<pad>'}); "
+            "model.resize_token_embeddings(len(tokenizer)); then point model.name_or_path at that directory"
+        )
+    return _load(
+        AutoModelForSequenceClassification,
+        model_cfg,
+        for_training=for_training,
+        task_type="SEQ_CLS",
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _load(auto_cls, cfg: ModelConfig, *, for_training: bool, task_type: str, **config_kwargs):
+    from transformers import BitsAndBytesConfig
+
+    _check_attention(cfg.attn_implementation)
+    if for_training and cfg.quant.bits and not cfg.lora.enabled:
+        raise ValueError(
+            f"model.quant.bits={cfg.quant.bits} weights cannot be trained directly; set model.lora.enabled=true "
+            "(QLoRA) or model.quant.bits=null"
+        )
+    if for_training and cfg.lora.enabled and frozen_groups(cfg.freeze):
+        raise ValueError(
+            "model.freeze.* applies to full fine-tuning; with model.lora.enabled=true only the adapter trains. "
+            "Unset model.freeze or model.lora.enabled"
+        )
+
+    kwargs = dict(config_kwargs)
+    if cfg.quant.bits is not None:
+        from accelerate import PartialState
+
+        if cfg.quant.bits == 4:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=cfg.quant.quant_type,
+                bnb_4bit_use_double_quant=cfg.quant.double_quant,
+                bnb_4bit_compute_dtype=torch_dtype(cfg.quant.compute_dtype, key="model.quant.compute_dtype"),
+            )
+        elif cfg.quant.bits == 8:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            raise ValueError(f"model.quant.bits={cfg.quant.bits} is not supported; use 4, 8 or null")
+        # bitsandbytes quantises while loading, so each process places its copy on its own device.
+        kwargs["device_map"] = {"": PartialState().device}
+
+    model = auto_cls.from_pretrained(
+        resolve_model_path(cfg.name_or_path),
+        dtype=torch_dtype(cfg.dtype),
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+        **kwargs,
+    )
+    if not for_training:
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    if cfg.quant.bits is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the quantised base and upcasts the remaining half-precision weights (norms, head) to fp32.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora.target_modules
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=targets if isinstance(targets, str) else list(targets),
+                task_type=task_type,
+            ),
+        )
+    else:
+        apply_freeze(model, cfg.freeze)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    return model
+
+
+def _check_attention(attn_implementation: str) -> None:
+    if attn_implementation == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise ImportError(
+                "model.attn_implementation=flash_attention_2 needs the flash-attn package (>= 2.3.3) and a CUDA "
+                "GPU; `pip install flash-attn --no-build-isolation`, or set model.attn_implementation=sdpa"
+            )
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in the backward pass instead of storing them.
+
+    Non-reentrant checkpointing, plus a hook making the embedding output require grad: with the reentrant
+    variant and a frozen embedding, a checkpointed block sees no input needing grad and the adapter weights
+    inside it never get one (the failure `enable_input_require_grads` exists for in transformers and peft).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(kwargs)
+    model.enable_input_require_grads()
+    model.config.use_cache = False
+
+
+def parameter_group(name: str) -> str:
+    """The freeze group of a parameter name: embeddings, layer_norms, attention, feed_forward or other.
+
+    `other` holds everything else, notably the output head (`lm_head`, a reward model's `score`).
+    """
+    for group, pattern in _GROUP_PATTERNS:
+        if pattern.search(name):
+            return group
+    return "other"
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer-block index a parameter belongs to (`model.layers.3.mlp...` -> 3), None outside blocks."""
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def frozen_groups(freeze: FreezeConfig) -> tuple[str, ...]:
+    return tuple(group for group in FREEZE_GROUPS if getattr(freeze, group))
+
+
+def frozen_parameter_names(names: Iterable[str], freeze: FreezeConfig) -> set[str]:
+    """The parameter names `freeze` stops training. Layers in `freeze.keep_layers` never freeze; negative
+    indices count from the last block (-1 is the last)."""
+    names = list(names)
+    groups = set(frozen_groups(freeze))
+    indices = [i for i in map(layer_index, names) if i is not None]
+    num_layers = max(indices) + 1 if indices else 0
+    keep = {k % num_layers if num_layers else k for k in freeze.keep_layers}
+    return {n for n in names if parameter_group(n) in groups and layer_index(n) not in keep}
+
+
+def apply_freeze(model, freeze: FreezeConfig) -> list[str]:
+    """Turn off requires_grad on the frozen parameters; returns their names. Freezing everything is an error."""
+    params = dict(model.named_parameters())
+    frozen = frozen_parameter_names(params, freeze)
+    if frozen and len(frozen) == len(params):
+        raise ValueError(f"model.freeze freezes every parameter ({', '.join(frozen_groups(freeze))}); unfreeze one")
+    for name in frozen:
+        params[name].requires_grad_(False)
+    return sorted(frozen)
+
+
+def has_adapter(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def save_final(model, tokenizer, out_dir, *, merge: bool = False) -> Path:
+    """Save the trained model and its tokenizer with `save_pretrained` in safetensors.
+
+    An adapter model saves its adapter (plain `PeftModel.from_pretrained(base, out_dir)` reloads it), or with
+    `merge=True` the base with the adapter merged in (plain `from_pretrained(out_dir)` loads it). The adapter
+    is merged in place, so `model` is a plain model afterwards. A quantised base is merged into a fresh
+    full-precision copy of the base instead, since merging into 4-bit weights would round the update away.
+    Pass the unwrapped model (`accelerator.unwrap_model`) and call this on the main process only.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if merge and has_adapter(model):
+        model = _quantised_base_merged(model) if _is_quantised(model) else model.merge_and_unload()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _is_quantised(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def _quantised_base_merged(model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    peft_cfg = model.peft_config[model.active_adapter]
+    config = model.get_base_model().config
+    kwargs = {"dtype": config.quantization_config.bnb_4bit_compute_dtype}
+    if peft_cfg.task_type == "SEQ_CLS":
+        base_cls = AutoModelForSequenceClassification
+        kwargs.update(num_labels=config.num_labels, pad_token_id=config.pad_token_id)
+    else:
+        base_cls = AutoModelForCausalLM
+    with tempfile.TemporaryDirectory() as adapter_dir:
+        model.save_pretrained(adapter_dir, safe_serialization=True)
+        base = base_cls.from_pretrained(peft_cfg.base_model_name_or_path, **kwargs)
+        return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
+def reference_model_config(policy_cfg: ModelConfig, name_or_path: str | None = None) -> ModelConfig:
+    """The config of a frozen reference copy of the policy: same weights, dtype and quantisation, no adapter."""
+    return replace(
+        policy_cfg,
+        name_or_path=name_or_path or policy_cfg.name_or_path,
+        gradient_checkpointing=False,
+        lora=replace(policy_cfg.lora, enabled=False),
+        freeze=FreezeConfig(),
+    )
