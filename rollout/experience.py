@@ -1,0 +1,136 @@
+"""From sampled responses and their scores to an `Experience`: the tensors one PPO iteration trains on.
+
+Shapes: B batch, P prompt length (left padded), R response length (right padded), T = P + R, V vocabulary.
+Response position t (0-based) is the action a_t taken in state s_t = (prompt, a_0 .. a_{t-1}).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import nn
+
+from losses.logprobs import gather_logprobs
+from rollout.generation import Generation, position_ids_from_mask
+from rollout.value_head import ActorCritic
+
+
+@dataclass
+class Experience:
+    """One batch of rollouts. Tensors are masked: 0 wherever `action_mask` is False."""
+
+    sequences: torch.Tensor  # (B, T) long: prompt left-padded to P, then the response right-padded to R
+    attention_mask: torch.Tensor  # (B, T) bool: real prompt tokens and the response up to its first EOS
+    action_mask: torch.Tensor  # (B, R) bool: response tokens that are actions (first EOS included);
+    #                            all False for a row whose reward function failed (skipped, kept for shape)
+    old_logprobs: torch.Tensor  # (B, R) log pi_old(a_t|s_t) of the rollout policy, logits / temperature
+    ref_logprobs: torch.Tensor  # (B, R) log pi_ref(a_t|s_t) of the frozen reference, logits / temperature
+    values: torch.Tensor  # (B, R) V(s_t) of the value function at rollout time
+    scores: torch.Tensor  # (B,) the sequence-level reward: weighted sources, normalised and clipped,
+    #                       minus the missing-EOS penalty; it lands on the last real response token
+    no_eos: torch.Tensor  # (B,) bool: the response hit its length budget without an EOS
+    rewards: torch.Tensor | None = None  # (B, R) per-token reward: -kl_coef * KL_t, plus the score at the last token
+    advantages: torch.Tensor | None = None  # (B, R) GAE advantages A_t, whitened over action_mask
+    returns: torch.Tensor | None = None  # (B, R) A_t + V(s_t) before whitening: the value target
+
+    @property
+    def response_length(self) -> torch.Tensor:
+        """(B,) number of action tokens."""
+        return self.action_mask.sum(-1)
+
+    def select(self, index: torch.Tensor) -> Experience:
+        """The rows in `index` (a minibatch)."""
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
+    def to(self, device: torch.device | str) -> Experience:
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
+
+def reward_index(action_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) response position of the last action token: the EOS if there is one, else the last token
+    in the budget. Counting actions (not searching for pad) keeps this right with left-padded prompts
+    and with pad == EOS. A row with no action (a skipped reward) maps to 0; its mask hides it anyway."""
+    return (action_mask.long().sum(-1) - 1).clamp(min=0)
+
+
+def place_scores(scores: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """(B, R) zeros with each row's score at `reward_index`, for per-token reward shaping."""
+    out = torch.zeros(action_mask.shape, dtype=scores.dtype, device=scores.device)
+    return out.scatter(1, reward_index(action_mask)[:, None], scores[:, None]) * action_mask
+
+
+def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, action_mask: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """(B, R) log-probs of the sampled tokens, from response logits (B, R, V) divided by the sampling
+    temperature (the distribution the tokens were drawn from, as lm-human-preferences); 0 off the mask."""
+    if temperature not in (0.0, 1.0):
+        logits = logits / temperature
+    return gather_logprobs(logits, responses) * action_mask
+
+
+@contextlib.contextmanager
+def _adapter_disabled(policy: nn.Module):
+    if not hasattr(policy, "disable_adapter"):
+        raise ValueError("reference mode 'disabled' needs a peft policy (LoRA); give a frozen reference model")
+    with policy.disable_adapter():
+        yield
+
+
+@torch.no_grad()
+def make_experience(generation: Generation, scores: torch.Tensor, *, actor_critic: ActorCritic,
+                    reference: nn.Module | None, temperature: float = 1.0, micro_batch_size: int = 8,
+                    valid: torch.Tensor | None = None) -> Experience:
+    """Log-probs of the rollout policy and of the reference, and values, `micro_batch_size` rows at a time.
+
+    Args:
+        generation: output of `rollout.generation.generate`.
+        scores: (B,) final sequence scores (see `rollout.scoring.Scorer`).
+        actor_critic: the (unwrapped) policy and value function; run in eval mode.
+        reference: the frozen reference model, or None for the policy with its adapter disabled.
+        valid: (B,) bool, False for rows to leave out of training (their reward failed).
+    """
+    action_mask = generation.action_mask
+    if valid is not None:
+        action_mask = action_mask & valid.to(action_mask.device)[:, None]
+    responses = generation.responses
+    R = responses.shape[1]
+    was_training = actor_critic.training
+    actor_critic.eval()
+    old, ref, values = [], [], []
+    try:
+        for i in range(0, responses.shape[0], micro_batch_size):
+            rows = slice(i, i + micro_batch_size)
+            seq, mask, act = generation.sequences[rows], generation.attention_mask[rows].long(), action_mask[rows]
+            logits, v = actor_critic(seq, mask, R)
+            old.append(response_logprobs(logits, responses[rows], act, temperature))
+            values.append(v * act)
+            del logits
+            if reference is None:
+                with _adapter_disabled(actor_critic.policy):
+                    ref_logits = _response_logits(actor_critic.policy, seq, mask, R)
+            else:
+                ref_logits = _response_logits(reference, seq, mask, R)
+            ref.append(response_logprobs(ref_logits, responses[rows], act, temperature))
+    finally:
+        actor_critic.train(was_training)
+    return Experience(
+        sequences=generation.sequences,
+        attention_mask=generation.attention_mask,
+        action_mask=action_mask,
+        old_logprobs=torch.cat(old),
+        ref_logprobs=torch.cat(ref),
+        values=torch.cat(values),
+        scores=scores.to(values[0].device, torch.float32),
+        no_eos=generation.no_eos,
+    )
+
+
+def _response_logits(model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, R: int) -> torch.Tensor:
+    """(B, R, V) logits that predict the R response tokens; only those positions hit the LM head."""
+    out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                logits_to_keep=R + 1, use_cache=False)
+    return out.logits[:, :-1]

@@ -1,0 +1,192 @@
+"""Batched sampling from the policy: left-padded prompts in, right-padded responses out.
+
+Shapes: B batch, P prompt length (left padded), R response length (right padded), T = P + R, V vocabulary.
+
+The decoding loop is written out over `past_key_values` instead of calling `model.generate`, for three
+reasons: each row gets its own length budget (the response-length sampler), position ids follow the
+attention mask exactly as they do in the training forward (so rollout and training log-probs agree on
+left-padded prompts), and the loop stops as soon as every row has finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How responses are sampled. `temperature=0` decodes greedily."""
+
+    max_new_tokens: int = 64
+    """Upper bound of every response, in tokens (EOS included)."""
+    min_new_tokens: int = 1
+    """EOS is forbidden before this many tokens."""
+    temperature: float = 1.0
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 keeps all."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    response_length: tuple[int, int] | None = None
+    """If set, each row's length budget is drawn uniformly from [low, high] (e.g. (32, 400))."""
+    micro_batch_size: int = 8
+    """Rows decoded together; bounds the KV-cache memory."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got "
+                             f"{self.min_new_tokens}, {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("temperature must be >= 0, top_p in (0, 1] and top_k >= 0")
+        if self.response_length is not None:
+            low, high = self.response_length
+            if not self.min_new_tokens <= low <= high <= self.max_new_tokens:
+                raise ValueError(f"response_length {self.response_length} must lie within "
+                                 f"[min_new_tokens, max_new_tokens] = [{self.min_new_tokens}, {self.max_new_tokens}]")
+        if self.micro_batch_size < 1:
+            raise ValueError("micro_batch_size must be >= 1")
+
+
+@dataclass
+class Generation:
+    """The output of `generate`: prompts followed by their sampled responses."""
+
+    sequences: torch.Tensor  # (B, T) long: prompt left-padded to P, then the response right-padded to R
+    attention_mask: torch.Tensor  # (B, T) bool: real prompt tokens, and response tokens up to the first EOS
+    action_mask: torch.Tensor  # (B, R) bool: response tokens the policy produced, first EOS included
+    no_eos: torch.Tensor  # (B,) bool: the response stopped at its length budget without an EOS
+    prompt_length: int  # P
+
+    @property
+    def responses(self) -> torch.Tensor:
+        """(B, R) response token ids; pad after the first EOS."""
+        return self.sequences[:, self.prompt_length:]
+
+    @property
+    def response_length(self) -> torch.Tensor:
+        """(B,) number of response tokens, first EOS included."""
+        return self.action_mask.sum(-1)
+
+
+def eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
+    """The EOS ids as a list; a policy without one cannot end a response, so that is an error."""
+    if eos_token_id is None or (not isinstance(eos_token_id, int) and len(eos_token_id) == 0):
+        raise ValueError("the policy has no EOS token (tokenizer.eos_token_id is None): responses could "
+                         "never end; set tokenizer.eos_token or generation_config.eos_token_id")
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+def sample_response_lengths(cfg: SamplingConfig, batch_size: int, generator: torch.Generator | None = None
+                            ) -> torch.Tensor:
+    """(B,) long: each row's length budget, fixed or drawn from `cfg.response_length`."""
+    if cfg.response_length is None:
+        return torch.full((batch_size,), cfg.max_new_tokens, dtype=torch.long)
+    low, high = cfg.response_length
+    return torch.randint(low, high + 1, (batch_size,), generator=generator)
+
+
+def sample_next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
+    """Draw one token per row from (B, V) logits with temperature, top-k and top-p; returns (B,) long."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # a token is dropped when the tokens before it already reach top_p, so the first always stays
+        drop = probs.cumsum(-1) - probs >= cfg.top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so a left-padded prompt starts at position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def _decode(model, input_ids, attention_mask, budgets, cfg, eos, pad_token_id, generator) -> torch.Tensor:
+    """Sample up to max(budgets) tokens for one micro-batch; (b, r) long, pad after a row finishes."""
+    eos = torch.tensor(eos, device=input_ids.device)
+    budgets = budgets.to(input_ids.device)
+    attention_mask = attention_mask.long()
+    position_ids = position_ids_from_mask(attention_mask)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    tokens = []
+    for step in range(int(budgets.max())):
+        logits = out.logits[:, -1].float()
+        if step < cfg.min_new_tokens:
+            logits[:, eos] = float("-inf")
+        token = sample_next_token(logits, cfg, generator).masked_fill(done, pad_token_id)
+        tokens.append(token)
+        done |= torch.isin(token, eos) | (step + 1 >= budgets)
+        if bool(done.all()):
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
+        position_ids = position_ids[:, -1:] + 1
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(tokens, 1)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: SamplingConfig, *,
+             eos_token_id: int | Sequence[int] | None, pad_token_id: int,
+             generator: torch.Generator | None = None) -> Generation:
+    """Sample a response for each left-padded prompt, `cfg.micro_batch_size` rows at a time.
+
+    `model` is the unwrapped causal LM (`accelerator.unwrap_model`, a peft model is fine). It runs in
+    eval mode for the duration (no dropout while sampling) and is put back in its previous mode.
+
+    Args:
+        input_ids: (B, P) long, left padded.
+        attention_mask: (B, P), 1 on real prompt tokens.
+        eos_token_id: one id or several (chat models often end turns with their own token).
+    Returns:
+        Generation with sequences (B, P + R), R the longest response; every token after a row's first
+        EOS is `pad_token_id` and outside `action_mask`.
+    """
+    eos = eos_ids(eos_token_id)
+    batch_size, prompt_length = input_ids.shape
+    if attention_mask[:, -1].eq(0).any():
+        raise ValueError("prompts must be left padded (the last prompt column holds a pad token)")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest_prompt = int(attention_mask.sum(-1).max())
+    if limit is not None and longest_prompt + cfg.max_new_tokens > limit:
+        raise ValueError(f"a prompt of {longest_prompt} tokens plus max_new_tokens={cfg.max_new_tokens} exceeds "
+                         f"the policy's {limit} positions; lower data.max_prompt_length or max_new_tokens")
+    budgets = sample_response_lengths(cfg, batch_size, generator)
+
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = [_decode(model, input_ids[i:i + cfg.micro_batch_size], attention_mask[i:i + cfg.micro_batch_size],
+                          budgets[i:i + cfg.micro_batch_size], cfg, eos, pad_token_id, generator)
+                  for i in range(0, batch_size, cfg.micro_batch_size)]
+    finally:
+        model.train(was_training)
+
+    width = max(chunk.shape[1] for chunk in chunks)
+    responses = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_token_id)
+                           for c in chunks])
+    is_eos = torch.isin(responses, torch.tensor(eos, device=responses.device))
+    # a token is an action if no EOS came strictly before it, and it lies within the row's budget
+    eos_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    in_budget = torch.arange(width, device=responses.device) < budgets.to(responses.device)[:, None]
+    action_mask = ~eos_before & in_budget
+    return Generation(
+        sequences=torch.cat([input_ids, responses], 1),
+        attention_mask=torch.cat([attention_mask.bool(), action_mask], 1),
+        action_mask=action_mask,
+        no_eos=~(is_eos & action_mask).any(-1),
+        prompt_length=prompt_length,
+    )

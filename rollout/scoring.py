@@ -1,0 +1,277 @@
+"""Scores for sampled responses: reward models and reward functions, weighted, normalised and clipped.
+
+A reward model is a sequence-classification model with its own tokenizer: the prompt and response
+texts are re-templated and re-tokenised for it, and the score is read at the last real token whatever
+the padding side. A reward function is any Python callable named "package.module:function" with the
+signature `fn(prompts: list[str], responses: list[str], **fields) -> list[float]`, where `fields` are
+the row's other dataset columns (one list per column), e.g. the reference answer of a verifiable task.
+
+A failing reward is an error that names its source, never a silent wrong number. The one exception is
+a reward function that raises on some rows of a batch: those rows are retried one by one, and the rows
+that still fail are skipped (counted in `rollout/skipped`, logged, and left out of training).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rollout.generation import position_ids_from_mask
+
+logger = logging.getLogger(__name__)
+
+
+def load_reward_function(spec: str) -> Callable:
+    """Resolve "package.module:function" to the callable; a clear error if either part is missing."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward function {spec!r} must be written 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"reward function {spec!r}: cannot import module {module_name!r} ({err})") from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r}: module {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+@dataclass
+class RewardFunction:
+    """A Python reward: `fn(prompts, responses, **fields, **kwargs) -> B numbers`."""
+
+    name: str
+    fn: Callable
+    weight: float = 1.0
+    kwargs: Mapping = field(default_factory=dict)
+
+    def __call__(self, prompts: list[str], responses: list[str], fields: Mapping[str, list]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns scores (B,) float64 and ok (B,) bool (False: the function raised on that row)."""
+        n = len(prompts)
+        try:
+            return self._checked(self.fn(prompts, responses, **fields, **self.kwargs), n, "the batch"), \
+                torch.ones(n, dtype=torch.bool)
+        except _BadOutput:
+            raise
+        except Exception as err:  # any failure of user code: retry row by row
+            logger.warning("reward function %s raised on a batch of %d (%r); retrying row by row", self.name, n, err)
+        scores, ok = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
+        last_err = None
+        for i in range(n):
+            row_fields = {k: v[i:i + 1] for k, v in fields.items()}
+            try:
+                out = self.fn(prompts[i:i + 1], responses[i:i + 1], **row_fields, **self.kwargs)
+            except Exception as err:
+                last_err = err
+                logger.warning("reward function %s skipped row %d: %r", self.name, i, err)
+                continue
+            scores[i], ok[i] = self._checked(out, 1, f"row {i}")[0], True
+        if not ok.any():
+            raise RuntimeError(f"reward function {self.name} raised on every row; last error: {last_err!r}") \
+                from last_err
+        return scores, ok
+
+    def _checked(self, out, n: int, where: str) -> torch.Tensor:
+        try:
+            scores = torch.as_tensor(out, dtype=torch.float64).cpu()
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise _BadOutput(f"reward function {self.name} returned {type(out).__name__} for {where}, "
+                             f"expected {n} numbers") from err
+        if scores.ndim == 2 and scores.shape[1] == 1:
+            scores = scores[:, 0]
+        if scores.shape != (n,):
+            raise _BadOutput(f"reward function {self.name} returned shape {tuple(scores.shape)} for {where}, "
+                             f"expected ({n},): one number per response")
+        if not torch.isfinite(scores).all():
+            bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+            raise _BadOutput(f"reward function {self.name} returned NaN or inf for {where} at positions {bad}")
+        return scores
+
+
+class _BadOutput(ValueError):
+    """A reward function that returns something other than B finite numbers: a bug, never skipped."""
+
+
+def default_format(tokenizer, prompt_format: str = "{prompt}") -> Callable[[str, str], str]:
+    """The text a reward model reads: its chat template when it has one, else `prompt_format` + response."""
+    if getattr(tokenizer, "chat_template", None):
+        def chat(prompt: str, response: str) -> str:
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+        return chat
+    return lambda prompt, response: prompt_format.format(prompt=prompt) + response
+
+
+@dataclass
+class RewardModel:
+    """A sequence-classification reward model with its own tokenizer and text format.
+
+    `format(prompt, response) -> text` must match what the model was trained on (`default_format` gives
+    the chat template or a prompt format). `add_special_tokens` adds BOS for plain text; chat templates
+    usually write it themselves. `append_eos` ends the text with the tokenizer's EOS when the format
+    does not, for models trained to read the score at the EOS.
+    """
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+    format: Callable[[str, str], str]
+    weight: float = 1.0
+    max_length: int = 1024
+    micro_batch_size: int = 8
+    add_special_tokens: bool = True
+    append_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(f"reward model {self.name}: its tokenizer has no pad token, so a batch cannot be "
+                             "padded; set tokenizer.pad_token (a dedicated token, or the EOS)")
+        labels = getattr(self.model.config, "num_labels", 1)
+        if labels != 1:
+            raise ValueError(f"reward model {self.name} has {labels} labels; a reward model has 1")
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], responses: list[str], fields: Mapping[str, list]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = [self.format(p, r) for p, r in zip(prompts, responses, strict=True)]
+        if self.append_eos:
+            eos = self.tokenizer.eos_token
+            texts = [t if t.endswith(eos) else t + eos for t in texts]
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        scores = []
+        try:
+            for i in range(0, len(texts), self.micro_batch_size):
+                enc = self.tokenizer(texts[i:i + self.micro_batch_size], padding=True, truncation=True,
+                                     max_length=self.max_length, add_special_tokens=self.add_special_tokens,
+                                     return_tensors="pt").to(device)
+                scores.append(last_token_scores(self.model, enc["input_ids"], enc["attention_mask"]))
+        finally:
+            self.model.train(was_training)
+        scores = torch.cat(scores).double().cpu()
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"reward model {self.name} produced NaN or inf scores")
+        return scores, torch.ones(len(texts), dtype=torch.bool)
+
+
+def last_token_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) score of a sequence-classification model at the last real token, left or right padded.
+
+    transformers pools at the rightmost token that is not the pad id, which is the token before the EOS
+    when pad == EOS; reading the head at the last attention-mask position is right in every case.
+    """
+    index = (torch.arange(input_ids.shape[1], device=input_ids.device) * attention_mask).argmax(-1)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    position_ids = position_ids_from_mask(attention_mask)
+    head = getattr(model, "score", None)
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if isinstance(head, nn.Module) and isinstance(backbone, nn.Module):
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids).last_hidden_state
+        return head(hidden[rows, index]).squeeze(-1).float()
+    pad = model.config.pad_token_id
+    if pad is not None and (input_ids[rows, index] == pad).any():
+        raise ValueError("reward model's pad token is also the last real token of a sequence, and the model "
+                         "pools at the last non-pad token; use a pad token distinct from the EOS")
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits.squeeze(-1).float()
+
+
+class RunningMoments:
+    """Running mean and variance of all scores seen (Welford / Chan et al. parallel update), in float64."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.double().flatten()
+        n = x.numel()
+        if n == 0:
+            return
+        batch_mean = float(x.mean())
+        batch_m2 = float(((x - batch_mean) ** 2).sum())
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+@dataclass
+class ScoreResult:
+    scores: torch.Tensor  # (B,) float32 final score of each response
+    valid: torch.Tensor  # (B,) bool: False where a reward function failed on the row (skip it)
+    metrics: dict[str, float]
+
+
+class Scorer:
+    """Weighted sum of reward sources, then optional running normalisation and clipping, then the
+    missing-EOS penalty (subtracted last, so it is in the same units whatever the reward scale)."""
+
+    def __init__(self, sources: Sequence[RewardFunction | RewardModel], *, normalize: bool = False,
+                 clip: float | None = None, missing_eos_penalty: float | None = None):
+        if not sources:
+            raise ValueError("PPO needs at least one reward model or reward function")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward sources need distinct names, got {names}")
+        self.sources = list(sources)
+        self.moments = RunningMoments() if normalize else None
+        self.clip = clip
+        self.missing_eos_penalty = missing_eos_penalty
+
+    def __call__(self, prompts: list[str], responses: list[str], *, no_eos: torch.Tensor,
+                 fields: Mapping[str, list] | None = None) -> ScoreResult:
+        fields = dict(fields or {})
+        n = len(prompts)
+        for key, column in fields.items():
+            if len(column) != n:
+                raise ValueError(f"field {key!r} has {len(column)} values for {n} prompts")
+        total = torch.zeros(n, dtype=torch.float64)
+        valid = torch.ones(n, dtype=torch.bool)
+        metrics: dict[str, float] = {}
+        for source in self.sources:
+            scores, ok = source(prompts, responses, fields)
+            total += source.weight * scores
+            valid &= ok
+            metrics[f"objective/score/{source.name}"] = float(scores[ok].mean())
+        raw = total
+        if self.moments is not None:
+            self.moments.update(raw[valid])
+            total = (total - self.moments.mean) / (self.moments.std + 1e-8)
+        if self.clip is not None:
+            total = total.clamp(-self.clip, self.clip)
+        no_eos = no_eos.cpu().bool()
+        if self.missing_eos_penalty:
+            total = total - self.missing_eos_penalty * no_eos.double()
+        total = torch.where(valid, total, 0.0)
+        metrics.update({
+            "objective/score": float(total[valid].mean()),
+            "objective/score_raw": float(raw[valid].mean()),
+            "rollout/skipped": float((~valid).sum()),
+        })
+        return ScoreResult(scores=total.float(), valid=valid, metrics=metrics)
+
+    def state_dict(self) -> dict:
+        return {"moments": self.moments.state_dict() if self.moments is not None else None}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if self.moments is not None and state.get("moments") is not None:
+            self.moments.load_state_dict(state["moments"])

@@ -1,0 +1,115 @@
+"""The value function V(s_t): a scalar head on a transformer's last hidden state.
+
+By default the head sits on the policy itself (shared backbone, one forward gives logits and values,
+as in lm-human-preferences); a separate critic model is the option for when the policy's features
+should not be pulled by the value loss. `ActorCritic` holds both as one module, so one
+`accelerator.prepare` and one optimizer cover the policy (or its adapter), the head and the critic.
+
+Shapes: B batch, T = P + R (left-padded prompt, right-padded response), R response length, H hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rollout.generation import position_ids_from_mask
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+CRITIC_DIR = "critic"
+
+
+class ValueHead(nn.Module):
+    """v = w . h + b, read from the final (normed) hidden state; kept in float32 whatever the backbone dtype."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.summary = nn.Linear(hidden_size, 1)
+        # std 1/sqrt(H + 1) and zero bias, as lm-human-preferences' value head (and cleanrl's layer_init)
+        nn.init.normal_(self.summary.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (...)"""
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+class ActorCritic(nn.Module):
+    """The policy and its value function: `forward` gives response logits (B, R, V) and values (B, R).
+
+    Position t of the response (0-based) reads the state before token t was chosen: logits and hidden
+    state at sequence position P + t - 1. Only those R positions go through the LM head.
+    """
+
+    def __init__(self, policy: nn.Module, value_head: ValueHead | None = None, critic: nn.Module | None = None):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+        hidden = (critic or policy).config.hidden_size
+        self.value_head = value_head if value_head is not None else ValueHead(hidden)
+        if self.value_head.hidden_size != hidden:
+            raise ValueError(f"value head expects hidden size {self.value_head.hidden_size}, the backbone has {hidden}")
+        self._critic_logits_to_keep = critic is not None and _accepts_logits_to_keep(critic)
+
+    def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
+                *, with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Args: sequences (B, T), attention_mask (B, T), response_length R.
+        Returns: logits (B, R, V) in the policy's dtype, values (B, R) float32 or None."""
+        position_ids = position_ids_from_mask(attention_mask)
+        shared = with_values and self.critic is None
+        out = self.policy(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
+                          logits_to_keep=response_length + 1, output_hidden_states=shared, use_cache=False)
+        logits = out.logits[:, :-1]
+        if not with_values:
+            return logits, None
+        if shared:
+            hidden = out.hidden_states[-1]
+        else:
+            extra = {"logits_to_keep": 1} if self._critic_logits_to_keep else {}
+            hidden = self.critic(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
+                                 output_hidden_states=True, use_cache=False, **extra).hidden_states[-1]
+        values = self.value_head(hidden[:, -response_length - 1:-1])
+        return logits, values
+
+
+def save_value_head(head: ValueHead, out_dir: str | Path) -> Path:
+    """Write the head next to the policy weights or adapter as `value_head.safetensors`."""
+    path = Path(out_dir) / VALUE_HEAD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()}
+    save_file(tensors, str(path), metadata={"hidden_size": json.dumps(head.hidden_size)})
+    return path
+
+
+def load_value_head(path: str | Path) -> ValueHead:
+    """Read a head written by `save_value_head`; `path` is the file or the directory holding it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / VALUE_HEAD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no value head at {path}")
+    tensors = load_file(str(path))
+    head = ValueHead(tensors["summary.weight"].shape[1])
+    head.load_state_dict(tensors)
+    return head
+
+
+def save_actor_critic(model: ActorCritic, out_dir: str | Path) -> None:
+    """Policy (full weights, or the adapter of a peft model) and value head in safetensors; a separate
+    critic in `critic/`. The tokenizer is the caller's to save."""
+    out_dir = Path(out_dir)
+    model.policy.save_pretrained(out_dir)
+    save_value_head(model.value_head, out_dir)
+    if model.critic is not None:
+        model.critic.save_pretrained(out_dir / CRITIC_DIR)

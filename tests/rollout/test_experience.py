@@ -1,0 +1,111 @@
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from rollout.experience import make_experience, place_scores, reward_index
+from rollout.generation import Generation, SamplingConfig, generate
+from rollout.value_head import ActorCritic
+from tests.rollout.conftest import left_pad, tiny_causal_lm
+
+PAD, EOS = 3, 2
+
+
+def hand_generation(pad: int) -> Generation:
+    """Three left-padded prompts of different lengths; responses ending in EOS at index 2, without EOS
+    (budget 5), and EOS as the first token."""
+    prompts = [[1, 10, 11, 12], [1, 20], [1, 30, 31]]
+    responses = [[40, 41, EOS, pad, pad], [42, 43, 44, 45, 46], [EOS, pad, pad, pad, pad]]
+    ids, mask = left_pad(prompts, PAD)
+    action_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    return Generation(sequences=torch.cat([ids, torch.tensor(responses)], 1),
+                      attention_mask=torch.cat([mask.bool(), action_mask], 1), action_mask=action_mask,
+                      no_eos=torch.tensor([False, True, False]), prompt_length=4)
+
+
+@pytest.mark.parametrize("pad", [PAD, EOS])
+def test_score_lands_on_the_last_real_response_token(pad):
+    gen = hand_generation(pad)
+    assert reward_index(gen.action_mask).tolist() == [2, 4, 0]
+    placed = place_scores(torch.tensor([1.0, 2.0, 3.0]), gen.action_mask)
+    assert placed.tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 0, 2], [3, 0, 0, 0, 0]]
+    # in sequence coordinates: the EOS for rows 0 and 2, the last token for row 1
+    last = gen.prompt_length + reward_index(gen.action_mask)
+    assert gen.sequences[torch.arange(3), last].tolist() == [EOS, 46, EOS]
+
+
+def test_reward_index_on_sampled_responses_matches_the_first_eos():
+    model = tiny_causal_lm(seed=1)
+    with torch.no_grad():
+        model.lm_head.weight[EOS] *= 4
+    ids, mask = left_pad([[1, 5, 6, 7, 8, 9], [1, 5], [1, 7, 7]] * 4, PAD)
+    gen = generate(model, ids, mask, SamplingConfig(max_new_tokens=8), eos_token_id=EOS, pad_token_id=PAD,
+                   generator=torch.Generator().manual_seed(0))
+    index = reward_index(gen.action_mask)
+    for row, i, no_eos in zip(gen.responses.tolist(), index.tolist(), gen.no_eos.tolist()):
+        assert i == (7 if no_eos else row.index(EOS))
+
+
+def single_row_oracle(model, head, prompt, response):
+    """Log-probs and values of one unpadded sequence with a plain full forward."""
+    seq = torch.tensor([prompt + response])
+    out = model(input_ids=seq, output_hidden_states=True)
+    logprobs = out.logits[0, :-1].log_softmax(-1).gather(-1, seq[0, 1:, None])[:, 0]
+    values = head(out.hidden_states[-1][0, :-1]) if head is not None else None
+    n = len(response)
+    return logprobs[-n:], (values[-n:] if values is not None else None)
+
+
+def run_experience(actor_critic, reference, model_for_ref):
+    prompts = [[1, 10, 11, 12, 13, 14], [1, 20], [1, 30, 31, 32]]
+    ids, mask = left_pad(prompts, PAD)
+    gen = generate(actor_critic.policy, ids, mask, SamplingConfig(max_new_tokens=6, temperature=0.0),
+                   eos_token_id=EOS, pad_token_id=PAD)
+    scores = torch.tensor([0.5, -1.0, 2.0])
+    exp = make_experience(gen, scores, actor_critic=actor_critic, reference=reference, micro_batch_size=2)
+    assert exp.old_logprobs.shape == exp.values.shape == gen.action_mask.shape
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            n = int(gen.response_length[i])
+            response = gen.responses[i, :n].tolist()
+            old, values = single_row_oracle(actor_critic.policy, actor_critic.value_head, prompt, response)
+            ref, _ = single_row_oracle(model_for_ref, None, prompt, response)
+            torch.testing.assert_close(exp.old_logprobs[i, :n], old, rtol=0, atol=1e-5)
+            torch.testing.assert_close(exp.values[i, :n], values, rtol=0, atol=1e-5)
+            torch.testing.assert_close(exp.ref_logprobs[i, :n], ref, rtol=0, atol=1e-5)
+            assert not exp.old_logprobs[i, n:].any() and not exp.values[i, n:].any()
+    assert torch.equal(exp.scores, scores)
+    return exp
+
+
+def test_experience_matches_unpadded_single_rows_with_a_reference_copy():
+    policy = tiny_causal_lm(seed=0)
+    reference = tiny_causal_lm(seed=5)
+    exp = run_experience(ActorCritic(policy), reference, reference)
+    assert (exp.old_logprobs - exp.ref_logprobs).abs().max() > 0.1
+
+
+def test_reference_with_the_adapter_disabled_is_the_base_model():
+    base = tiny_causal_lm(seed=0)
+    frozen = copy.deepcopy(base)
+    policy = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                             init_lora_weights=False))
+    actor_critic = ActorCritic(policy).train()
+    exp = run_experience(actor_critic, None, frozen)
+    assert (exp.old_logprobs - exp.ref_logprobs).abs().max() > 1e-3
+    assert actor_critic.training and policy.training  # the rollout's eval mode is undone
+    with pytest.raises(ValueError, match="needs a peft policy"):
+        run_experience(ActorCritic(tiny_causal_lm()), None, frozen)
+
+
+def test_skipped_rows_leave_training_but_keep_their_place():
+    policy = tiny_causal_lm()
+    ids, mask = left_pad([[1, 5, 6], [1, 7]], PAD)
+    gen = generate(policy, ids, mask, SamplingConfig(max_new_tokens=4), eos_token_id=EOS, pad_token_id=PAD)
+    exp = make_experience(gen, torch.tensor([1.0, 0.0]), actor_critic=ActorCritic(policy), reference=policy,
+                          valid=torch.tensor([True, False]))
+    assert exp.action_mask[1].sum() == 0 and exp.action_mask[0].sum() == gen.action_mask[0].sum()
+    assert not exp.old_logprobs[1].any() and exp.sequences.shape[0] == 2
+    sub = exp.select(torch.tensor([1]))
+    assert sub.sequences.shape[0] == 1 and sub.rewards is None

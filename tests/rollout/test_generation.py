@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from rollout.generation import SamplingConfig, generate, sample_next_token
+from tests.rollout.conftest import left_pad, tiny_causal_lm
+
+PAD, EOS = 3, 2
+PROMPTS = [[1, 10, 11, 12, 13, 14, 15], [1, 20], [1, 30, 31, 32], [1, 40, 41], [1, 50, 51, 52, 53]]
+
+
+def test_batched_greedy_with_left_padding_equals_each_prompt_alone():
+    model = tiny_causal_lm()
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.0, micro_batch_size=2)
+    ids, mask = left_pad(PROMPTS, PAD)
+    batched = generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD)
+    for i, prompt in enumerate(PROMPTS):
+        alone = generate(model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), cfg,
+                         eos_token_id=EOS, pad_token_id=PAD)
+        n = int(alone.response_length[0])
+        assert batched.response_length[i] == n
+        assert torch.equal(batched.responses[i, :n], alone.responses[0, :n])
+        # and both equal transformers' own greedy decoding of the prompt alone
+        reference = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                   eos_token_id=EOS, pad_token_id=PAD)[0, len(prompt):]
+        assert torch.equal(alone.responses[0, :len(reference)], reference)
+
+
+def eos_prone_model():
+    """A random model whose EOS logit is raised, so sampled responses often end early."""
+    model = tiny_causal_lm(seed=1)
+    with torch.no_grad():
+        model.lm_head.weight[EOS] = model.lm_head.weight.mean(0) * 0 + model.lm_head.weight[EOS] * 4
+    return model
+
+
+def test_tokens_after_first_eos_are_masked_and_padded():
+    model = eos_prone_model()
+    prompts = PROMPTS * 4
+    ids, mask = left_pad(prompts, PAD)
+    cfg = SamplingConfig(max_new_tokens=10, min_new_tokens=2, temperature=1.0, micro_batch_size=8)
+    gen = generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(0))
+    assert gen.sequences.shape == (len(prompts), ids.shape[1] + gen.responses.shape[1])
+    assert torch.equal(gen.sequences[:, :ids.shape[1]], ids)
+    ended = 0
+    for row, act, no_eos in zip(gen.responses.tolist(), gen.action_mask.tolist(), gen.no_eos.tolist()):
+        n = sum(act)
+        assert act == [True] * n + [False] * (len(act) - n)
+        assert EOS not in row[:min(n, 2)]  # min_new_tokens
+        if EOS in row[:n]:
+            ended += 1
+            assert row.index(EOS) == n - 1 and not no_eos
+            assert row[n:] == [PAD] * (len(row) - n)
+        else:
+            assert no_eos and n == 10
+    assert 0 < ended < len(prompts)
+    assert torch.equal(gen.attention_mask[:, ids.shape[1]:], gen.action_mask)
+
+
+def test_pad_equal_to_eos_still_masks_after_the_first_eos():
+    model = eos_prone_model()
+    ids, mask = left_pad(PROMPTS * 2, EOS)
+    gen = generate(model, ids, mask, SamplingConfig(max_new_tokens=8), eos_token_id=EOS, pad_token_id=EOS,
+                   generator=torch.Generator().manual_seed(1))
+    for row, act in zip(gen.responses.tolist(), gen.action_mask.tolist()):
+        n = sum(act)
+        assert EOS not in row[:n - 1]
+        assert (row[n - 1] == EOS) or n == 8
+
+
+def test_response_length_sampler_bounds_each_row():
+    model = tiny_causal_lm()
+    ids, mask = left_pad(PROMPTS * 4, PAD)
+    cfg = SamplingConfig(max_new_tokens=12, response_length=(3, 6))
+    gen = generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(0))
+    lengths = gen.response_length
+    at_budget = lengths[gen.no_eos]
+    assert at_budget.min() >= 3 and lengths.max() <= 6 and len(set(at_budget.tolist())) > 1
+    assert gen.responses.shape[1] == lengths.max()
+
+
+def test_sampling_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    top_k = sample_next_token(logits, SamplingConfig(top_k=2), g)
+    assert set(top_k.tolist()) == {0, 1}
+    top_p = sample_next_token(logits, SamplingConfig(top_p=0.75), g)  # 0.5 + 0.3 reaches 0.75
+    assert set(top_p.tolist()) == {0, 1}
+    assert abs(float((top_p == 0).float().mean()) - 0.5 / 0.8) < 0.05
+    assert set(sample_next_token(logits, SamplingConfig(top_p=0.5), g).tolist()) == {0}
+    hot = sample_next_token(logits, SamplingConfig(temperature=100.0), g)
+    assert abs(float((hot == 3).float().mean()) - 0.25) < 0.05
+    assert torch.equal(sample_next_token(logits[:3], SamplingConfig(temperature=0.0)), torch.zeros(3, dtype=torch.long))
+
+
+def test_bad_inputs_are_clear_errors():
+    model = tiny_causal_lm()
+    ids, mask = left_pad(PROMPTS, PAD)
+    with pytest.raises(ValueError, match="no EOS token"):
+        generate(model, ids, mask, SamplingConfig(), eos_token_id=None, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="exceeds the policy's 128 positions"):
+        generate(model, ids, mask, SamplingConfig(max_new_tokens=125), eos_token_id=EOS, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="left padded"):
+        generate(model, ids.flip(1), mask.flip(1), SamplingConfig(), eos_token_id=EOS, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="response_length"):
+        SamplingConfig(max_new_tokens=10, response_length=(4, 20))

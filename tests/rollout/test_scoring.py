@@ -1,0 +1,147 @@
+import pytest
+import torch
+
+from data.tiny_tokenizer import build_tokenizer
+from rollout.scoring import (
+    RewardFunction,
+    RewardModel,
+    RunningMoments,
+    Scorer,
+    default_format,
+    load_reward_function,
+)
+from tests.rollout.conftest import tiny_reward_model
+
+PROMPTS = ["Sort the letters: q e b", "Sort the letters: d a", "Write a poem about the sea and the wind"]
+RESPONSES = ["b e q", "a", "The sea is wide and grey and deep, it sings"]
+NO_EOS = torch.tensor([False, False, True])
+
+
+def fn(name, weight=1.0):
+    return RewardFunction(name, load_reward_function(f"tests.rollout.rewards_fixture:{name}"), weight)
+
+
+def oracle_score(model, tokenizer, text):
+    """Score of one unpadded text: the head at the last token of a plain forward."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state
+        return float(model.score(hidden[0, -1]))
+
+
+@pytest.fixture(scope="module")
+def reward_tokenizer():
+    """A different tokenizer from the policy's: its own vocabulary, no chat template, BOS added."""
+    return build_tokenizer(vocab_size=400, chat_template=False)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_reward_model_retokenises_and_reads_the_last_real_token(reward_tokenizer, padding_side, pad_is_eos):
+    tok = reward_tokenizer
+    tok.padding_side = padding_side
+    tok.pad_token = tok.eos_token if pad_is_eos else "<pad>"
+    model = tiny_reward_model(0, len(tok), pad=tok.pad_token_id, eos=tok.eos_token_id)
+    fmt = default_format(tok, "Question: {prompt}\n\nAnswer: ")
+    source = RewardModel("rm", model, tok, fmt, micro_batch_size=2, append_eos=True)
+    scores, ok = source(PROMPTS, RESPONSES, {})
+    expected = [oracle_score(model, tok, fmt(p, r) + tok.eos_token) for p, r in zip(PROMPTS, RESPONSES)]
+    assert ok.all()
+    torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-5)
+    tok.pad_token = "<pad>"
+
+
+def test_reward_model_uses_its_chat_template():
+    tok = build_tokenizer(vocab_size=400, chat_template=True)
+    fmt = default_format(tok, "ignored {prompt}")
+    assert fmt("hi", "there") == "<|user|>\nhi</s>\n<|assistant|>\nthere</s>\n"
+
+
+def test_reward_model_without_pad_token_is_an_error(reward_tokenizer):
+    tok = build_tokenizer(vocab_size=400, chat_template=False)
+    tok.pad_token = None
+    model = tiny_reward_model(0, len(tok), pad=0, eos=2)
+    with pytest.raises(ValueError, match="reward model rm: its tokenizer has no pad token"):
+        RewardModel("rm", model, tok, default_format(tok))
+
+
+def test_weighted_sources_and_missing_eos_penalty(reward_tokenizer):
+    scorer = Scorer([fn("length_reward", 0.5), fn("fails_on_x", 2.0)], missing_eos_penalty=1.0)
+    out = scorer(PROMPTS, RESPONSES, no_eos=NO_EOS)
+    lengths = torch.tensor([len(r) for r in RESPONSES], dtype=torch.float64)
+    expected = 0.5 * lengths + 2.0 - NO_EOS.double()
+    torch.testing.assert_close(out.scores, expected.float())
+    assert out.metrics["objective/score/length_reward"] == pytest.approx(float(lengths.mean()))
+    assert out.metrics["objective/score/fails_on_x"] == 1.0
+    assert out.metrics["rollout/skipped"] == 0
+
+
+def test_reward_function_gets_the_rows_other_fields():
+    scorer = Scorer([fn("answer_reward")])
+    out = scorer(PROMPTS[:2], ["b e q", "b"], no_eos=NO_EOS[:2], fields={"answer": ["b e q", "a d"]})
+    assert out.scores.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="field 'answer' has 1 values for 2 prompts"):
+        scorer(PROMPTS[:2], ["b e q", "b"], no_eos=NO_EOS[:2], fields={"answer": ["b e q"]})
+
+
+def test_synthetic_judge_is_a_reward_function():
+    scorer = Scorer([RewardFunction("judge", load_reward_function("data.synthetic:judge_reward"))])
+    out = scorer(PROMPTS[:2], ["b e q", "x y"], no_eos=NO_EOS[:2])
+    assert out.scores.tolist() == [1.0, pytest.approx(0.2)]
+
+
+def test_rows_where_a_reward_function_raises_are_skipped_and_counted(caplog):
+    scorer = Scorer([fn("fails_on_x")])
+    out = scorer(PROMPTS, ["a x", "b", "x"], no_eos=NO_EOS)
+    assert out.valid.tolist() == [False, True, False]
+    assert out.scores.tolist() == [0.0, 1.0, 0.0]
+    assert out.metrics["rollout/skipped"] == 2 and out.metrics["objective/score"] == 1.0
+    assert "fails_on_x skipped row 0" in caplog.text
+
+
+@pytest.mark.parametrize("name, message", [
+    ("always_fails", "always_fails raised on every row"),
+    ("wrong_length", r"wrong_length returned shape \(4,\) for the batch, expected \(3,\)"),
+    ("gives_nan", r"gives_nan returned NaN or inf for the batch at positions \[0\]"),
+])
+def test_broken_reward_functions_are_errors_naming_them(name, message):
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        Scorer([fn(name)])(PROMPTS, RESPONSES, no_eos=NO_EOS)
+
+
+def test_bad_reward_function_names():
+    with pytest.raises(ValueError, match="must be written 'package.module:function'"):
+        load_reward_function("data.synthetic.judge_reward")
+    with pytest.raises(ValueError, match="cannot import module 'no_such_pkg.mod'"):
+        load_reward_function("no_such_pkg.mod:f")
+    with pytest.raises(ValueError, match="has no callable 'nope'"):
+        load_reward_function("data.synthetic:nope")
+
+
+def test_running_moments_match_the_whole_stream_and_restore():
+    torch.manual_seed(0)
+    chunks = [torch.randn(n) * 3 + 1 for n in (5, 1, 17)]
+    moments = RunningMoments()
+    for chunk in chunks:
+        moments.update(chunk)
+    everything = torch.cat(chunks).double()
+    assert moments.count == 23
+    assert moments.mean == pytest.approx(float(everything.mean()), rel=1e-12)
+    assert moments.std == pytest.approx(float(everything.std(unbiased=False)), rel=1e-12)
+    restored = RunningMoments()
+    restored.load_state_dict(moments.state_dict())
+    assert restored.state_dict() == moments.state_dict()
+
+
+def test_normalised_and_clipped_scores():
+    scorer = Scorer([fn("length_reward")], normalize=True, clip=1.0)
+    out = scorer(PROMPTS, RESPONSES, no_eos=torch.zeros(3, dtype=torch.bool))
+    lengths = torch.tensor([len(r) for r in RESPONSES], dtype=torch.float64)
+    z = (lengths - lengths.mean()) / lengths.std(unbiased=False)
+    torch.testing.assert_close(out.scores, z.clamp(-1, 1).float())
+    state = scorer.state_dict()
+    resumed = Scorer([fn("length_reward")], normalize=True, clip=1.0)
+    resumed.load_state_dict(state)
+    a = scorer(PROMPTS[:2], RESPONSES[:2], no_eos=NO_EOS[:2])
+    b = resumed(PROMPTS[:2], RESPONSES[:2], no_eos=NO_EOS[:2])
+    assert torch.equal(a.scores, b.scores)
