@@ -1,8 +1,30 @@
-"""The one typed configuration of a run: frozen dataclasses filled from YAML plus dotted overrides."""
+"""The one typed configuration of a run: frozen dataclasses filled from YAML plus dotted overrides.
+
+    cfg = load_config(["configs/dpo.yaml"], ["optim.lr=1e-5", "objective.beta=0.05"])
+
+Files are merged in order (a preset after a base config), then each `key=value` override is applied,
+its value parsed as a YAML scalar. Unknown keys are an error naming the nearest valid key; values are
+converted to the annotated types. The result is frozen: nothing changes it after start-up.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key to change."""
 
 
 @dataclass(frozen=True)
@@ -60,3 +82,294 @@ class ReferenceConfig:
     mode: str = "copy"
     name_or_path: str | None = None
     cache_dir: str | None = None
+
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+SCHEDULERS = ("constant", "linear", "cosine")
+REFERENCE_MODES = ("copy", "disabled", "precomputed")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The objective by registry name (or "package.module:function") and its keyword arguments.
+
+    In YAML the arguments sit beside the name: `objective: {name: dpo, beta: 0.1}`; they are bound
+    against the function's signature at start-up (losses.bind_objective), before any model loads."""
+
+    name: str = "sft"
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "adamw"
+    """adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes)."""
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this; None disables clipping."""
+    scheduler: str = "cosine"
+    """constant, linear or cosine decay to 0, after the warmup."""
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the run's optimizer steps; used when warmup_steps is 0."""
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    global_batch_size: int = 8
+    """Rows (SFT) or pairs (reward, DPO, ORPO) per optimizer step, over all processes."""
+    micro_batch_size: int = 1
+    """Rows or pairs per forward pass on one process."""
+    eval_batch_size: int | None = None
+    """Defaults to micro_batch_size."""
+
+    def accumulation_steps(self, num_processes: int) -> int:
+        """Micro-batches per optimizer step on each process: global = micro x accumulation x processes."""
+        per_step = self.micro_batch_size * num_processes
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"batch.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"batch.micro_batch_size={self.micro_batch_size} x {num_processes} process(es); "
+                f"set batch.global_batch_size to a multiple of {per_step}"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate on the held-out split every N optimizer steps and at the end; 0 disables."""
+    max_batches: int | None = None
+    """Evaluate on at most this many batches per process; None: the whole split."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save `<output_dir>/checkpoints/step_<N>` every N optimizer steps; 0 disables."""
+    keep_last: int = 2
+    resume_from: str = "none"
+    """"none", "latest" (the newest checkpoint in output_dir, or a fresh start if none), or a path."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every_steps: int = 1
+    """Write metrics (TensorBoard, metrics.jsonl, progress bar) every N optimizer steps."""
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    merge: bool = False
+    """Merge a LoRA adapter into the base weights (merge_and_unload) in `<output_dir>/final/`."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/default"
+    max_steps: int | None = None
+    """Optimizer steps to run; when None, `epochs` passes over the training split."""
+    epochs: float = 1.0
+    seed: int = 0
+    mixed_precision: str = "no"
+    """no, bf16 or fp16 (Accelerate autocast; fp16 with a gradient scaler)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    reward_model: ModelConfig | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self):
+        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _choice("optim.optimizer", self.optim.optimizer, OPTIMIZERS)
+        _choice("optim.scheduler", self.optim.scheduler, SCHEDULERS)
+        _choice("reference.mode", self.reference.mode, REFERENCE_MODES)
+        positive = {
+            "max_steps": self.max_steps,
+            "epochs": self.epochs,
+            "batch.global_batch_size": self.batch.global_batch_size,
+            "batch.micro_batch_size": self.batch.micro_batch_size,
+            "batch.eval_batch_size": self.batch.eval_batch_size,
+            "checkpoint.keep_last": self.checkpoint.keep_last,
+            "logging.every_steps": self.logging.every_steps,
+        }
+        for key, value in positive.items():
+            if value is not None and value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+        if not 0.0 <= self.optim.warmup_ratio < 1.0:
+            raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.optim.warmup_ratio}")
+
+
+def _choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {list(choices)}{_nearest(value, choices)}")
+
+
+def _nearest(word: str, candidates: Sequence[str]) -> str:
+    match = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+
+def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[str] = ()) -> RunConfig:
+    """Merge the YAML files in order, apply `key=value` overrides, and build the typed RunConfig."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    raw: dict = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; check --config")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
+        raw = _merge(raw, loaded)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {override!r} must look like section.key=value, e.g. optim.lr=1e-5")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+    return from_dict(RunConfig, raw)
+
+
+def from_dict(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested mapping, converting values to the annotated field types."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {raw!r}")
+    if cls is ObjectiveConfig:
+        raw = {"name": raw.get("name", ObjectiveConfig.name), "kwargs": {k: v for k, v in raw.items() if k != "name"}}
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            match = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix + match[0]!r}?" if match else ""
+            raise ConfigError(f"unknown key {prefix + str(key)!r}{hint} (valid keys here: {', '.join(names)})")
+    values = {key: _convert(hints[key], value, prefix + key) for key, value in raw.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}") from error
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {hint}")
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, {} if value is None else value, key + ".")
+    if hint is Any:
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        item_types = [args[0]] * len(value) if args[1:] == (Ellipsis,) else list(args)
+        if len(item_types) != len(value):
+            raise ConfigError(f"{key} must have {len(item_types)} items, got {value!r}")
+        return tuple(_convert(t, v, f"{key}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
+    if origin in (Mapping, dict) or hint is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return types.MappingProxyType(dict(value))
+    return _scalar(hint, value, key)
+
+
+def _scalar(hint: type, value: Any, key: str) -> Any:
+    # PyYAML reads `1e-5` (no dot) as a string, so numeric fields also accept numeric strings.
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        raise ConfigError(f"{key}: unsupported field type {hint!r}")
+    quote = " (YAML reads no/yes/off/on as booleans: quote the word)" if isinstance(value, bool) else ""
+    raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}{quote}")
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+
+
+# ---- saving ------------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain YAML-ready data (objective kwargs flattened back beside the name)."""
+    if isinstance(cfg, ObjectiveConfig):
+        return {"name": cfg.name, **{k: to_dict(v) for k, v in cfg.kwargs.items()}}
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, Mapping):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (tuple, list)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML; `load_config(path)` gives back an equal RunConfig."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
