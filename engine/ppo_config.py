@@ -1,0 +1,102 @@
+"""The `ppo:` section of a run config: sampling, reward sources, KL shaping, GAE and the PPO update.
+
+In a PPO run one optimizer step is one minibatch of `batch.global_batch_size` rollouts (forwarded in
+micro-batches of `batch.micro_batch_size`), and `max_steps` counts PPO iterations: rollout of
+`ppo.rollout_batch_size` prompts, then `ppo.epochs` passes over its shuffled minibatches.
+The policy loss is `objective` (registry family "ppo", e.g. `objective: {name: ppo, clip_coef: 0.2}`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+class PPOConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RewardSourceConfig:
+    """One reward source: a reward model (`model`, a sequence-classification checkpoint) or a reward
+    function (`function`, "package.module:function"), with its weight in the summed score."""
+
+    name: str = "reward"
+    """Metric name: `objective/score/<name>`."""
+    function: str | None = None
+    model: str | None = None
+    """Reward model path or hub id; loaded with the dtype/quantisation of `reward_model:` (or `model:`)."""
+    weight: float = 1.0
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the reward function."""
+    template: str | None = None
+    """Reward-model text: None = the data layer's format (its chat template's generation prompt, or
+    data.prompt_format, then the response and EOS); "chat" = the full chat template; or a format string
+    with {prompt} and {response}."""
+    max_length: int = 1024
+
+    def __post_init__(self):
+        if (self.function is None) == (self.model is None):
+            raise PPOConfigError(f"reward source {self.name!r}: set exactly one of `function` and `model`")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    rollout_batch_size: int = 16
+    """Prompts sampled per PPO iteration, over all processes."""
+    rollout_micro_batch_size: int = 8
+    """Rows per forward while generating, scoring and computing reference log-probs and values."""
+    max_new_tokens: int = 64
+    min_new_tokens: int = 1
+    response_length: tuple[int, int] | None = None
+    """Per-row response budget drawn from [low, high] (e.g. [32, 400]); None: max_new_tokens."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    rewards: tuple[RewardSourceConfig, ...] = ()
+    """Reward models and reward functions; their weighted sum is the score. Empty: `reward_model:`."""
+    normalize_scores: bool = False
+    """Divide (score - running mean) by the running std (Welford, saved in checkpoints)."""
+    score_clip: float | None = None
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of a response that hit its budget without EOS."""
+
+    kl_coef: float = 0.05
+    """Initial beta of the per-token KL penalty."""
+    kl_target: float | None = None
+    """Adaptive controller (Ziegler et al. 2019) steering the KL to this target; None keeps beta fixed."""
+    kl_horizon: float = 10000.0
+    kl_estimator: str = "k1"
+    """k1, k2 or k3 (Schulman 2020) for the per-token penalty."""
+
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    epochs: int = 4
+    """Passes over each rollout batch."""
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    """Entropy bonus: loss -= entropy_coef * mean token entropy."""
+    max_approx_kl: float | None = None
+    """Stop an iteration's epochs once a minibatch's approx KL to the rollout policy exceeds this."""
+    critic: str | None = None
+    """A separate critic model (path or hub id) with its own value head; None: the head shares the policy."""
+    log_samples: int = 4
+    """Sample generations written to TensorBoard text every logged iteration."""
+
+    def __post_init__(self):
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise PPOConfigError(f"ppo.kl_estimator={self.kl_estimator!r} is not one of {list(KL_ESTIMATORS)}")
+        for key in ("rollout_batch_size", "rollout_micro_batch_size", "max_new_tokens", "epochs"):
+            if getattr(self, key) <= 0:
+                raise PPOConfigError(f"ppo.{key} must be positive, got {getattr(self, key)}")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise PPOConfigError(f"ppo.kl_target must be positive, got {self.kl_target}")
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise PPOConfigError(f"ppo.rewards need distinct names, got {names}")
