@@ -1,0 +1,213 @@
+"""`build_datasets`: source -> rows -> canonical records -> token columns, cached, with a report."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from data.config import DataConfig
+from data.errors import DataError, row_error
+from data.formats import FAMILIES, Drop, canonical, detect_format
+from data.report import DataReport, SplitReport
+from data.sources import Split, cache_root, load_splits, select_splits, source_fingerprint
+from data.tokenize import Formatter, Tokenise, check_tokenizer
+
+FORMAT_VERSION = 1
+STAT_COLUMNS = ("_prompt_len", "_response_len", "_prompt_truncated", "_response_truncated", "_drop")
+# config fields that do not change the tokenised rows
+_NOT_IN_FINGERPRINT = ("num_proc", "packing", "group_by_length", "cache_dir")
+
+
+@dataclass
+class DataBundle:
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    report: DataReport
+
+
+def build_datasets(
+    family: str,
+    cfg: DataConfig,
+    tokenizer,
+    *,
+    report_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = print,
+) -> DataBundle:
+    """Tokenised train and eval datasets of one family ("sft", "preference" or "prompt").
+
+    Results are cached under `cfg.cache_dir` (default .cache/data), keyed by the config, the source
+    files (path, size, mtime) and the tokenizer. The report is passed to `log` (None: silent) and saved
+    to `report_dir` when given.
+    """
+    if family not in FAMILIES:
+        raise DataError(f"unknown data family {family!r}; expected one of {FAMILIES}.")
+    check_tokenizer(tokenizer, family)
+    fingerprint = data_fingerprint(family, cfg, tokenizer)
+    cached = cache_root(cfg) / "tokenised" / f"{family}-{fingerprint}"
+    with _quiet_progress():
+        if (cached / "report.json").exists():
+            bundle = _load(cached)
+        else:
+            bundle = _build(family, cfg, tokenizer, fingerprint)
+            _save(bundle, cached)
+    if log is not None:
+        log(bundle.report.format())
+    if report_dir is not None:
+        bundle.report.save(report_dir)
+    return bundle
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """No per-step progress bars from datasets: the report says what happened."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def data_fingerprint(family: str, cfg: DataConfig, tokenizer) -> str:
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    h = hashlib.sha256()
+    h.update(json.dumps([FORMAT_VERSION, family, fields], sort_keys=True, default=str).encode())
+    h.update(source_fingerprint(cfg).encode() if cfg.path != "synthetic" else b"synthetic")
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(repr((tokenizer.chat_template, tokenizer.special_tokens_map, tokenizer.bos_token_id)).encode())
+    return h.hexdigest()[:16]
+
+
+def _build(family: str, cfg: DataConfig, tokenizer, fingerprint: str) -> DataBundle:
+    formatter = Formatter(cfg, tokenizer)
+    train_raw, eval_raw = select_splits(cfg, load_splits(cfg, family))
+    if len(train_raw) == 0:
+        raise DataError(f"{train_raw.source}: no rows in split {cfg.split!r}.")
+    fmt = detect_format(family, cfg.format, train_raw.rows[0], train_raw.source)
+    report = DataReport(family, cfg.path, fmt, formatter.description, fingerprint)
+    out = {}
+    for name, split in (("train", train_raw), ("eval", eval_raw)):
+        if split is None:
+            out[name] = None
+            continue
+        records, dropped = _canonical_rows(family, fmt, split, formatter)
+        out[name], report.splits[name] = _tokenise(family, records, dropped, len(split), formatter, cfg, split.source)
+    return DataBundle(out["train"], out["eval"], report)
+
+
+def _canonical_rows(family: str, fmt: str, split: Split, formatter: Formatter) -> tuple[list[dict], Counter]:
+    records, dropped = [], Counter()
+    has_margin = None
+    for i, row in enumerate(split.rows):
+        where = split.where(i)
+        try:
+            record = canonical(family, fmt, row, where)
+        except Drop as reason:
+            dropped[str(reason)] += 1
+            continue
+        _check_templated(record, row, where, formatter)
+        if family == "preference":
+            if has_margin is None:
+                has_margin = "margin" in record
+            elif has_margin != ("margin" in record):
+                raise row_error(where, row, "'margin' is set on some rows and not on others", "'margin' on every row or none")
+        records.append(record)
+    return records, dropped
+
+
+def _check_templated(record: dict, row, where: str, formatter: Formatter) -> None:
+    if "text" in record:
+        bos = formatter.tokenizer.bos_token
+        if bos and record["text"].lstrip().startswith(bos):
+            raise row_error(
+                where, row, f"the text starts with the BOS token {bos!r}", "text without special tokens",
+                "BOS is added once by the tokeniser; remove it from the data.",
+            )
+        if formatter.response_template is not None and formatter.response_template not in record["text"]:
+            raise row_error(
+                where, row, f"response template {formatter.response_template!r} not found in the text "
+                f"(it starts {record['text'][:60]!r})", "the marker that precedes the response in every text row",
+                "Fix data.response_template (it must match the text exactly, spaces and newlines included), or "
+                "set it to null to train on the whole text.",
+            )
+        return
+    messages = record.get("messages") or record.get("prompt_messages") or []
+    for m in messages:
+        marker = formatter.check_text(m["content"])
+        if marker is not None:
+            raise row_error(
+                where, row, f"a {m['role']} turn already contains template markup {marker!r}, so the template would "
+                "be applied twice (double BOS, nested turns)", "plain text in prompts and responses",
+                "Give untemplated text, or set data.template='raw' to use the prompt text exactly as it is.",
+            )
+
+
+def _tokenise(family, records, dropped, rows_read, formatter, cfg, source) -> tuple[datasets.Dataset, SplitReport]:
+    if not records:
+        raise DataError(f"{source}: every row was dropped ({dict(dropped)}); nothing to train on.")
+    try:
+        ds = datasets.Dataset.from_list(records)
+    except Exception as e:
+        raise DataError(
+            f"{source}: rows have fields of different types across rows ({type(e).__name__}: {e}). Give each "
+            "field one type (for example always a string)."
+        ) from e
+    remove = [c for c in ds.column_names if family != "prompt" or c == "prompt_messages"]
+    num_proc = cfg.num_proc if cfg.num_proc > 1 and len(ds) >= 2 * cfg.num_proc else None
+    ds = ds.map(Tokenise(family, formatter), remove_columns=remove, num_proc=num_proc)
+    drops = ds["_drop"]
+    for reason in drops:
+        if reason:
+            dropped[reason] += 1
+    keep = [i for i, reason in enumerate(drops) if not reason]
+    if not keep:
+        raise DataError(
+            f"{source}: every row was dropped ({dict(dropped)}). Raise data.max_length or lower data.max_prompt_length."
+        )
+    ds = ds.select(keep) if len(keep) < len(ds) else ds
+    stats = {c: ds[c] for c in STAT_COLUMNS[:4]}
+    report = SplitReport.from_stats(
+        rows_read, dropped, stats["_prompt_len"], stats["_response_len"], stats["_prompt_truncated"],
+        stats["_response_truncated"],
+    )
+    return ds.remove_columns(list(STAT_COLUMNS)), report
+
+
+def _save(bundle: DataBundle, path: Path) -> None:
+    """Write to a temporary directory, then rename: concurrent builders never see half a cache."""
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    bundle.train.save_to_disk(str(tmp / "train"))
+    if bundle.eval is not None:
+        bundle.eval.save_to_disk(str(tmp / "eval"))
+    (tmp / "report.json").write_text(json.dumps(bundle.report.as_dict(), indent=2))
+    try:
+        tmp.rename(path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(path: Path) -> DataBundle:
+    report = DataReport.from_dict(json.loads((path / "report.json").read_text()))
+    report.cached = True
+    train = datasets.load_from_disk(str(path / "train"))
+    eval_ = datasets.load_from_disk(str(path / "eval")) if (path / "eval").exists() else None
+    return DataBundle(train, eval_, report)

@@ -1,0 +1,150 @@
+"""Batches: right padding for training, left padding for generation, optional padding-free packing.
+
+Packed batches are one row, (1, N) with N the sum of the lengths, and position ids that restart at 0
+for every sequence. Their `attention_mask` is None on purpose: transformers (5.x, masking_utils.
+find_packed_sequence_indices) then builds a causal mask that never crosses a sequence boundary from
+the position ids, for sdpa, eager and flash attention alike. It does so only when no cache is passed,
+so call the model with `use_cache=False` (the default `use_cache=True` creates an empty cache and the
+sequences attend to each other).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+
+from data.errors import DataError
+from data.tokenize import IGNORE_INDEX, check_tokenizer
+
+TOKEN_COLUMNS = {"prompt_input_ids", "prompt", "prompt_messages"}
+
+
+def make_collator(
+    family: str,
+    tokenizer,
+    *,
+    packing: bool = False,
+    pad_to_multiple_of: int | None = None,
+    allow_pad_as_eos: bool = False,
+):
+    """A picklable `collate_fn` for a DataLoader over `build_datasets(family, ...)` rows.
+
+    sft        -> input_ids, attention_mask, labels (-100 on prompt and padding), position_ids: (B, T)
+    preference -> the same with 2B rows, chosen_0..chosen_{B-1} then rejected_0..rejected_{B-1};
+                  margin (B,) when the rows have one
+    prompt     -> input_ids, attention_mask (B, P) left-padded; prompt list[str]; extras list[dict]
+    packing    -> (1, N) input_ids, labels, position_ids; attention_mask None; seq_lens (S,) the length
+                  of each packed sequence in order (the padding tail, if any, is not counted)
+    """
+    if family not in ("sft", "preference", "prompt"):
+        raise DataError(f"unknown data family {family!r}; expected 'sft', 'preference' or 'prompt'.")
+    check_tokenizer(tokenizer, family, allow_pad_as_eos=allow_pad_as_eos)
+    if packing and family == "prompt":
+        raise DataError("packing is for training batches (sft, preference); prompts for generation are left-padded.")
+    return partial(_collate, family, tokenizer.pad_token_id, packing, pad_to_multiple_of or 1)
+
+
+def _collate(family: str, pad_id: int, packing: bool, multiple: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    if family == "prompt":
+        return _left_pad(rows, pad_id, multiple)
+    if family == "sft":
+        sequences = [(r["input_ids"], r["labels"]) for r in rows]
+    else:
+        sequences = [(r["chosen_input_ids"], r["chosen_labels"]) for r in rows]
+        sequences += [(r["rejected_input_ids"], r["rejected_labels"]) for r in rows]
+    batch = _pack(sequences, pad_id, multiple) if packing else _right_pad(sequences, pad_id, multiple)
+    if family == "preference" and "margin" in rows[0]:
+        batch["margin"] = torch.tensor([float(r["margin"]) for r in rows], dtype=torch.float32)
+    return batch
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _right_pad(sequences: list[tuple[list[int], list[int]]], pad_id: int, multiple: int) -> dict[str, torch.Tensor]:
+    T = _round_up(max(len(ids) for ids, _ in sequences), multiple)
+    B = len(sequences)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    for i, (ids, lab) in enumerate(sequences):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+    position_ids = torch.arange(T, dtype=torch.long).expand(B, T).clone()
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids}
+
+
+def _pack(sequences: list[tuple[list[int], list[int]]], pad_id: int, multiple: int) -> dict[str, Any]:
+    ids, labels, positions, lengths = [], [], [], []
+    for seq_ids, seq_labels in sequences:
+        ids += seq_ids
+        # the first token of a sequence is never predicted (it would be, from the previous sequence's last token)
+        labels += [IGNORE_INDEX] + list(seq_labels[1:])
+        positions += range(len(seq_ids))
+        lengths.append(len(seq_ids))
+    n_pad = _round_up(len(ids), multiple) - len(ids)
+    ids += [pad_id] * n_pad
+    labels += [IGNORE_INDEX] * n_pad
+    positions += range(n_pad)
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "attention_mask": None,
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "seq_lens": torch.tensor(lengths, dtype=torch.long),
+    }
+
+
+def _left_pad(rows: list[dict[str, Any]], pad_id: int, multiple: int) -> dict[str, Any]:
+    P = _round_up(max(len(r["prompt_input_ids"]) for r in rows), multiple)
+    B = len(rows)
+    input_ids = torch.full((B, P), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["prompt_input_ids"])
+        input_ids[i, P - n:] = torch.tensor(r["prompt_input_ids"], dtype=torch.long)
+        attention_mask[i, P - n:] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "prompt": [r["prompt"] for r in rows],
+        "extras": [{k: v for k, v in r.items() if k not in TOKEN_COLUMNS} for r in rows],
+    }
+
+
+def sequence_lengths(family: str, dataset) -> list[int]:
+    """Tokens per row as the collator will see them (a preference row: chosen + rejected)."""
+    if family == "sft":
+        return [len(x) for x in dataset["input_ids"]]
+    if family == "preference":
+        return [len(c) + len(r) for c, r in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"])]
+    return [len(x) for x in dataset["prompt_input_ids"]]
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, *, seed: int = 0, mega_batch_mult: int = 50, drop_last: bool = False
+) -> list[list[int]]:
+    """Index batches of similar length (less padding), usable as a DataLoader `batch_sampler`.
+
+    Shuffle, cut into mega-batches of `mega_batch_mult * batch_size`, sort each by length (longest
+    first), split into batches, shuffle the batches: as transformers' LengthGroupedSampler, which keeps
+    the randomness of the order while the lengths inside a batch stay close.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = mega_batch_mult * batch_size
+    batches = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    rng.shuffle(batches)
+    return batches
