@@ -95,7 +95,7 @@ class FixedKLController:
 
 
 class AdaptiveKLController:
-    """Proportional controller that steers the measured KL towards a target (Ziegler et al. 2019, Section 2.2).
+    """Proportional controller steering the measured KL to a target (Ziegler et al. 2019, Section 2.2).
 
     error = clip(current_kl / target - 1, -0.2, 0.2); value *= 1 + error * n_steps / horizon.
     """

@@ -16,7 +16,7 @@ _LOG_HALF = -math.log(2.0)
 
 
 def log1m_exp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012, "Accurately computing log(1 - exp(-|a|))").
+    """log(1 - exp(x)) for x <= 0, accurate near 0 and far below it (Maechler 2012, "log1mexp").
 
     Near 0, 1 - exp(x) cancels and ``log(-expm1(x))`` is exact; far below, exp(x) underflows
     relative to 1 and ``log1p(-exp(x))`` is exact. The switch is at x = -log 2.
@@ -38,7 +38,7 @@ def orpo_loss(
     lam: float,
     sft_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """ORPO, L_SFT + lam * L_OR with L_OR = -log sigma(log odds(y_c) - log odds(y_r)) (Hong et al. 2024, Eqs. 6-7).
+    """ORPO, L_SFT + lam * L_OR with L_OR = -log sigma(log odds ratio) (Hong et al. 2024, Eqs. 6-7).
 
     P(y|x) is the exponentiated mean per-token log-prob of the response and odds(y) = P / (1 - P)
     (Eq. 4), so log odds = lp - log(1 - exp(lp)), computed with ``log1m_exp`` to stay finite and

@@ -7,7 +7,8 @@ Each family has one call convention (shapes as in ``losses/__init__.py``):
 - ``pairwise``: needs_reference=True:  fn(policy_chosen_logps, policy_rejected_logps,
                                           ref_chosen_logps, ref_rejected_logps, **kw), each (B,),
                                           reduced from per-token log-probs per ``logps_reduction``;
-                needs_reference=False: fn(chosen_logprobs, chosen_mask, rejected_logprobs, rejected_mask, **kw)
+                needs_reference=False: fn(chosen_logprobs, chosen_mask, rejected_logprobs, rejected_mask,
+                                          **kw), each (B, R) per-token log-probs and response masks
 - ``ppo``:      fn(logprobs, old_logprobs, advantages, mask, **kw)
 
 A new objective is a new function decorated with ``@register(...)``; a function outside this
@@ -46,7 +47,9 @@ class Objective:
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise ValueError(f"objective {self.name!r}: family must be one of {FAMILIES}, got {self.family!r}")
+            raise ValueError(
+                f"objective {self.name!r}: family must be one of {FAMILIES}, got {self.family!r}"
+            )
         if self.logps_reduction not in LOGPS_REDUCTIONS:
             raise ValueError(
                 f"objective {self.name!r}: logps_reduction must be one of {LOGPS_REDUCTIONS}, "
@@ -168,14 +171,17 @@ def _check_kwargs(name: str, fn: Callable[..., Any], kwargs: Mapping[str, Any], 
                 f"valid: {valid}"
             )
     if require_all:
-        missing = [k for k, p in keyword_only.items() if p.default is inspect.Parameter.empty and k not in kwargs]
+        missing = [
+            k for k, p in keyword_only.items() if p.default is inspect.Parameter.empty and k not in kwargs
+        ]
         if missing:
             raise ValueError(f"objective {name!r} needs keyword argument(s) {', '.join(map(repr, missing))}")
 
 
 def _did_you_mean(name: str, candidates: Any) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.0)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    by_lower = {str(c).lower(): c for c in candidates}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.0)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
 
 
 def _qualified_name(fn: Callable[..., Any]) -> str:
@@ -192,7 +198,9 @@ def _import_objective(path: str) -> Objective:
     for part in attr_path.split("."):
         if not hasattr(target, part):
             public = [n for n in dir(target) if not n.startswith("_")]
-            raise ValueError(f"objective {path!r}: {module_name!r} has no attribute {part!r}{_did_you_mean(part, public)}")
+            raise ValueError(
+                f"objective {path!r}: {module_name!r} has no attribute {part!r}{_did_you_mean(part, public)}"
+            )
         target = getattr(target, part)
     objective = getattr(target, "__objective__", None)
     if not isinstance(objective, Objective):
