@@ -99,13 +99,27 @@ class _BadOutput(ValueError):
     """A reward function that returns something other than B finite numbers: a bug, never skipped."""
 
 
-def default_format(tokenizer, prompt_format: str = "{prompt}") -> Callable[[str, str], str]:
-    """The text a reward model reads: its chat template when it has one, else `prompt_format` + response."""
-    if getattr(tokenizer, "chat_template", None):
+def default_format(tokenizer, prompt_format: str = "{prompt}", template: str | None = None) -> Callable[[str, str], str]:
+    """The text a reward model reads for (prompt, response), as the data layer builds a preference row.
+
+    template None: the tokenizer's chat template up to the assistant turn (`add_generation_prompt`) then
+    the response, or `prompt_format` then the response when it has no chat template; "chat": the full
+    chat template of the two turns (for reward models trained on whole conversations); any other string
+    is a format with `{prompt}` and `{response}`. EOS is the `RewardModel`'s `append_eos`.
+    """
+    if template == "chat" or (template is None and getattr(tokenizer, "chat_template", None)):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template 'chat' needs a tokenizer with a chat template")
+
         def chat(prompt: str, response: str) -> str:
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-            return tokenizer.apply_chat_template(messages, tokenize=False)
+            user = [{"role": "user", "content": prompt}]
+            if template == "chat":
+                return tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}],
+                                                     tokenize=False)
+            return tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True) + response
         return chat
+    if template is not None:
+        return lambda prompt, response: template.format(prompt=prompt, response=response)
     return lambda prompt, response: prompt_format.format(prompt=prompt) + response
 
 
@@ -113,10 +127,10 @@ def default_format(tokenizer, prompt_format: str = "{prompt}") -> Callable[[str,
 class RewardModel:
     """A sequence-classification reward model with its own tokenizer and text format.
 
-    `format(prompt, response) -> text` must match what the model was trained on (`default_format` gives
-    the chat template or a prompt format). `add_special_tokens` adds BOS for plain text; chat templates
-    usually write it themselves. `append_eos` ends the text with the tokenizer's EOS when the format
-    does not, for models trained to read the score at the EOS.
+    `format(prompt, response) -> text` must match what the model was trained on (see `default_format`).
+    `add_special_tokens` lets the tokenizer add BOS (turn it off when a chat template writes BOS itself).
+    `append_eos` ends the text with the tokenizer's EOS when it does not already, for models trained to
+    read the score at the EOS, as the reward loop of this engine trains them.
     """
 
     name: str
@@ -127,7 +141,7 @@ class RewardModel:
     max_length: int = 1024
     micro_batch_size: int = 8
     add_special_tokens: bool = True
-    append_eos: bool = False
+    append_eos: bool = True
 
     def __post_init__(self) -> None:
         if self.tokenizer.pad_token_id is None:
@@ -226,7 +240,10 @@ class Scorer:
     missing-EOS penalty (subtracted last, so it is in the same units whatever the reward scale)."""
 
     def __init__(self, sources: Sequence[RewardFunction | RewardModel], *, normalize: bool = False,
-                 clip: float | None = None, missing_eos_penalty: float | None = None):
+                 clip: float | None = None, missing_eos_penalty: float | None = None,
+                 all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """`all_gather` (e.g. `accelerator.gather`) lets every process update the running moments with the
+        scores of all processes, so they normalise alike."""
         if not sources:
             raise ValueError("PPO needs at least one reward model or reward function")
         names = [s.name for s in sources]
@@ -236,6 +253,7 @@ class Scorer:
         self.moments = RunningMoments() if normalize else None
         self.clip = clip
         self.missing_eos_penalty = missing_eos_penalty
+        self.all_gather = all_gather
 
     def __call__(self, prompts: list[str], responses: list[str], *, no_eos: torch.Tensor,
                  fields: Mapping[str, list] | None = None) -> ScoreResult:
@@ -254,7 +272,11 @@ class Scorer:
             metrics[f"objective/score/{source.name}"] = float(scores[ok].mean())
         raw = total
         if self.moments is not None:
-            self.moments.update(raw[valid])
+            seen = raw[valid]
+            if self.all_gather is not None:
+                everywhere = self.all_gather(torch.where(valid, raw, torch.nan))
+                seen = everywhere[~everywhere.isnan()]
+            self.moments.update(seen)
             total = (total - self.moments.mean) / (self.moments.std + 1e-8)
         if self.clip is not None:
             total = total.clamp(-self.clip, self.clip)
