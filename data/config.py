@@ -25,8 +25,9 @@ class DataConfig:
     "prompt_completion", "messages", "alpaca", "text", "preference", "hh", "prompt"."""
     max_length: int = 512
     """Tokens per prompt+response; responses are cut from the right to fit."""
-    max_prompt_length: int = 256
-    """Tokens per prompt; prompts are cut from the left (their end, next to the response, is kept)."""
+    max_prompt_length: int | None = 256
+    """Tokens per prompt; prompts are cut from the left (their end, next to the response, is kept).
+    None: prompts are not cut, and rows whose prompt leaves no room for a response token are dropped."""
     template: str | None = None
     """None: the tokenizer's chat template if it has one, else `prompt_format`. "plain": always
     `prompt_format`. "raw": the prompt text as is (already formatted data). "chatml" or "zephyr": a

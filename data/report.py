@@ -27,6 +27,7 @@ class SplitReport:
     dropped: dict[str, int] = field(default_factory=dict)
     prompt_tokens: dict[str, float] = field(default_factory=dict)
     response_tokens: dict[str, float] = field(default_factory=dict)
+    """Token-length percentiles are of the rows as read, before truncation."""
     prompt_truncated: float = 0.0
     """Fraction of kept rows whose prompt was cut (from the left)."""
     response_truncated: float = 0.0

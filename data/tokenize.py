@@ -71,7 +71,7 @@ class Formatter:
         self.response_template = cfg.response_template
         self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.adds_bos = self.bos_id is not None and tokenizer("a").input_ids[:1] == [self.bos_id]
-        if cfg.max_prompt_length >= cfg.max_length:
+        if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
             raise DataError(
                 f"data.max_prompt_length ({cfg.max_prompt_length}) must be below data.max_length ({cfg.max_length}) "
                 "to leave room for a response."
@@ -204,7 +204,7 @@ class Formatter:
 
     def cut_prompt(self, ids: list[int]) -> tuple[list[int], bool]:
         """Keep the end of the prompt (next to the response) and its BOS."""
-        if len(ids) <= self.max_prompt_length:
+        if self.max_prompt_length is None or len(ids) <= self.max_prompt_length:
             return ids, False
         keep_bos = self.bos_id is not None and ids[:1] == [self.bos_id]
         if keep_bos:
@@ -224,6 +224,7 @@ class Tokenise:
     def sft(self, row: dict[str, Any]) -> dict[str, Any]:
         f = self.fmt
         segments = f.text_segments(row["text"]) if row.get("text") is not None else f.conversation(row["messages"])
+        n_prompt = len(segments[0][0])
         prompt_ids, prompt_cut = f.cut_prompt(segments[0][0])
         segments[0] = (prompt_ids, False)
         ids, labels = [], []
@@ -237,7 +238,7 @@ class Tokenise:
         return {
             "input_ids": ids,
             "labels": labels,
-            "_prompt_len": len(prompt_ids),
+            "_prompt_len": n_prompt,
             "_response_len": n_response,
             "_prompt_truncated": prompt_cut,
             "_response_truncated": response_cut,
@@ -246,7 +247,8 @@ class Tokenise:
 
     def preference(self, row: dict[str, Any]) -> dict[str, Any]:
         f = self.fmt
-        prompt_ids, prompt_cut = f.cut_prompt(f.prompt_ids(row["prompt_messages"]))
+        full_prompt = f.prompt_ids(row["prompt_messages"])
+        prompt_ids, prompt_cut = f.cut_prompt(full_prompt)
         budget = f.max_length - len(prompt_ids)
         out: dict[str, Any] = {}
         response_cut, lengths = False, []
@@ -265,7 +267,7 @@ class Tokenise:
         if "margin" in row:
             out["margin"] = row["margin"]
         out.update(
-            _prompt_len=len(prompt_ids),
+            _prompt_len=len(full_prompt),
             _response_len=max(lengths),
             _prompt_truncated=prompt_cut,
             _response_truncated=response_cut,
@@ -274,10 +276,11 @@ class Tokenise:
         return out
 
     def prompt(self, row: dict[str, Any]) -> dict[str, Any]:
-        prompt_ids, prompt_cut = self.fmt.cut_prompt(self.fmt.prompt_ids(row["prompt_messages"]))
+        full_prompt = self.fmt.prompt_ids(row["prompt_messages"])
+        prompt_ids, prompt_cut = self.fmt.cut_prompt(full_prompt)
         return {
             "prompt_input_ids": prompt_ids,
-            "_prompt_len": len(prompt_ids),
+            "_prompt_len": len(full_prompt),
             "_response_len": 0,
             "_prompt_truncated": prompt_cut,
             "_response_truncated": False,

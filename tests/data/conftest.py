@@ -1,5 +1,9 @@
+import json
+from pathlib import Path
+
 import pytest
 
+from data import DataConfig, build_datasets
 from data.tiny_tokenizer import build_tokenizer
 
 
@@ -19,3 +23,14 @@ def tok_template_bos(tmp_path_factory):
 def tok_plain(tmp_path_factory):
     """Adds BOS when encoding; no chat template (plain prompt format)."""
     return build_tokenizer(tmp_path_factory.mktemp("tok_plain"), add_bos=True, chat_template=False)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def build(family: str, path, tokenizer, tmp_path: Path, **overrides):
+    """build_datasets with a private cache, no eval split unless asked, and no printing."""
+    fields = {"path": str(path), "cache_dir": str(tmp_path / "cache"), "eval_fraction": 0.0, **overrides}
+    return build_datasets(family, DataConfig(**fields), tokenizer, log=None)
