@@ -66,7 +66,8 @@ def test_junk_under_the_mask_changes_nothing(name, junk, dtype):
     xs, mask = _inputs(n, dtype)
     if isinstance(junk, str):
         junk = torch.finfo(dtype).max * (-1 if junk.startswith("-") else 1)
-    dirty = [torch.where(mask, x, torch.tensor(junk, dtype=dtype)) for x in xs]
+    # Alternate the sign across inputs so junk cannot cancel in a difference such as logprobs - old_logprobs.
+    dirty = [torch.where(mask, x, torch.tensor(junk * (-1) ** i, dtype=dtype)) for i, x in enumerate(xs)]
     clean_out, clean_grads = _value_and_grads(fn, xs, mask)
     dirty_out, dirty_grads = _value_and_grads(fn, dirty, mask)
     assert torch.isfinite(dirty_out).all()

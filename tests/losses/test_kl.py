@@ -42,6 +42,14 @@ def test_estimators_by_hand():
         kl_penalty(logprobs, ref, estimator="k4")
 
 
+def test_k3_keeps_its_precision_for_tiny_log_ratios():
+    """k3 = e^-x - 1 + x = x^2/2 - x^3/6 + ...; at x = 1e-8 that is 5e-17, which e^-x - 1 would round away."""
+    x = torch.tensor([[1e-8, -1e-8, 1e-5]], dtype=F64)
+    want = x.square() / 2 - x**3 / 6 + x**4 / 24
+    got = kl_penalty(x, torch.zeros_like(x), estimator="k3")
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=0)
+
+
 def test_estimators_are_unbiased_where_the_literature_says():
     """For pi = (0.6, 0.4) and ref = (0.5, 0.5), E_pi[k1] = E_pi[k3] = KL(pi || ref) exactly."""
     pi, ref = torch.tensor([[0.6, 0.4]], dtype=F64), torch.tensor([[0.5, 0.5]], dtype=F64)
