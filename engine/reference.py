@@ -43,12 +43,34 @@ def sequence_logprobs(model, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tenso
     return token_logprobs(outputs.logits, batch["labels"])
 
 
-def reduce_logprobs(logprobs: Tensor, mask: Tensor, reduction: str = "sum") -> Tensor:
-    """(N, T) per-token log-probs -> (N,) per-sequence: their sum, or their mean over the masked tokens."""
+def sequence_sums(logprobs: Tensor, mask: Tensor, seq_lens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-sequence sums of masked per-token log-probs and the counts of their tokens.
+
+    Args:
+        logprobs, mask: (N, T-1) from `token_logprobs`, or (1, L-1) for a packed batch.
+        seq_lens: (S,) lengths of the packed sequences (the packing collator's `seq_lens`), or None.
+
+    Returns:
+        (sums, counts), each (N,), or (S,) for a packed batch; sums in fp32.
+    """
+    if seq_lens is None:
+        return masked_sum(logprobs, mask, dim=-1), mask.sum(-1)
+    # logprobs[0, t] scores token t + 1, so it belongs to the sequence holding token t + 1; the packing
+    # collator masks the first token of every sequence, so nothing crosses a boundary.
+    segment = torch.repeat_interleave(torch.arange(len(seq_lens), device=seq_lens.device), seq_lens)[1:]
+    n = min(len(segment), logprobs.shape[-1])
+    values = torch.where(mask[0, :n], logprobs[0, :n].float(), 0)
+    sums = values.new_zeros(len(seq_lens)).index_add_(0, segment[:n], values)
+    counts = seq_lens.new_zeros(len(seq_lens)).index_add_(0, segment[:n], mask[0, :n].long())
+    return sums, counts
+
+
+def reduce_logprobs(logprobs: Tensor, mask: Tensor, reduction: str = "sum", *, seq_lens: Tensor | None = None) -> Tensor:
+    """Per-token log-probs -> per-sequence (N,) (or (S,) packed): their sum, or their mean over the masked tokens."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    total = masked_sum(logprobs, mask, dim=-1)
-    return total if reduction == "sum" else total / mask.sum(-1).clamp(min=1)
+    total, count = sequence_sums(logprobs, mask, seq_lens)
+    return total if reduction == "sum" else total / count.clamp(min=1)
 
 
 def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:
@@ -72,10 +94,19 @@ class Reference:
     ) -> tuple[Tensor, Tensor]:
         """Per-sequence reference log-probs of a preference batch: (chosen (B,), rejected (B,))."""
         logprobs, mask = self.logprobs(batch)
-        return split_pairs(reduce_logprobs(logprobs, mask, reduction))
+        return split_pairs(reduce_logprobs(logprobs, mask, reduction, seq_lens=batch.get("seq_lens")))
 
-    def precompute(self, dataset, collate_fn: Callable, *, batch_size: int = 8, split: str = "train") -> None:
+    def precompute(
+        self,
+        dataset,
+        collate_fn: Callable,
+        *,
+        batch_size: int = 8,
+        split: str = "train",
+        extra_key: Mapping | None = None,
+    ) -> Path | None:
         """Prepare `dataset` before training; only the precomputed mode has work to do."""
+        return None
 
 
 class ModelReference(Reference):
@@ -158,9 +189,9 @@ class PrecomputedReference(Reference):
         for start in range(0, len(dataset), batch_size):
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in collate_fn(rows).items()}
-            logprobs, mask = source.logprobs(batch)
-            sums.append(split_pairs(masked_sum(logprobs, mask, dim=-1).float().cpu()))
-            counts.append(split_pairs(mask.sum(-1).cpu()))
+            total, count = sequence_sums(*source.logprobs(batch), batch.get("seq_lens"))
+            sums.append(split_pairs(total.float().cpu()))
+            counts.append(split_pairs(count.cpu()))
         table = {
             "chosen_logps": torch.cat([c for c, _ in sums]),
             "rejected_logps": torch.cat([r for _, r in sums]),
@@ -256,11 +287,21 @@ def model_fingerprint(model_cfg: ModelConfig) -> dict:
 
 
 def data_fingerprint(dataset) -> str:
-    """The `datasets` fingerprint (a hash of the data and every transform applied to it), or a hash of the rows."""
-    fingerprint = getattr(dataset, "_fingerprint", None)
-    if fingerprint:
-        return str(fingerprint)
+    """A hash of the token columns (`*input_ids`, `*labels`), row by row in order, so the same rows give the
+    same key whichever pipeline built them (the `datasets` fingerprint turns random when a transform cannot
+    be hashed, which would miss the cache on every run)."""
     digest = hashlib.sha256()
+    if hasattr(dataset, "with_format"):
+        import pyarrow.compute as pc
+
+        columns = sorted(c for c in dataset.column_names if c.endswith(("input_ids", "labels")))
+        digest.update(json.dumps([len(dataset), columns]).encode())
+        for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=4096):
+            for name in columns:
+                values = table.column(name).combine_chunks()
+                digest.update(pc.list_value_length(values).to_numpy(zero_copy_only=False).tobytes())
+                digest.update(values.flatten().to_numpy(zero_copy_only=False).tobytes())
+        return digest.hexdigest()
     for row in dataset:
         digest.update(json.dumps(row, sort_keys=True, default=_jsonable).encode())
     return digest.hexdigest()

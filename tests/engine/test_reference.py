@@ -10,13 +10,14 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from data import synthetic
+from data import make_collator, synthetic
 from engine.config import LoraConfig, ModelConfig, ReferenceConfig
 from engine.models import load_policy, load_tokenizer
 from engine.reference import (
     ModelReference,
     PrecomputedReference,
     add_row_index,
+    data_fingerprint,
     make_reference,
     reduce_logprobs,
     sequence_logprobs,
@@ -48,17 +49,24 @@ def dataset(tokenizer):
     return add_row_index(Dataset.from_list(rows))
 
 
-def collate(rows: list[dict], pad_id: int = 3) -> dict:
-    """Right-padded [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}], the preference collator's layout."""
-    seqs = [(r[f"{s}_input_ids"], r[f"{s}_labels"]) for s in ("chosen", "rejected") for r in rows]
-    width = max(len(ids) for ids, _ in seqs)
-    pad = [width - len(ids) for ids, _ in seqs]
-    return {
-        "input_ids": torch.tensor([ids + [pad_id] * p for (ids, _), p in zip(seqs, pad)]),
-        "attention_mask": torch.tensor([[1] * len(ids) + [0] * p for (ids, _), p in zip(seqs, pad)]),
-        "labels": torch.tensor([labels + [-100] * p for (_, labels), p in zip(seqs, pad)]),
-        "row_index": torch.tensor([r["row_index"] for r in rows]),
-    }
+def _with_row_index(collate_fn):
+    def collate_rows(rows: list[dict]) -> dict:
+        batch = collate_fn([{k: v for k, v in r.items() if k != "row_index"} for r in rows])
+        return batch | {"row_index": torch.tensor([r["row_index"] for r in rows])}
+
+    return collate_rows
+
+
+@pytest.fixture(scope="module")
+def collate(tokenizer):
+    """The preference collator's layout: right-padded [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]."""
+    return _with_row_index(make_collator("preference", tokenizer))
+
+
+@pytest.fixture(scope="module")
+def packed_collate(tokenizer):
+    """The same 2B sequences packed into one (1, N) row with `seq_lens`."""
+    return _with_row_index(make_collator("preference", tokenizer, packing=True))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +97,7 @@ def oracle_logps(dataset):
 
 
 @pytest.mark.parametrize("mode", ["copy", "disabled", "precomputed"])
-def test_reference_modes_agree_with_the_base_model(mode, policy, dataset, oracle_logps, tmp_path):
+def test_reference_modes_agree_with_the_base_model(mode, policy, dataset, collate, oracle_logps, tmp_path):
     ref = make_reference(ReferenceConfig(mode=mode, cache_dir=str(tmp_path)), LORA, policy)
     if mode == "precomputed":
         ref.precompute(dataset, collate, batch_size=4)
@@ -107,7 +115,7 @@ def test_reference_modes_agree_with_the_base_model(mode, policy, dataset, oracle
     assert policy.training  # the reference pass left the policy as it found it
 
 
-def test_the_policy_itself_differs_from_its_reference(policy, dataset, oracle_logps):
+def test_the_policy_itself_differs_from_its_reference(policy, dataset, collate, oracle_logps):
     batch = collate([dataset[i] for i in range(6)])
     policy.eval()
     with torch.no_grad():
@@ -116,7 +124,7 @@ def test_the_policy_itself_differs_from_its_reference(policy, dataset, oracle_lo
     assert (chosen.double() - oracle_logps[0]).abs().min() > 1e-2
 
 
-def test_mean_reduction(policy, dataset, tmp_path):
+def test_mean_reduction(policy, dataset, collate, tmp_path):
     batch = collate([dataset[i] for i in range(4)])
     live = ModelReference(policy, disable_adapter=True)
     cached = make_reference(ReferenceConfig(mode="precomputed", cache_dir=str(tmp_path)), LORA, policy)
@@ -144,7 +152,7 @@ def test_copy_is_frozen_and_separate(policy):
     assert {p.data_ptr() for p in params}.isdisjoint(p.data_ptr() for p in policy.parameters())
 
 
-def test_precomputed_cache_key_follows_model_and_data(policy, dataset, tmp_path):
+def test_precomputed_cache_key_follows_model_and_data(policy, dataset, collate, tmp_path):
     ref = make_reference(ReferenceConfig(mode="precomputed", cache_dir=str(tmp_path)), LORA, policy)
     path = ref.precompute(dataset, collate)
     assert ref.cache_path(dataset) == path
@@ -158,7 +166,7 @@ def test_precomputed_cache_key_follows_model_and_data(policy, dataset, tmp_path)
         ref.logps(collate([dataset[0]]), split="eval")
 
 
-def test_concurrent_precompute_computes_once(policy, dataset, tmp_path):
+def test_concurrent_precompute_computes_once(policy, dataset, collate, tmp_path):
     """Two runs sharing a cache directory: the file lock lets one compute, the other reads its file."""
     calls = []
 
@@ -177,3 +185,29 @@ def test_concurrent_precompute_computes_once(policy, dataset, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
         refs[0].cache_path(dataset).name
     ]
+
+
+@pytest.mark.parametrize("mode", ["disabled", "precomputed"])
+def test_packed_batches_give_the_padded_values(mode, policy, dataset, collate, packed_collate, tmp_path):
+    """Packed into one row, each sequence still gets its own sum (precomputed: the cache built from packed
+    batches matches the live reference on padded ones)."""
+    ref = make_reference(ReferenceConfig(mode=mode, cache_dir=str(tmp_path)), LORA, policy)
+    ref.precompute(dataset, packed_collate, batch_size=4)
+    rows = [dataset[i] for i in range(4)]
+    live = ModelReference(policy, disable_adapter=True)
+    for reduction in ("sum", "mean"):
+        want = live.logps(collate(rows), reduction=reduction)
+        got = ref.logps(packed_collate(rows), reduction=reduction)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
+
+
+def test_data_fingerprint_follows_the_token_columns(dataset):
+    rebuilt = Dataset.from_list([dict(r) for r in dataset])
+    assert data_fingerprint(rebuilt) == data_fingerprint(dataset)
+    assert data_fingerprint(dataset.select([1, 0, 2, 3, 4, 5])) != data_fingerprint(dataset)
+    assert data_fingerprint(dataset.select(range(5))) != data_fingerprint(dataset)
+    changed = dataset.map(lambda r: {"rejected_labels": r["rejected_labels"][:-1] + [-100]})
+    assert data_fingerprint(changed) != data_fingerprint(dataset)
+    assert data_fingerprint(dataset.remove_columns("row_index")) == data_fingerprint(dataset)
+    assert data_fingerprint(list(dataset)) == data_fingerprint(list(rebuilt))
