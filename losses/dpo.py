@@ -5,7 +5,7 @@ rejected responses and work on the same quantity, the difference of log-ratios
 
     D = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)).
 
-Implicit rewards for the metrics are beta * (log pi(y) - log ref(y)) (DPO, Section 5).
+Implicit rewards for the metrics are beta * (log pi(y) - log ref(y)) (Rafailov et al. 2023, Section 4).
 """
 
 from __future__ import annotations

@@ -54,8 +54,9 @@ def kl_shaped_rewards(
     """Per-token RLHF rewards R = score - kl_coef * KL (Ziegler et al. 2019, Eq. 2), as a dense (B, R) tensor.
 
     Convention: every valid token gets -kl_coef * k; the sequence-level score is added on the last
-    valid token of each row (the token that ended the response, EOS included when generated), as in
-    lm-human-preferences and OpenRLHF. A row without any valid token gets no score.
+    valid token of each row (the token that ended the response, EOS included when generated), as
+    OpenRLHF and TRL's PPO trainer do. lm-human-preferences adds it at position R - 1, the same
+    thing for its fixed-length responses. A row without any valid token gets no score.
 
     Args:
         scores: (B,) reward-model or reward-function scores of the responses.

@@ -53,6 +53,11 @@ class _GatherLogprobs(torch.autograd.Function):
         return grad, None, None
 
 
+def _p_log_p(log_probs: Tensor) -> Tensor:
+    """p log p with 0 log 0 = 0, so logits of -inf (banned tokens) contribute nothing instead of NaN."""
+    return torch.where(log_probs > -torch.inf, torch.exp(log_probs) * log_probs, 0)
+
+
 class _Entropy(torch.autograd.Function):
     """H = logsumexp(x) - sum(p * x) per row of (N, V) logits; dH/dx = -p * (log p + H)."""
 
@@ -64,9 +69,8 @@ class _Entropy(torch.autograd.Function):
         for start in range(0, logits.shape[0], rows):
             chunk = logits[start : start + rows].to(dtype)
             chunk_lse = torch.logsumexp(chunk, dim=-1)
-            probs = torch.exp(chunk - chunk_lse[:, None])
             lse[start : start + rows] = chunk_lse
-            entropy[start : start + rows] = chunk_lse - (probs * chunk).sum(-1)
+            entropy[start : start + rows] = -_p_log_p(chunk - chunk_lse[:, None]).sum(-1)
         ctx.save_for_backward(logits, lse, entropy)
         ctx.rows = rows
         return entropy
@@ -79,7 +83,7 @@ class _Entropy(torch.autograd.Function):
         for start in range(0, logits.shape[0], ctx.rows):
             rows = slice(start, start + ctx.rows)
             log_probs = logits[rows].to(lse.dtype) - lse[rows, None]
-            chunk_grad = -torch.exp(log_probs) * (log_probs + entropy[rows, None])
+            chunk_grad = -_p_log_p(log_probs) - torch.exp(log_probs) * entropy[rows, None]
             grad[rows] = chunk_grad * grad_out[rows, None].to(lse.dtype)
         return grad, None
 
@@ -130,7 +134,8 @@ def entropy_from_logits(logits: Tensor, *, chunk_size: int | None = None) -> Ten
     """Entropy of the softmax of each row of logits, for the PPO entropy bonus (Schulman et al. 2017, Eq. 9).
 
     Args:
-        logits: (B, T, V) in any float dtype; processed one chunk of rows at a time.
+        logits: (B, T, V) in any float dtype, -inf allowed for banned tokens; processed one chunk of
+            rows at a time.
         chunk_size: see ``gather_logprobs``.
 
     Returns:

@@ -40,7 +40,7 @@ class Objective:
     """One of FAMILIES; fixes the positional arguments the engine passes."""
     needs_reference: bool = False
     """Whether the engine must load a frozen reference model for it."""
-    defaults: Mapping[str, Any] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=dict, hash=False)
     """Keyword arguments applied before the user's, e.g. cdpo's label_smoothing=0.1."""
     logps_reduction: str = "sum"
     """For pairwise objectives with a reference: per-sequence log-probs as the "sum" or "mean" over tokens."""

@@ -73,6 +73,15 @@ def test_entropy_by_hand_and_against_reference():
     torch.testing.assert_close(entropy_from_logits(logits, chunk_size=2), reference, rtol=1e-12, atol=1e-14)
 
 
+def test_entropy_with_banned_tokens():
+    """-inf logits carry probability 0 and add 0 log 0 = 0: (0, log 3, -inf) has the entropy of (1/4, 3/4)."""
+    logits = torch.tensor([[[0.0, 1.0986122886681098, -torch.inf]]], dtype=F64, requires_grad=True)
+    entropy = entropy_from_logits(logits)
+    assert entropy.item() == pytest.approx(0.5623351446188083, rel=1e-12)
+    entropy.sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[0, 0, 2] == 0
+
+
 def test_bf16_logits_are_scored_in_fp32():
     gen = torch.Generator().manual_seed(4)
     logits = (torch.randn(2, 5, 13, generator=gen) * 5).to(torch.bfloat16)

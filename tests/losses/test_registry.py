@@ -166,3 +166,4 @@ def test_objective_is_frozen():
     with pytest.raises(TypeError):
         objective.defaults["label_smoothing"] = 0.5
     assert isinstance(objective, Objective)
+    assert len({objective, get_objective("cdpo"), get_objective("dpo")}) == 2
