@@ -1,0 +1,1 @@
+"""One training loop per objective family; each reads top to bottom with numbered steps."""

@@ -1,0 +1,226 @@
+"""What the sft, reward and pairwise loops share: loaders with a resumable data position, the optimizer and
+its schedule, the micro-batches of each optimizer step with their share of the step's loss, the optimizer
+step itself, weighted metric means, resuming, and the final save.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Sampler
+
+from data import length_grouped_batches, sequence_lengths
+from engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from engine.config import ConfigError, OptimConfig, RunConfig
+from engine.logging import RunLogger
+
+
+@dataclass
+class Position:
+    """Where a run stands; saved in every checkpoint so that a resumed run takes the very next batch."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the pass over the training split in progress
+    batches_in_epoch: int = 0  # micro-batches of that pass consumed by each process
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    final_dir: Path | None
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def last(self, key: str) -> float:
+        """The latest logged value of `key`."""
+        return next(record[key] for record in reversed(self.history) if key in record)
+
+    def first(self, key: str) -> float:
+        return next(record[key] for record in self.history if key in record)
+
+
+class EpochSampler(Sampler[int]):
+    """An order seeded by (seed, epoch), identical on every process; Accelerate shards its batches.
+
+    Replaying an epoch's order is what lets a resumed run skip exactly the batches it had consumed. With
+    `lengths`, the order is data.length_grouped_batches' (whole batches of similar length, shuffled)."""
+
+    def __init__(self, size: int, seed: int, *, lengths: list[int] | None = None, batch_size: int = 1):
+        self.size, self.seed, self.epoch = size, seed, 0
+        self.lengths, self.batch_size = lengths, batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if self.lengths is not None:
+            batches = length_grouped_batches(self.lengths, self.batch_size, seed=self.seed + self.epoch, drop_last=True)
+            return iter([index for batch in batches for index in batch])
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size if self.lengths is None else self.size // self.batch_size * self.batch_size
+
+
+def train_loader(dataset, collate, cfg: RunConfig, family: str) -> tuple[DataLoader, EpochSampler]:
+    lengths = sequence_lengths(family, dataset) if cfg.data.group_by_length else None
+    sampler = EpochSampler(len(dataset), cfg.seed, lengths=lengths, batch_size=cfg.batch.micro_batch_size)
+    # drop_last keeps every micro-batch the same size and every optimizer step the same number of them.
+    loader = DataLoader(dataset, batch_size=cfg.batch.micro_batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
+    return loader, sampler
+
+
+def eval_loader(dataset, collate, cfg: RunConfig) -> DataLoader | None:
+    if dataset is None or len(dataset) == 0 or not cfg.eval.every_steps:
+        return None
+    return DataLoader(dataset, batch_size=cfg.batch.eval_batch_size or cfg.batch.micro_batch_size, collate_fn=collate)
+
+
+def total_steps(cfg: RunConfig, accelerator: Accelerator, loader: DataLoader) -> int:
+    """Optimizer steps of the run: max_steps, or epochs x the steps in one pass (after sharding)."""
+    steps_per_epoch = len(loader) // accelerator.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"the training split gives {len(loader)} micro-batch(es) per process, fewer than one optimizer step "
+            f"needs ({accelerator.gradient_accumulation_steps}); lower batch.global_batch_size or add data"
+        )
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors), as nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    kwargs = {"lr": optim.lr, "betas": optim.betas, "eps": optim.eps}
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.AdamW8bit if optim.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    return cls(groups, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total: int):
+    """Linear warmup to the peak lr, then constant, linear or cosine decay to 0 at step `total`."""
+    warmup = optim.warmup_steps or int(optim.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if optim.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if optim.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def optimizer_steps(accelerator: Accelerator, loader: DataLoader, sampler: EpochSampler, position: Position,
+                    total: int) -> Iterator[list[dict]]:
+    """The micro-batches of each optimizer step, pass after pass, from `position` until step `total`.
+
+    The caller counts `position.step`; this keeps `position.epoch` and `position.batches_in_epoch`."""
+    accum = accelerator.gradient_accumulation_steps
+    while position.step < total:
+        sampler.set_epoch(position.epoch)
+        batches = accelerator.skip_first_batches(loader, position.batches_in_epoch) if position.batches_in_epoch else loader
+        group = []
+        for batch in batches:
+            group.append(batch)
+            if len(group) == accum:
+                position.batches_in_epoch += accum
+                yield group
+                group = []
+                if position.step >= total:
+                    return
+        position.epoch, position.batches_in_epoch = position.epoch + 1, 0
+
+
+def loss_shares(accelerator: Accelerator, counts: list) -> torch.Tensor:
+    """Each micro-batch's share of the units (tokens or pairs) in the optimizer step, over all processes.
+
+    Accelerate divides each micro-batch loss by the accumulation steps and DDP averages over processes, so
+    a loss scaled by share x steps x processes gives the gradient of the mean over every unit of the global
+    batch, however it is split into micro-batches (1 x 8 equals 8 x 1)."""
+    counts = torch.stack([torch.as_tensor(c, dtype=torch.float32) for c in counts]).to(accelerator.device)
+    total = accelerator.reduce(counts.sum(), "sum").clamp(min=1)
+    return counts / total * (accelerator.gradient_accumulation_steps * accelerator.num_processes)
+
+
+def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, max_grad_norm: float | None) -> dict:
+    """Clip, step, advance the schedule and clear the gradients; call when `accelerator.sync_gradients`."""
+    metrics = {"lr": optimizer.param_groups[0]["lr"]}
+    if max_grad_norm is not None:
+        metrics["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return metrics
+
+
+class MeanMetrics:
+    """Weighted means of metric dicts over micro-batches and processes (weights: tokens, pairs or rows)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.weight = 0.0
+
+    def add(self, metrics: dict, weight) -> None:
+        weight = float(weight)
+        for key, value in metrics.items():
+            value = torch.as_tensor(value).detach().float().cpu() * weight
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.weight += weight
+
+    def compute(self, accelerator: Accelerator) -> dict[str, float]:
+        keys = sorted(self.sums)
+        packed = torch.stack([self.sums[k] for k in keys] + [torch.tensor(self.weight)]).to(accelerator.device)
+        packed = accelerator.reduce(packed, "sum").cpu()
+        return {key: (packed[i] / packed[-1]).item() for i, key in enumerate(keys)}
+
+
+def resume(accelerator: Accelerator, cfg: RunConfig, models: list) -> Position:
+    """Load `checkpoint.resume_from` (models, optimizer, scheduler, RNG states) and return its data position."""
+    path = resolve_resume(cfg.output_dir, cfg.checkpoint.resume_from)
+    if path is None:
+        return Position()
+    state = load_checkpoint(accelerator, path, models)
+    return Position(**state["position"])
+
+
+def after_step(accelerator: Accelerator, cfg: RunConfig, logger: RunLogger, position: Position, total: int,
+               metrics: dict[str, float], evaluate) -> None:
+    """Log, evaluate and checkpoint on their schedules, once an optimizer step is done."""
+    logger.advance()
+    last = position.step == total
+    if position.step % cfg.logging.every_steps == 0 or last:
+        logger.log(position.step, metrics)
+    if evaluate is not None and (position.step % cfg.eval.every_steps == 0 or last):
+        logger.log(position.step, evaluate())
+    if cfg.checkpoint.every_steps and (position.step % cfg.checkpoint.every_steps == 0 or last):
+        state = {"step": position.step, "position": asdict(position)}
+        save_checkpoint(accelerator, cfg.output_dir, state, keep_last=cfg.checkpoint.keep_last)
+
+
+def save_final(accelerator: Accelerator, cfg: RunConfig, model, tokenizer, logger: RunLogger, total: int) -> RunResult:
+    """`<output_dir>/final/`: the model (or adapter, or merged model) and tokenizer, from the main process."""
+    from engine import models
+
+    final_dir = Path(cfg.output_dir) / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        models.save_final(accelerator.unwrap_model(model), tokenizer, final_dir, merge=cfg.export.merge)
+    accelerator.wait_for_everyone()
+    logger.close()
+    return RunResult(Path(cfg.output_dir), final_dir, total, logger.history)

@@ -1,0 +1,109 @@
+"""Pairwise preference objectives (DPO and its variants, ORPO, your own): chosen and rejected responses scored
+by the policy in one concatenated forward, against a frozen reference when the objective needs one."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from data import build_datasets, make_collator
+from engine import models
+from engine.config import RunConfig, to_dict
+from engine.logging import RunLogger
+from engine.loops import common
+from engine.reference import add_row_index, make_reference, reduce_logprobs, split_pairs
+from losses import Objective, token_logprobs
+
+
+def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> common.RunResult:
+    # 1. Tokenizer, policy and pairs; `row_index` lets a precomputed reference find each pair's log-probs.
+    tokenizer = models.load_tokenizer(cfg.model)
+    policy = models.load_policy(cfg.model, for_training=True)
+    data = build_datasets("preference", cfg.data, tokenizer, log=accelerator.print,
+                          report_dir=cfg.output_dir if accelerator.is_main_process else None)
+    train_rows = add_row_index(data.train)
+    eval_rows = add_row_index(data.eval) if data.eval is not None and len(data.eval) else None
+    collate = with_row_index(make_collator("preference", tokenizer))
+
+    # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
+    train_loader, sampler = common.train_loader(train_rows, collate, cfg, "preference")
+    eval_loader = common.eval_loader(eval_rows, collate, cfg)
+    optimizer = common.build_optimizer(policy, cfg.optim)
+    policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)
+    eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
+    total = common.total_steps(cfg, accelerator, train_loader)
+    scheduler = accelerator.prepare(common.build_scheduler(optimizer, cfg.optim, total))
+
+    # 3. The reference (a frozen copy, the policy with its adapter off, or log-probs computed once now).
+    reference = None
+    if objective.needs_reference:
+        reference = make_reference(cfg.reference, cfg.model, policy)
+        splits = {"train": train_rows} | ({"eval": eval_rows} if eval_loader is not None else {})
+        for split, rows in splits.items():
+            reference.precompute(rows, collate, batch_size=cfg.batch.eval_batch_size or cfg.batch.micro_batch_size,
+                                 split=split, extra_key=to_dict(cfg.data))
+
+    # 4. Resume: weights, optimizer, schedule, RNG states and the data position.
+    position = common.resume(accelerator, cfg, [policy])
+    logger = RunLogger(cfg.output_dir, total_steps=total, start_step=position.step,
+                       enabled=accelerator.is_main_process, progress_bar=cfg.logging.progress_bar, desc=objective.name)
+
+    def loss_on(batch, split: str):
+        # One forward over the (2B, T) batch: rows [0, B) are the chosen sequences, [B, 2B) the rejected.
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"], use_cache=False).logits
+        logprobs, mask = token_logprobs(logits, batch["labels"])
+        if reference is not None:
+            ref_chosen, ref_rejected = reference.logps(batch, reduction=objective.logps_reduction, split=split)
+            chosen, rejected = split_pairs(reduce_logprobs(logprobs, mask, objective.logps_reduction))
+            return loss_fn(chosen, rejected, ref_chosen, ref_rejected)
+        (chosen, rejected), (chosen_mask, rejected_mask) = split_pairs(logprobs), split_pairs(mask)
+        return loss_fn(chosen, chosen_mask, rejected, rejected_mask)
+
+    def evaluate() -> dict[str, float]:
+        policy.eval()
+        means = common.MeanMetrics()
+        with torch.no_grad():
+            for index, batch in enumerate(eval_loader):
+                if cfg.eval.max_batches is not None and index >= cfg.eval.max_batches:
+                    break
+                loss, metrics = loss_on(batch, "eval")
+                means.add({"loss": loss, **metrics}, len(batch["input_ids"]) // 2)
+        policy.train()
+        return {f"eval/{key}": value for key, value in means.compute(accelerator).items()}
+
+    # 5. Optimizer steps, each over `accumulation` micro-batches of pairs.
+    policy.train()
+    for micro_batches in common.optimizer_steps(accelerator, train_loader, sampler, position, total):
+        shares = common.loss_shares(accelerator, [len(b["input_ids"]) // 2 for b in micro_batches])
+        step_metrics = common.MeanMetrics()
+        for batch, share in zip(micro_batches, shares):
+            with accelerator.accumulate(policy):
+                # 5a. Policy log-probs of both responses, reference log-probs, the objective.
+                loss, metrics = loss_on(batch, "train")
+                # 5b. Backward; gradients are synced across processes on the last micro-batch only.
+                accelerator.backward(loss * share)
+                if accelerator.sync_gradients:
+                    step_info = common.optimizer_step(accelerator, policy, optimizer, scheduler, cfg.optim.max_grad_norm)
+            step_metrics.add({"loss": loss, **metrics}, len(batch["input_ids"]) // 2)
+
+        # 6. Log, evaluate and checkpoint on their schedules.
+        position.step += 1
+        metrics = step_metrics.compute(accelerator) | {k: float(v) for k, v in step_info.items()}
+        common.after_step(accelerator, cfg, logger, position, total, metrics,
+                          evaluate if eval_loader is not None else None)
+
+    # 7. The final model (or adapter) and tokenizer in <output_dir>/final/.
+    return common.save_final(accelerator, cfg, policy, tokenizer, logger, total)
+
+
+def with_row_index(collate):
+    """The preference collator, passing each pair's `row_index` through as a (B,) tensor."""
+
+    def collate_rows(rows: list[dict]) -> dict:
+        batch = collate([{k: v for k, v in row.items() if k != "row_index"} for row in rows])
+        if rows and "row_index" in rows[0]:
+            batch["row_index"] = torch.tensor([row["row_index"] for row in rows])
+        return batch
+
+    return collate_rows

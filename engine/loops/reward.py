@@ -1,0 +1,82 @@
+"""Reward models: a scalar head scored on each chosen and rejected sequence, trained on the pair (Bradley-Terry)."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from data import build_datasets, make_collator
+from engine import models
+from engine.config import RunConfig
+from engine.logging import RunLogger
+from engine.loops import common
+from losses import Objective
+
+
+def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> common.RunResult:
+    # 1. Tokenizer (it must have a pad token: the score is read at the last non-pad token), pairs, model.
+    tokenizer = models.load_tokenizer(cfg.model)
+    model = models.load_reward_model(cfg.model, num_labels=1, for_training=True)
+    data = build_datasets("preference", cfg.data, tokenizer, log=accelerator.print,
+                          report_dir=cfg.output_dir if accelerator.is_main_process else None)
+    collate = make_collator("preference", tokenizer)
+
+    # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
+    train_loader, sampler = common.train_loader(data.train, collate, cfg, "preference")
+    eval_loader = common.eval_loader(data.eval, collate, cfg)
+    optimizer = common.build_optimizer(model, cfg.optim)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
+    total = common.total_steps(cfg, accelerator, train_loader)
+    scheduler = accelerator.prepare(common.build_scheduler(optimizer, cfg.optim, total))
+
+    # 3. Resume: weights, optimizer, schedule, RNG states and the data position.
+    position = common.resume(accelerator, cfg, [model])
+    logger = RunLogger(cfg.output_dir, total_steps=total, start_step=position.step,
+                       enabled=accelerator.is_main_process, progress_bar=cfg.logging.progress_bar, desc="reward")
+
+    def scores(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        # One forward over the (2B, T) batch: rows [0, B) are the chosen sequences, [B, 2B) the rejected.
+        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+        return rewards.chunk(2)
+
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        chosen, rejected, margins = [], [], []
+        with torch.no_grad():
+            for index, batch in enumerate(eval_loader):
+                if cfg.eval.max_batches is not None and index >= cfg.eval.max_batches:
+                    break
+                c, r = scores(batch)
+                chosen.append(c)
+                rejected.append(r)
+                margins.append(batch["margin"] if "margin" in batch else torch.zeros_like(c))
+        model.train()
+        chosen, rejected, margin = (accelerator.gather_for_metrics(torch.cat(x)) for x in (chosen, rejected, margins))
+        loss, metrics = loss_fn(chosen, rejected, margin=margin)
+        return {"eval/loss": loss.item(), **{f"eval/{k}": v.item() for k, v in metrics.items()}}
+
+    # 4. Optimizer steps, each over `accumulation` micro-batches of pairs.
+    model.train()
+    for micro_batches in common.optimizer_steps(accelerator, train_loader, sampler, position, total):
+        shares = common.loss_shares(accelerator, [len(b["input_ids"]) // 2 for b in micro_batches])
+        step_metrics = common.MeanMetrics()
+        for batch, share in zip(micro_batches, shares):
+            with accelerator.accumulate(model):
+                # 4a. Score chosen and rejected in one forward; the objective on the pair of scores.
+                chosen, rejected = scores(batch)
+                loss, metrics = loss_fn(chosen, rejected, margin=batch.get("margin"))
+                # 4b. Backward; gradients are synced across processes on the last micro-batch only.
+                accelerator.backward(loss * share)
+                if accelerator.sync_gradients:
+                    step_info = common.optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm)
+            step_metrics.add({"loss": loss, **metrics}, len(chosen))
+
+        # 5. Log, evaluate and checkpoint on their schedules.
+        position.step += 1
+        metrics = step_metrics.compute(accelerator) | {k: float(v) for k, v in step_info.items()}
+        common.after_step(accelerator, cfg, logger, position, total, metrics,
+                          evaluate if eval_loader is not None else None)
+
+    # 6. The final model (or adapter) and tokenizer in <output_dir>/final/.
+    return common.save_final(accelerator, cfg, model, tokenizer, logger, total)

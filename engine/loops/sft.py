@@ -1,0 +1,88 @@
+"""Supervised fine-tuning: next-token log-likelihood of the completions, token-weighted over the global batch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from accelerate import Accelerator
+
+from data import build_datasets, make_collator
+from engine import models
+from engine.config import RunConfig
+from engine.logging import RunLogger
+from engine.loops import common
+from losses import Objective, token_logprobs
+
+
+def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> common.RunResult:
+    # 1. Tokenizer, tokenised rows (completion-only labels) and the policy.
+    tokenizer = models.load_tokenizer(cfg.model)
+    policy = models.load_policy(cfg.model, for_training=True)
+    data = build_datasets("sft", cfg.data, tokenizer, log=accelerator.print,
+                          report_dir=cfg.output_dir if accelerator.is_main_process else None)
+    collate = make_collator("sft", tokenizer, packing=cfg.data.packing)
+
+    # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
+    train_loader, sampler = common.train_loader(data.train, collate, cfg, "sft")
+    eval_loader = common.eval_loader(data.eval, collate, cfg)
+    optimizer = common.build_optimizer(policy, cfg.optim)
+    policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)
+    eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
+    total = common.total_steps(cfg, accelerator, train_loader)
+    scheduler = accelerator.prepare(common.build_scheduler(optimizer, cfg.optim, total))
+
+    # 3. Resume: weights, optimizer, schedule, RNG states and the data position.
+    position = common.resume(accelerator, cfg, [policy])
+    logger = RunLogger(cfg.output_dir, total_steps=total, start_step=position.step,
+                       enabled=accelerator.is_main_process, progress_bar=cfg.logging.progress_bar, desc="sft")
+
+    def forward(batch):
+        # A packed batch has no attention mask: its position ids keep the sequences apart, with no cache.
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                        position_ids=batch["position_ids"], use_cache=False).logits
+        logprobs, mask = token_logprobs(logits, batch["labels"])
+        return logits, logprobs, mask
+
+    def evaluate() -> dict[str, float]:
+        policy.eval()
+        sums = torch.zeros(3, device=accelerator.device)  # summed NLL, correct argmax tokens, tokens
+        with torch.no_grad():
+            for index, batch in enumerate(eval_loader):
+                if cfg.eval.max_batches is not None and index >= cfg.eval.max_batches:
+                    break
+                logits, logprobs, mask = forward(batch)
+                correct = (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]) & mask
+                sums += torch.stack([-(logprobs * mask).sum(), correct.sum(), mask.sum()]).float()
+        policy.train()
+        nll, correct, tokens = accelerator.reduce(sums, "sum").tolist()
+        loss = nll / max(tokens, 1)
+        return {"eval/loss": loss, "eval/token_accuracy": correct / max(tokens, 1), "eval/perplexity": math.exp(loss)}
+
+    # 4. Optimizer steps, each over `accumulation` micro-batches.
+    policy.train()
+    for micro_batches in common.optimizer_steps(accelerator, train_loader, sampler, position, total):
+        # 4a. Weight each micro-batch by its share of the step's trained tokens (all processes).
+        shares = common.loss_shares(accelerator, [(b["labels"][:, 1:] != -100).sum() for b in micro_batches])
+        step_metrics, tokens = common.MeanMetrics(), []
+        for batch, share in zip(micro_batches, shares):
+            with accelerator.accumulate(policy):
+                # 4b. Forward, per-token log-probs of the labels, the objective.
+                _, logprobs, mask = forward(batch)
+                loss, metrics = loss_fn(logprobs, mask)
+                # 4c. Backward; gradients are synced across processes on the last micro-batch only.
+                accelerator.backward(loss * share)
+                if accelerator.sync_gradients:
+                    step_info = common.optimizer_step(accelerator, policy, optimizer, scheduler, cfg.optim.max_grad_norm)
+            step_metrics.add({"loss": loss, **metrics}, mask.sum())
+            tokens.append(mask.sum())
+
+        # 5. Log, evaluate and checkpoint on their schedules.
+        position.step += 1
+        metrics = step_metrics.compute(accelerator)
+        metrics.update({k: float(v) for k, v in step_info.items()}, tokens=float(accelerator.reduce(sum(tokens), "sum")))
+        common.after_step(accelerator, cfg, logger, position, total, metrics,
+                          evaluate if eval_loader is not None else None)
+
+    # 6. The final model (or adapter) and tokenizer in <output_dir>/final/.
+    return common.save_final(accelerator, cfg, policy, tokenizer, logger, total)

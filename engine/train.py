@@ -1,0 +1,136 @@
+"""Train a model with one config file.
+
+    accelerate launch engine/train.py --config configs/dpo.yaml [--config configs/presets/low_memory.yaml] [key=value ...]
+    python engine/train.py --config configs/tiny/sft.yaml optim.lr=1e-4      # one device
+    python -m engine.train --config configs/tiny/dpo.yaml objective.beta=0.05
+
+The objective's family picks the loop: sft -> engine/loops/sft.py, reward -> engine/loops/reward.py,
+pairwise (DPO, IPO, ORPO, a registered function of your own) -> engine/loops/pairwise.py. Everything that can
+be checked before a model loads is checked first, and each error names the key to change.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):
+    # Run as a file: put the repo root on the path, and take engine/ off it (engine/logging.py would
+    # otherwise shadow the standard library's logging).
+    _engine_dir = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _engine_dir]
+    sys.path.insert(0, os.path.dirname(_engine_dir))
+
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from accelerate import Accelerator, PartialState  # noqa: E402
+from accelerate.utils import GradientAccumulationPlugin, set_seed  # noqa: E402
+
+from engine.checkpoint import resolve_resume  # noqa: E402
+from engine.config import ConfigError, RunConfig, load_config, save_config  # noqa: E402
+from engine.loops import pairwise, reward, sft  # noqa: E402
+from engine.loops.common import RunResult  # noqa: E402
+from engine.tiny import resolve_model_path  # noqa: E402
+from losses import Objective, bind_objective  # noqa: E402
+
+LOOPS = {"sft": sft.train, "reward": reward.train, "pairwise": pairwise.train}
+_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="engine/train.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action="append", required=True, metavar="YAML",
+                        help="a config file; repeat to layer a preset over a base config (later files win)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides parsed as YAML scalars, e.g. optim.lr=1e-5 objective.beta=0.1")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> RunResult:
+    args = parse_args(argv)
+    # 1. The typed config, the bound objective and every check that needs no model.
+    cfg = load_config(args.config, args.overrides)
+    try:
+        objective, loss_fn = bind_objective(cfg.objective.name, dict(cfg.objective.kwargs))
+    except ValueError as error:
+        raise ConfigError(f"objective: {error}") from error
+    accumulation = cfg.batch.accumulation_steps(PartialState().num_processes)
+    check_inputs(cfg, objective)
+
+    # 2. Accelerate: devices, mixed precision, accumulation. Gradients sync every `accumulation` micro-batches
+    # (the loops hand it whole optimizer steps), and the schedule advances once per optimizer step.
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    accelerator.print(
+        f"{objective.name} ({objective.family}): {cfg.batch.global_batch_size} per step = "
+        f"{cfg.batch.micro_batch_size} x {accumulation} accumulation x {accelerator.num_processes} process(es)"
+        f" -> {cfg.output_dir}"
+    )
+
+    # 3. One loop per family.
+    return LOOPS[objective.family](cfg, accelerator, objective, loss_fn)
+
+
+def check_inputs(cfg: RunConfig, objective: Objective) -> None:
+    """Fail before any model loads, naming what to change."""
+    if objective.family not in LOOPS:
+        raise ConfigError(f"objective {objective.name!r} is of family {objective.family!r}, which has no loop "
+                          f"here; pick an objective of family {', '.join(LOOPS)}")
+    if cfg.data.packing and objective.family != "sft":
+        raise ConfigError(f"data.packing=true applies to SFT only; set data.packing=false for {objective.name}")
+    if objective.needs_reference and cfg.reference.mode == "disabled" and not cfg.model.lora.enabled:
+        raise ConfigError("reference.mode=disabled switches off the policy's LoRA adapter, but model.lora.enabled "
+                          "is false; set model.lora.enabled=true or reference.mode=copy")
+
+    for key, model_cfg in (("model", cfg.model), ("reward_model", cfg.reward_model)):
+        if model_cfg is not None:
+            _check_model_path(f"{key}.name_or_path", model_cfg.name_or_path)
+    if objective.needs_reference and cfg.reference.name_or_path:
+        _check_model_path("reference.name_or_path", cfg.reference.name_or_path)
+
+    path = cfg.data.path
+    looks_local = path.startswith((".", "/", "~")) or path.endswith(_DATA_SUFFIXES)
+    if path != "synthetic" and looks_local and not Path(path).expanduser().exists():
+        raise ConfigError(f"data.path={path!r} does not exist; point data.path at a data file or directory, "
+                          "a Hugging Face dataset name, or 'synthetic'")
+
+    output_dir = Path(cfg.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        raise ConfigError(f"output_dir={cfg.output_dir!r} cannot be written ({error.strerror or error}); "
+                          "choose another output_dir") from error
+
+    try:
+        resolve_resume(cfg.output_dir, cfg.checkpoint.resume_from)
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from error
+
+
+def _check_model_path(key: str, name_or_path: str) -> None:
+    try:
+        resolve_model_path(name_or_path)
+    except FileNotFoundError as error:
+        raise ConfigError(str(error).replace("model.name_or_path", key)) from error
+
+
+def cli() -> None:
+    try:
+        main(sys.argv[1:])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli()
