@@ -134,7 +134,9 @@ def get_objective(name: str) -> Objective:
     return _REGISTRY[name]
 
 
-def bind_objective(name: str | Objective, kwargs: Mapping[str, Any]) -> tuple[Objective, Callable[..., Any]]:
+def bind_objective(
+    name: str | Objective, kwargs: Mapping[str, Any] | None = None
+) -> tuple[Objective, Callable[..., Any]]:
     """Check config keyword arguments against an objective's signature and bind them, before any model loads.
 
     Args:
@@ -149,7 +151,7 @@ def bind_objective(name: str | Objective, kwargs: Mapping[str, Any]) -> tuple[Ob
             required keyword-only parameter left without a value.
     """
     objective = name if isinstance(name, Objective) else get_objective(name)
-    merged = {**objective.defaults, **kwargs}
+    merged = {**objective.defaults, **(kwargs or {})}
     _check_kwargs(objective.name, objective.fn, merged, require_all=True)
     return objective, functools.partial(objective.fn, **merged)
 
