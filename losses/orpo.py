@@ -47,7 +47,8 @@ def orpo_loss(
     Convention: L_SFT is a token-level mean NLL over the whole batch under ``sft_mask``. By default
     that is ``chosen_mask``, the response only, as in the paper. The official code (and TRL) trains
     the NLL on prompt and response: pass log-probs over the full sequence with ``chosen_mask`` on the
-    response and ``sft_mask`` on prompt and response.
+    response and ``sft_mask`` on prompt and response. The NLL is token-weighted and L_OR pair-weighted,
+    so micro-batches with different token counts do not average back exactly to the full batch.
 
     Args:
         chosen_logprobs: (B, R) per-token log-probs of the chosen sequence.
