@@ -265,6 +265,7 @@ def save_final(model, tokenizer, out_dir, *, merge: bool = False) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     if merge and has_adapter(model):
         model = _quantised_base_merged(model) if _is_quantised(model) else model.merge_and_unload()
+        model.config.use_cache = True  # switched off for gradient checkpointing; generation wants it back
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -201,19 +201,22 @@ def test_lora_learns_with_gradient_checkpointing(batch):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quantised_base_with_lora_trains_on_cpu(batch, bits):
-    """QLoRA on CPU through bitsandbytes' CPU backend: the linear layers are stored quantised, only the
-    adapter trains, the quantised weights stay put, and the loss on a fixed batch goes down."""
+@pytest.mark.parametrize("bits, compute_dtype", [(4, "bfloat16"), (8, "float32")])
+def test_quantised_base_with_lora_trains_on_cpu(batch, bits, compute_dtype):
+    """QLoRA on CPU through bitsandbytes' CPU backend: the linear layers are stored quantised (4-bit: nf4 with
+    double quantisation, bf16 compute, the QLoRA recipe), only the adapter trains, the quantised weights stay
+    put, and the loss on a fixed batch goes down."""
     import bitsandbytes as bnb
 
-    cfg = replace(QLORA, quant=replace(QLORA.quant, bits=bits), gradient_checkpointing=True)
+    quant = QuantConfig(bits=bits, compute_dtype=compute_dtype)
+    cfg = replace(QLORA, quant=quant, gradient_checkpointing=True)
     model = load_policy(cfg)
     linear_cls, storage = (bnb.nn.Linear4bit, torch.uint8) if bits == 4 else (bnb.nn.Linear8bitLt, torch.int8)
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.base_layer, linear_cls) and q_proj.base_layer.weight.dtype == storage
     if bits == 4:
         assert q_proj.base_layer.weight.quant_type == "nf4" and q_proj.base_layer.weight.quant_state.nested
+        assert q_proj.base_layer.compute_dtype == torch.bfloat16
     base_before = q_proj.base_layer.weight.detach().clone()
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert lora_before and all("lora_" in n for n in lora_before)
@@ -284,7 +287,7 @@ def test_saved_adapter_reloads_in_plain_peft_with_the_same_logits(tmp_path, toke
 
 
 def test_merged_model_reloads_in_plain_transformers_with_the_same_logits(tmp_path, tokenizer, batch):
-    model = load_policy(LORA).eval()
+    model = load_policy(replace(LORA, gradient_checkpointing=True)).eval()
     _randomise_lora(model)
     with torch.no_grad():
         expected = model(**batch).logits
@@ -292,6 +295,7 @@ def test_merged_model_reloads_in_plain_transformers_with_the_same_logits(tmp_pat
     assert not (out / "adapter_config.json").exists()
     assert not any("lora" in k for k in load_file(out / "model.safetensors"))
     merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.config.use_cache
     assert AutoTokenizer.from_pretrained(out).pad_token_id == tokenizer.pad_token_id
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-4, atol=1e-4)
