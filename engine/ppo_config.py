@@ -95,6 +95,8 @@ class PPOConfig:
         for key in ("rollout_batch_size", "rollout_micro_batch_size", "max_new_tokens", "epochs"):
             if getattr(self, key) <= 0:
                 raise PPOConfigError(f"ppo.{key} must be positive, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise PPOConfigError(f"ppo.temperature must be positive (PPO needs a sampling policy), got {self.temperature}")
         if self.kl_target is not None and self.kl_target <= 0:
             raise PPOConfigError(f"ppo.kl_target must be positive, got {self.kl_target}")
         names = [r.name for r in self.rewards]

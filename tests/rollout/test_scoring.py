@@ -53,8 +53,10 @@ def test_reward_model_retokenises_and_reads_the_last_real_token(reward_tokenizer
 
 def test_reward_model_uses_its_chat_template():
     tok = build_tokenizer(vocab_size=400, chat_template=True)
-    fmt = default_format(tok, "ignored {prompt}")
-    assert fmt("hi", "there") == "<|user|>\nhi</s>\n<|assistant|>\nthere</s>\n"
+    assert default_format(tok, "ignored {prompt}")("hi", "there") == "<|user|>\nhi</s>\n<|assistant|>\nthere"
+    full = default_format(tok, template="chat")("hi", "there")
+    assert full == "<|user|>\nhi</s>\n<|assistant|>\nthere</s>\n"
+    assert default_format(tok, template="Q: {prompt} A: {response}")("hi", "there") == "Q: hi A: there"
 
 
 def test_reward_model_without_pad_token_is_an_error(reward_tokenizer):

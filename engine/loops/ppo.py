@@ -1,0 +1,306 @@
+"""PPO from prompts: rollouts scored by reward models or functions, KL-shaped rewards, GAE, clipped updates.
+
+One iteration, in the order of lm-human-preferences (Ziegler et al. 2019) and cleanrl's ppo.py:
+  1. generate a response to each prompt;             rollout.generation
+  2. score it (minus the missing-EOS penalty);        rollout.scoring
+  3. reference log-probs and values;                  rollout.experience
+  4. KL-shaped per-token rewards;                     losses.kl_shaped_rewards
+  5. GAE and advantage whitening;                     losses.gae, losses.masked_whiten
+  6. epochs x shuffled minibatches of the PPO loss;   the objective + losses.ppo_value_loss
+  7. KL controller update; 8. log and checkpoint.
+`max_steps` counts iterations; an optimizer step is one minibatch of `batch.global_batch_size` rollouts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, replace
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from data import build_datasets, make_collator
+from engine import models
+from engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from engine.config import ConfigError, RunConfig
+from engine.logging import RunLogger
+from engine.loops import common
+from losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    Objective,
+    entropy_from_logits,
+    gae,
+    kl_shaped_rewards,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_value_loss,
+)
+from rollout.experience import Experience, make_experience, response_logprobs
+from rollout.generation import SamplingConfig, eos_ids, generate
+from rollout.scoring import RewardFunction, RewardModel, Scorer, default_format, load_reward_function
+from rollout.value_head import ActorCritic, save_value_head
+
+
+def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> common.RunResult:
+    ppo = cfg.ppo
+    minibatches = check_sizes(cfg, accelerator.num_processes)
+
+    # 1. Tokenizer, policy with its value head (or a separate critic), frozen reference, rewards, prompts.
+    tokenizer = models.load_tokenizer(cfg.model)
+    eos_ids(tokenizer.eos_token_id)
+    policy = models.load_policy(cfg.model, for_training=True)
+    critic = models.load_policy(replace(cfg.model, name_or_path=ppo.critic), for_training=True) if ppo.critic else None
+    actor_critic = ActorCritic(policy, critic=critic)
+    reference = None
+    if cfg.reference.mode != "disabled":
+        ref_cfg = models.reference_model_config(cfg.model, cfg.reference.name_or_path)
+        reference = _to_device(models.load_policy(ref_cfg, for_training=False), accelerator.device)
+    scorer = build_scorer(cfg, accelerator)
+    data = build_datasets("prompt", cfg.data, tokenizer, log=accelerator.print)
+    sampling = SamplingConfig(max_new_tokens=ppo.max_new_tokens, min_new_tokens=ppo.min_new_tokens,
+                              temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
+                              response_length=ppo.response_length, micro_batch_size=ppo.rollout_micro_batch_size)
+
+    # 2. Prompt loader (one rollout batch per iteration), optimizer and schedule, placed by Accelerate.
+    sampler = common.EpochSampler(len(data.train), cfg.seed)
+    loader = DataLoader(data.train, batch_size=ppo.rollout_batch_size // accelerator.num_processes, sampler=sampler,
+                        collate_fn=make_collator("prompt", tokenizer), drop_last=True)
+    optimizer = common.build_optimizer(actor_critic, cfg.optim)
+    actor_critic, optimizer, loader = accelerator.prepare(actor_critic, optimizer, loader)
+    if len(loader) == 0:
+        raise ConfigError(f"the prompt split has {len(data.train)} rows, fewer than ppo.rollout_batch_size="
+                          f"{ppo.rollout_batch_size}; lower it or add prompts")
+    iterations = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(loader)))
+    scheduler = accelerator.prepare(common.build_scheduler(optimizer, cfg.optim, iterations * ppo.epochs * minibatches))
+    kl_ctl = (AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.kl_target is not None
+              else FixedKLController(ppo.kl_coef))
+
+    # 3. Resume: adapter or weights with the value head, optimizer, schedule, RNG states, data position,
+    # the KL coefficient and the score normaliser.
+    position = common.Position()
+    path = resolve_resume(cfg.output_dir, cfg.checkpoint.resume_from)
+    if path is not None:
+        state = load_checkpoint(accelerator, path, [actor_critic])
+        position = common.Position(**state["position"])
+        kl_ctl.load_state_dict(state["kl_controller"])
+        scorer.load_state_dict(state["scorer"])
+    logger = RunLogger(cfg.output_dir, total_steps=iterations, start_step=position.step,
+                       enabled=accelerator.is_main_process, progress_bar=cfg.logging.progress_bar, desc="ppo")
+
+    for batch in prompt_batches(accelerator, loader, sampler, position, iterations):
+        # 4. Steps 1-5: generate, score, reference log-probs and values, KL-shaped rewards, GAE.
+        exp, responses, stats, times = rollout(batch, actor_critic=accelerator.unwrap_model(actor_critic),
+                                        reference=reference, scorer=scorer, tokenizer=tokenizer, sampling=sampling,
+                                        cfg=cfg, kl_coef=kl_ctl.value)
+        # 5. Step 6: epochs x shuffled minibatches of the clipped policy and value losses.
+        start = time.perf_counter()
+        update = ppo_update(exp, accelerator=accelerator, actor_critic=actor_critic, optimizer=optimizer,
+                            scheduler=scheduler, loss_fn=loss_fn, cfg=cfg)
+        times["time/training"] = time.perf_counter() - start
+
+        # 6. Step 7: move the KL coefficient toward its target with this batch's KL per response.
+        metrics = stats.compute(accelerator) | update | times
+        metrics["objective/kl_coef"] = kl_ctl.value
+        kl_ctl.update(metrics["objective/kl"], n_steps=ppo.rollout_batch_size)
+
+        # 7. Log (sample generations as text) and checkpoint on their schedules.
+        position.step += 1
+        logger.advance()
+        last = position.step == iterations
+        if position.step % cfg.logging.every_steps == 0 or last:
+            logger.log(position.step, metrics)
+            logger.text("samples", samples_table(batch["prompt"], responses, exp.scores, ppo.log_samples), position.step)
+        if cfg.checkpoint.every_steps and (position.step % cfg.checkpoint.every_steps == 0 or last):
+            save_checkpoint(accelerator, cfg.output_dir, {
+                "step": position.step, "position": asdict(position),
+                "kl_controller": kl_ctl.state_dict(), "scorer": scorer.state_dict(),
+            }, keep_last=cfg.checkpoint.keep_last)
+
+    # 8. The policy (or adapter) and tokenizer in <output_dir>/final/, the value head beside them.
+    result = common.save_final(accelerator, cfg, accelerator.unwrap_model(actor_critic).policy, tokenizer, logger,
+                               iterations)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(actor_critic)
+        save_value_head(unwrapped.value_head, result.final_dir)
+        if unwrapped.critic is not None:
+            unwrapped.critic.save_pretrained(result.final_dir / "critic")
+    accelerator.wait_for_everyone()
+    return result
+
+
+@torch.no_grad()
+def rollout(batch: dict, *, actor_critic: ActorCritic, reference, scorer: Scorer, tokenizer, sampling: SamplingConfig,
+            cfg: RunConfig, kl_coef: float) -> tuple[Experience, list[str], common.MeanMetrics, dict[str, float]]:
+    """Steps 1-5 of an iteration on one process's prompts: the Experience with rewards, advantages and
+    returns, the response texts, per-row statistics, and this process's timings."""
+    ppo, rows = cfg.ppo, len(batch["prompt"])
+    timer = time.perf_counter()
+    # 1. Sample with the unwrapped policy and its KV cache.
+    gen = generate(actor_critic.policy, batch["input_ids"], batch["attention_mask"], sampling,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    responses = tokenizer.batch_decode(gen.responses.masked_fill(~gen.action_mask, tokenizer.pad_token_id),
+                                       skip_special_tokens=True)
+    generation_time, timer = time.perf_counter() - timer, time.perf_counter()
+    # 2. Score from text (each reward model re-tokenises), minus the penalty for a missing EOS.
+    extras = batch.get("extras") or [{} for _ in range(rows)]
+    fields = {key: [row[key] for row in extras] for key in (extras[0] if extras else {})}
+    scored = scorer(batch["prompt"], responses, no_eos=gen.no_eos, fields=fields)
+    scoring_time, timer = time.perf_counter() - timer, time.perf_counter()
+    # 3. Log-probs of the rollout policy and the reference, values; micro-batched, no gradients.
+    exp = make_experience(gen, scored.scores.to(gen.sequences.device), actor_critic=actor_critic, reference=reference,
+                          temperature=ppo.temperature, micro_batch_size=ppo.rollout_micro_batch_size,
+                          valid=scored.valid)
+    # 4. r_t = -beta KL_t, plus the score on the last response token.
+    rewards, kl = kl_shaped_rewards(exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.action_mask,
+                                    kl_coef=kl_coef, estimator=ppo.kl_estimator)
+    # 5. GAE; whitened over this process's tokens, population variance as lm-human-preferences' whiten.
+    advantages, returns = gae(rewards, exp.values, exp.action_mask, gamma=ppo.gamma, lam=ppo.lam)
+    if ppo.whiten_advantages:
+        advantages = masked_whiten(advantages, exp.action_mask, unbiased=False)
+    exp = replace(exp, rewards=rewards, advantages=advantages, returns=returns)
+
+    valid = exp.action_mask.any(-1)
+    stats = common.MeanMetrics()
+    explained = 1 - masked_var(returns - exp.values, exp.action_mask) / masked_var(returns, exp.action_mask).clamp_min(1e-8)
+    stats.add({
+        **{k: v for k, v in scored.metrics.items() if k.startswith("objective/")},
+        "objective/kl": masked_mean(kl.sum(-1), valid),
+        "objective/rlhf_reward": masked_mean(rewards.sum(-1), valid),
+        "rollout/response_length": gen.response_length.float().mean(),
+        "rollout/no_eos": gen.no_eos.float().mean(),
+        "val/explained_var": explained,
+        "val/mean": masked_mean(exp.values, exp.action_mask),
+        "rollout/skipped": (~scored.valid).float().mean(),
+    }, rows)
+    times = {"time/generation": generation_time, "time/scoring": scoring_time,
+             "time/experience": time.perf_counter() - timer}
+    return exp, responses, stats, times
+
+
+def ppo_update(exp: Experience, *, accelerator: Accelerator, actor_critic, optimizer, scheduler, loss_fn,
+               cfg: RunConfig) -> dict[str, float]:
+    """Step 6: `ppo.epochs` passes over shuffled minibatches, each one optimizer step of accumulated
+    micro-batches weighted by their share of the minibatch's tokens; stops early past `ppo.max_approx_kl`."""
+    ppo = cfg.ppo
+    minibatch = cfg.batch.global_batch_size // accelerator.num_processes
+    prompt_length = exp.sequences.shape[1] - exp.action_mask.shape[1]
+    metrics, step_info, epochs_done = common.MeanMetrics(), {}, 0
+    actor_critic.train()
+    for _ in range(ppo.epochs):
+        stop = False
+        for rows in torch.randperm(len(exp.sequences)).split(minibatch):
+            micro_batches = [trim(exp.select(i), prompt_length) for i in rows.split(cfg.batch.micro_batch_size)]
+            shares = common.loss_shares(accelerator, [part.action_mask.sum() for part in micro_batches])
+            minibatch_kl = common.MeanMetrics()
+            for part, share in zip(micro_batches, shares):
+                with accelerator.accumulate(actor_critic):
+                    logits, values = actor_critic(part.sequences, part.attention_mask.long(), part.action_mask.shape[1])
+                    # the distribution the tokens were sampled from, for the ratio and the entropy alike
+                    logits = logits / ppo.temperature if ppo.temperature != 1.0 else logits
+                    logprobs = response_logprobs(logits, part.sequences[:, prompt_length:], part.action_mask)
+                    pg_loss, pg_metrics = loss_fn(logprobs, part.old_logprobs, part.advantages, part.action_mask)
+                    vf_loss, vf_metrics = ppo_value_loss(values, part.values, part.returns, part.action_mask,
+                                                         clip_coef=ppo.value_clip)
+                    with torch.set_grad_enabled(ppo.entropy_coef != 0):
+                        entropy = masked_mean(entropy_from_logits(logits), part.action_mask)
+                    loss = pg_loss + ppo.vf_coef * vf_loss - ppo.entropy_coef * entropy
+                    accelerator.backward(loss * share)
+                    if accelerator.sync_gradients:
+                        step_info = common.optimizer_step(accelerator, actor_critic, optimizer, scheduler,
+                                                          cfg.optim.max_grad_norm)
+                tokens = part.action_mask.sum()
+                metrics.add({"loss/total": loss, **pg_metrics, **vf_metrics, "policy/entropy": entropy}, tokens)
+                minibatch_kl.add({"kl": pg_metrics["policy/approx_kl"]}, tokens)
+            if ppo.max_approx_kl is not None and minibatch_kl.compute(accelerator)["kl"] > ppo.max_approx_kl:
+                stop = True
+                break
+        epochs_done += 1
+        if stop:
+            break
+    return metrics.compute(accelerator) | {k: float(v) for k, v in step_info.items()} | {"policy/epochs": epochs_done}
+
+
+def trim(exp: Experience, prompt_length: int) -> Experience:
+    """Cut the response columns to the longest response of these rows (at least one)."""
+    width = max(1, int(exp.response_length.max()))
+    cut = {"sequences": exp.sequences[:, :prompt_length + width],
+           "attention_mask": exp.attention_mask[:, :prompt_length + width]}
+    for name in ("action_mask", "old_logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns"):
+        if getattr(exp, name) is not None:
+            cut[name] = getattr(exp, name)[:, :width]
+    return replace(exp, **cut)
+
+
+def prompt_batches(accelerator: Accelerator, loader: DataLoader, sampler: common.EpochSampler,
+                   position: common.Position, iterations: int):
+    """One rollout batch of prompts per iteration, pass after pass, from `position` (resumable)."""
+    while position.step < iterations:
+        sampler.set_epoch(position.epoch)
+        batches = accelerator.skip_first_batches(loader, position.batches_in_epoch) if position.batches_in_epoch \
+            else loader
+        for batch in batches:
+            position.batches_in_epoch += 1
+            yield batch
+            if position.step >= iterations:
+                return
+        position.epoch, position.batches_in_epoch = position.epoch + 1, 0
+
+
+def check_sizes(cfg: RunConfig, num_processes: int) -> int:
+    """Minibatches per rollout batch; every division exact, so each optimizer step sees as many rows."""
+    ppo, batch = cfg.ppo, cfg.batch
+    if ppo.rollout_batch_size % batch.global_batch_size:
+        raise ConfigError(f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of "
+                          f"batch.global_batch_size={batch.global_batch_size} (the PPO minibatch)")
+    batch.accumulation_steps(num_processes)
+    return ppo.rollout_batch_size // batch.global_batch_size
+
+
+def build_scorer(cfg: RunConfig, accelerator: Accelerator) -> Scorer:
+    """Reward functions and reward models (frozen, each with its own tokenizer) from `ppo.rewards`, or
+    `reward_model:` alone when that list is empty."""
+    from engine.ppo_config import RewardSourceConfig
+
+    ppo = cfg.ppo
+    specs = ppo.rewards
+    if not specs:
+        if cfg.reward_model is None:
+            raise ConfigError("PPO needs a reward: set ppo.rewards (reward functions or models) or reward_model")
+        specs = (RewardSourceConfig(name="reward_model", model=cfg.reward_model.name_or_path),)
+    base = cfg.reward_model or replace(cfg.model, lora=replace(cfg.model.lora, enabled=False))
+    sources = []
+    for spec in specs:
+        if spec.function is not None:
+            sources.append(RewardFunction(spec.name, load_reward_function(spec.function), spec.weight, spec.kwargs))
+            continue
+        model_cfg = replace(base, name_or_path=spec.model)
+        model = _to_device(models.load_reward_model(model_cfg, for_training=False), accelerator.device)
+        tokenizer = models.load_tokenizer(model_cfg)
+        fmt = default_format(tokenizer, cfg.data.prompt_format, spec.template)
+        # a chat template that writes BOS itself must not get a second one from the tokenizer
+        bos_in_text = bool(tokenizer.bos_token) and fmt("", "").startswith(tokenizer.bos_token)
+        sources.append(RewardModel(spec.name, model, tokenizer, fmt, spec.weight, spec.max_length,
+                                   ppo.rollout_micro_batch_size, add_special_tokens=not bos_in_text))
+    return Scorer(sources, normalize=ppo.normalize_scores, clip=ppo.score_clip,
+                  missing_eos_penalty=ppo.missing_eos_penalty,
+                  all_gather=lambda t: accelerator.gather(t.to(accelerator.device)).cpu())
+
+
+def samples_table(prompts: list[str], responses: list[str], scores: torch.Tensor, n: int) -> str:
+    """A markdown table of the first `n` generations for TensorBoard's text tab."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    rows = [f"| {cell(p)} | {cell(r)} | {float(s):.3f} |" for p, r, s in list(zip(prompts, responses, scores))[:n]]
+    return "\n".join(["| prompt | response | score |", "| --- | --- | --- |", *rows])
+
+
+def _to_device(model, device):
+    """Frozen models that bitsandbytes quantised are already placed; others move to this process's device."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return model
+    return model.to(device)

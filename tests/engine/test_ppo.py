@@ -1,0 +1,202 @@
+"""PPO: one iteration of the loop against a plain per-row reference, the KL controller, resume."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from data import DataConfig, build_datasets, make_collator
+from data.synthetic import judge
+from data.tiny_tokenizer import build_tokenizer
+from engine.config import OptimConfig, RunConfig, from_dict
+from engine.loops import common
+from engine.loops.ppo import ppo_update, rollout
+from engine.ppo_config import PPOConfig
+from losses import AdaptiveKLController, bind_objective
+from rollout.generation import SamplingConfig
+from rollout.scoring import RewardFunction, Scorer
+from rollout.value_head import ActorCritic
+
+torch.set_num_threads(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunConfigWithPPO(RunConfig):
+    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+
+
+def run_config(raw: dict) -> RunConfig:
+    has_ppo = "ppo" in {f.name for f in dataclasses.fields(RunConfig)}
+    return from_dict(RunConfig if has_ppo else _RunConfigWithPPO, raw)
+
+
+def small_llama(tokenizer, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # raise the EOS logit by about 1.5, so some responses end early and some do not
+        ids = torch.randint(10, len(tokenizer), (16, 20), generator=torch.Generator().manual_seed(0))
+        mean_hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1].mean((0, 1))
+        model.lm_head.weight[tokenizer.eos_token_id] = 1.5 * mean_hidden / mean_hidden.square().sum()
+    return model
+
+
+def judge_scores(prompts, responses, **fields):
+    return [judge(p, r) for p, r in zip(prompts, responses)]
+
+
+TEMPERATURE, KL_COEF, GAMMA, LAM = 0.7, 0.1, 0.9, 0.8
+CLIP, VALUE_CLIP, VF_COEF, ENTROPY_COEF, EOS_PENALTY, LR = 0.2, 0.2, 0.5, 0.01, 0.5, 0.05
+
+
+def plain_row(model, head, prompt_ids, response_ids):
+    """Per-token log-probs (temperature-scaled), entropies and values of one unpadded sequence."""
+    seq = torch.tensor([prompt_ids + response_ids])
+    out = model(input_ids=seq, output_hidden_states=True)
+    start, n = len(prompt_ids) - 1, len(response_ids)
+    logits = out.logits[0, start:start + n] / TEMPERATURE
+    logp = logits.log_softmax(-1)
+    logprobs = logp.gather(-1, torch.tensor(response_ids)[:, None])[:, 0]
+    entropy = -(logp.exp() * logp).sum(-1)
+    values = head(out.hidden_states[-1][0, start:start + n]) if head is not None else None
+    return logprobs, entropy, values
+
+
+def test_one_ppo_iteration_equals_a_plain_per_row_reference():
+    """Rollout (score with missing-EOS penalty, k3 KL shaping, GAE with gamma and lambda, whitening) and one
+    epoch of two minibatches, each 2 micro-batches x 2 accumulation, against a plain loop over unpadded rows."""
+    tokenizer = build_tokenizer()
+    data = build_datasets("prompt", DataConfig(path="synthetic", max_samples=8), tokenizer, log=None)
+    batch = make_collator("prompt", tokenizer)([data.train[i] for i in range(8)])
+    prompts_ids = [[t for t, m in zip(ids, mask) if m] for ids, mask in zip(batch["input_ids"].tolist(),
+                                                                             batch["attention_mask"].tolist())]
+    assert len({len(p) for p in prompts_ids}) > 1  # left padding is exercised
+
+    cfg = run_config({
+        "objective": {"name": "ppo", "clip_coef": CLIP},
+        "optim": {"lr": LR, "max_grad_norm": None, "scheduler": "constant"},
+        "batch": {"global_batch_size": 4, "micro_batch_size": 2},
+        "ppo": {"rollout_batch_size": 8, "rollout_micro_batch_size": 3, "max_new_tokens": 6, "epochs": 1,
+                "temperature": TEMPERATURE, "kl_coef": KL_COEF, "kl_estimator": "k3", "gamma": GAMMA, "lam": LAM,
+                "value_clip": VALUE_CLIP, "vf_coef": VF_COEF, "entropy_coef": ENTROPY_COEF,
+                "missing_eos_penalty": EOS_PENALTY},
+    })
+    actor_critic = ActorCritic(small_llama(tokenizer, 0))
+    reference = small_llama(tokenizer, 1).eval()
+    before = copy.deepcopy(actor_critic)
+    scorer = Scorer([RewardFunction("judge", judge_scores)], missing_eos_penalty=EOS_PENALTY)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=TEMPERATURE)
+
+    torch.manual_seed(0)
+    exp, responses, _, _ = rollout(batch, actor_critic=actor_critic, reference=reference, scorer=scorer,
+                                   tokenizer=tokenizer, sampling=sampling, cfg=cfg, kl_coef=KL_COEF)
+    P = batch["input_ids"].shape[1]
+    lengths = exp.action_mask.sum(-1).tolist()
+    assert 0 < exp.no_eos.sum() < 8
+
+    # Plain reference of steps 2-5, row by row in float64.
+    rows = []
+    with torch.no_grad():
+        for i, prompt_ids in enumerate(prompts_ids):
+            response_ids = exp.sequences[i, P:P + lengths[i]].tolist()
+            no_eos = tokenizer.eos_token_id not in response_ids
+            text = tokenizer.decode(response_ids, skip_special_tokens=True)
+            assert text == responses[i]
+            score = judge(batch["prompt"][i], text) - EOS_PENALTY * no_eos
+            old, _, values = plain_row(before.policy, before.value_head, prompt_ids, response_ids)
+            ref, _, _ = plain_row(reference, None, prompt_ids, response_ids)
+            old, ref, values = old.double(), ref.double(), values.double()
+            log_r = ref - old
+            kl = torch.exp(log_r) - 1 - log_r  # k3
+            rewards = -KL_COEF * kl
+            rewards[-1] += score
+            advantages = torch.zeros_like(rewards)
+            next_adv, next_value = 0.0, 0.0
+            for t in reversed(range(len(rewards))):
+                delta = rewards[t] + GAMMA * next_value - values[t]
+                next_adv = delta + GAMMA * LAM * next_adv
+                advantages[t], next_value = next_adv, values[t]
+            rows.append(dict(prompt=prompt_ids, response=response_ids, old=old, values=values, rewards=rewards,
+                             advantages=advantages, returns=advantages + values, score=score))
+    flat = torch.cat([r["advantages"] for r in rows])
+    mean, var = flat.mean(), flat.var(unbiased=False)
+    for i, r in enumerate(rows):
+        n = lengths[i]
+        r["whitened"] = (r["advantages"] - mean) / torch.sqrt(var + 1e-8)
+        assert exp.scores[i].item() == pytest.approx(r["score"], abs=1e-6)
+        for name, mine in (("rewards", exp.rewards), ("returns", exp.returns), ("whitened", exp.advantages),
+                           ("old", exp.old_logprobs), ("values", exp.values)):
+            torch.testing.assert_close(mine[i, :n].double(), r[name], rtol=0, atol=2e-5, msg=name)
+            assert not mine[i, n:].any()
+
+    # Step 6 by the loop: one epoch, two minibatches of 4 rows, each 2 micro-batches of 2 accumulated.
+    _, loss_fn = bind_objective("ppo", {"clip_coef": CLIP})
+    accelerator = Accelerator(cpu=True, gradient_accumulation_plugin=GradientAccumulationPlugin(
+        num_steps=2, sync_with_dataloader=False), step_scheduler_with_optimizer=False)
+    optimizer = torch.optim.SGD(actor_critic.parameters(), lr=LR)
+    scheduler = common.build_scheduler(optimizer, OptimConfig(scheduler="constant"), 2)
+    model, optimizer = accelerator.prepare(actor_critic, optimizer)
+    torch.manual_seed(123)
+    metrics = ppo_update(exp, accelerator=accelerator, actor_critic=model, optimizer=optimizer,
+                         scheduler=scheduler, loss_fn=loss_fn, cfg=cfg)
+
+    # The same step by hand: token-mean losses over each whole minibatch, one SGD step each.
+    torch.manual_seed(123)
+    order = torch.randperm(8)
+    plain_opt = torch.optim.SGD(before.parameters(), lr=LR)
+    pg_sum = tokens_sum = 0.0
+    for minibatch in order.split(4):
+        tokens = sum(lengths[i] for i in minibatch.tolist())
+        loss = 0.0
+        for i in minibatch.tolist():
+            r = rows[i]
+            logprobs, entropy, values = plain_row(before.policy, before.value_head, r["prompt"], r["response"])
+            ratio = torch.exp(logprobs.double() - r["old"])
+            adv = r["whitened"]
+            pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP))
+            clipped = r["values"] + (values.double() - r["values"]).clamp(-VALUE_CLIP, VALUE_CLIP)
+            vf = 0.5 * torch.maximum((values.double() - r["returns"]) ** 2, (clipped - r["returns"]) ** 2)
+            loss = loss + (pg + VF_COEF * vf - ENTROPY_COEF * entropy.double()).sum() / tokens
+            pg_sum += float(pg.detach().sum())
+        tokens_sum += tokens
+        loss.backward()
+        plain_opt.step()
+        plain_opt.zero_grad()
+
+    assert metrics["loss/policy"] == pytest.approx(pg_sum / tokens_sum, abs=1e-5)
+    assert metrics["policy/epochs"] == 1
+    for (name, mine), (_, plain) in zip(actor_critic.named_parameters(), before.named_parameters()):
+        torch.testing.assert_close(mine, plain, rtol=0, atol=1e-6, msg=name)
+    moved = max((a - b).abs().max() for a, b in zip(actor_critic.parameters(), small_llama(tokenizer, 0).parameters()))
+    assert moved > 1e-3  # the update did something
+
+
+def test_adaptive_kl_controller_moves_the_coefficient_toward_the_target():
+    """Ziegler et al.: value *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon. With target 1,
+    horizon 100, n 10: KL 1.1 gives x1.01, KL 3 is clipped to x1.02, KL 0.5 gives x0.98."""
+    controller = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    controller.update(1.1, n_steps=10)
+    assert controller.value == pytest.approx(0.1 * 1.01, rel=1e-12)
+    controller.update(3.0, n_steps=10)
+    assert controller.value == pytest.approx(0.1 * 1.01 * 1.02, rel=1e-12)
+    controller.update(0.5, n_steps=10)
+    assert controller.value == pytest.approx(0.1 * 1.01 * 1.02 * 0.98, rel=1e-12)
+    # above target the coefficient only grows, below it only shrinks, and the target is a fixed point
+    up, down, still = (AdaptiveKLController(0.1, 1.0, 100) for _ in range(3))
+    for _ in range(20):
+        up.update(2.0, 10)
+        down.update(0.2, 10)
+        still.update(1.0, 10)
+    assert up.value == pytest.approx(0.1 * 1.02**20) and down.value == pytest.approx(0.1 * 0.98**20)
+    assert still.value == 0.1
+    assert math.isfinite(up.value)
