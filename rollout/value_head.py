@@ -31,8 +31,9 @@ class ValueHead(nn.Module):
         super().__init__()
         self.hidden_size = hidden_size
         self.summary = nn.Linear(hidden_size, 1)
-        # std 1/sqrt(H + 1) and zero bias, as lm-human-preferences' value head (and cleanrl's layer_init)
-        nn.init.normal_(self.summary.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        # zero init, as lm-human-preferences' value head (layer_init std=0 in lm-human-preference-details):
+        # the first advantages are then the rewards themselves, not the noise of a random head
+        nn.init.zeros_(self.summary.weight)
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

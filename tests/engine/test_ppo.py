@@ -92,6 +92,7 @@ def test_one_ppo_iteration_equals_a_plain_per_row_reference():
                 "missing_eos_penalty": EOS_PENALTY},
     })
     actor_critic = ActorCritic(small_llama(tokenizer, 0))
+    torch.nn.init.normal_(actor_critic.value_head.summary.weight, std=0.1)  # a fresh head is all zeros
     reference = small_llama(tokenizer, 1).eval()
     before = copy.deepcopy(actor_critic)
     scorer = Scorer([RewardFunction("judge", judge_scores)], missing_eos_penalty=EOS_PENALTY)

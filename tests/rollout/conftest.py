@@ -3,6 +3,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from data.tiny_tokenizer import build_tokenizer
+from rollout.value_head import ValueHead
 
 torch.set_num_threads(1)
 
@@ -23,6 +24,14 @@ def tiny_reward_model(seed: int, vocab_size: int, *, pad: int, eos: int) -> Llam
     config = llama_config(vocab_size, pad=pad, eos=eos)
     config.num_labels = 1
     return LlamaForSequenceClassification(config).eval()
+
+
+def random_head(hidden_size: int = 32, seed: int = 0) -> ValueHead:
+    """A value head with random weights (a fresh one is all zeros, which would make value checks vacuous)."""
+    head = ValueHead(hidden_size)
+    torch.nn.init.normal_(head.summary.weight, generator=torch.Generator().manual_seed(seed))
+    torch.nn.init.normal_(head.summary.bias, generator=torch.Generator().manual_seed(seed + 1))
+    return head
 
 
 @pytest.fixture(scope="session")

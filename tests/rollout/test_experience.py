@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 from rollout.experience import make_experience, place_scores, reward_index
 from rollout.generation import Generation, SamplingConfig, generate
 from rollout.value_head import ActorCritic
-from tests.rollout.conftest import left_pad, tiny_causal_lm
+from tests.rollout.conftest import left_pad, random_head, tiny_causal_lm
 
 PAD, EOS = 3, 2
 
@@ -82,7 +82,7 @@ def run_experience(actor_critic, reference, model_for_ref):
 def test_experience_matches_unpadded_single_rows_with_a_reference_copy():
     policy = tiny_causal_lm(seed=0)
     reference = tiny_causal_lm(seed=5)
-    exp = run_experience(ActorCritic(policy), reference, reference)
+    exp = run_experience(ActorCritic(policy, random_head()), reference, reference)
     assert (exp.old_logprobs - exp.ref_logprobs).abs().max() > 0.1
 
 
@@ -91,7 +91,7 @@ def test_reference_with_the_adapter_disabled_is_the_base_model():
     frozen = copy.deepcopy(base)
     policy = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                                              init_lora_weights=False))
-    actor_critic = ActorCritic(policy).train()
+    actor_critic = ActorCritic(policy, random_head()).train()
     exp = run_experience(actor_critic, None, frozen)
     assert (exp.old_logprobs - exp.ref_logprobs).abs().max() > 1e-3
     assert actor_critic.training and policy.training  # the rollout's eval mode is undone

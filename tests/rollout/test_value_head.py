@@ -3,7 +3,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from rollout.value_head import VALUE_HEAD_FILE, ActorCritic, ValueHead, load_value_head, save_actor_critic
-from tests.rollout.conftest import left_pad, tiny_causal_lm
+from tests.rollout.conftest import left_pad, random_head, tiny_causal_lm
 
 PAD = 3
 
@@ -16,7 +16,7 @@ def batch():
 
 def test_value_head_reads_the_state_before_each_response_token():
     model = tiny_causal_lm()
-    actor_critic = ActorCritic(model)
+    actor_critic = ActorCritic(model, random_head())
     seq, mask = batch()
     with torch.no_grad():
         logits, values = actor_critic(seq, mask, 3)
@@ -27,8 +27,7 @@ def test_value_head_reads_the_state_before_each_response_token():
 
 def test_value_head_is_saved_with_the_adapter_and_loaded_back(tmp_path):
     policy = get_peft_model(tiny_causal_lm(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
-    actor_critic = ActorCritic(policy)
-    torch.nn.init.normal_(actor_critic.value_head.summary.bias)
+    actor_critic = ActorCritic(policy, random_head())
     seq, mask = batch()
     save_actor_critic(actor_critic, tmp_path)
     assert (tmp_path / VALUE_HEAD_FILE).is_file() and (tmp_path / "adapter_model.safetensors").is_file()
@@ -40,7 +39,7 @@ def test_value_head_is_saved_with_the_adapter_and_loaded_back(tmp_path):
 
 def test_separate_critic_gives_the_values_and_trains_alone():
     policy, critic = tiny_causal_lm(seed=0), tiny_causal_lm(seed=1)
-    actor_critic = ActorCritic(policy, critic=critic)
+    actor_critic = ActorCritic(policy, random_head(), critic=critic)
     seq, mask = batch()
     logits, values = actor_critic(seq, mask, 3)
     with torch.no_grad():
@@ -49,6 +48,10 @@ def test_separate_critic_gives_the_values_and_trains_alone():
     values.sum().backward()
     assert all(p.grad is None for p in policy.parameters())
     assert critic.model.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def test_a_fresh_head_predicts_zero():
+    assert not ActorCritic(tiny_causal_lm())(*batch(), 3)[1].any()
 
 
 def test_head_hidden_size_mismatch_is_an_error():
