@@ -17,6 +17,7 @@ of which scores strictly lower than the correct answer.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import string
@@ -127,7 +128,7 @@ def write_synthetic(
         for part, n, part_seed in (("train", n_train, seed), ("test", n_test, seed + 1_000_003)):
             rows = generate(family, n, seed=part_seed, min_letters=min_letters, max_letters=max_letters)
             path = out / f"{family}_{part}.jsonl"
-            tmp = path.with_suffix(".jsonl.tmp")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             tmp.replace(path)
             paths[f"{family}_{part}"] = path

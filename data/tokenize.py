@@ -141,7 +141,8 @@ class Formatter:
         if self.mode == "plain":
             return [tail.rstrip()] if len(tail.strip()) >= 3 else []
         markers = [s.strip() for s in (head.replace(self.tokenizer.bos_token or "\0", ""), tail)]
-        return [m for m in markers if m]
+        specials = [t for t in self.tokenizer.all_special_tokens if t in text and t != self.tokenizer.bos_token]
+        return [m for m in markers if m] + specials
 
     def check_text(self, text: str) -> str | None:
         """The template markup found in a row's text, if any."""
