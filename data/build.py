@@ -51,7 +51,8 @@ def build_datasets(
     """
     if family not in FAMILIES:
         raise DataError(f"unknown data family {family!r}; expected one of {FAMILIES}.")
-    check_tokenizer(tokenizer, family)
+    # pad == EOS is checked where it matters, by make_collator (reward and PPO batches, not DPO ones)
+    check_tokenizer(tokenizer, family, allow_pad_as_eos=True)
     fingerprint = data_fingerprint(family, cfg, tokenizer)
     cached = cache_root(cfg) / "tokenised" / f"{family}-{fingerprint}"
     with _quiet_progress():

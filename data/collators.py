@@ -33,6 +33,10 @@ def make_collator(
 ):
     """A picklable `collate_fn` for a DataLoader over `build_datasets(family, ...)` rows.
 
+    A tokenizer whose pad token is its EOS is refused for "preference" and "prompt" batches, where a
+    reward model would read its score before the EOS; pass `allow_pad_as_eos=True` where no reward is
+    read from the batch (DPO, ORPO), since the masks and labels here never depend on the pad id.
+
     sft        -> input_ids, attention_mask, labels (-100 on prompt and padding), position_ids: (B, T)
     preference -> the same with 2B rows, chosen_0..chosen_{B-1} then rejected_0..rejected_{B-1};
                   margin (B,) when the rows have one

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from data import synthetic
+from data.tokenize import ZEPHYR
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -43,13 +44,7 @@ The reward model prefers helpful, honest and harmless answers to ones that are n
 
 
 def zephyr_template(*, bos_in_template: bool) -> str:
-    bos = "{{- bos_token }}" if bos_in_template else ""
-    return (
-        bos + "{%- for message in messages %}"
-        "{{- '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
-        "{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
-    )
+    return ("{{- bos_token }}" if bos_in_template else "") + ZEPHYR
 
 
 def training_texts() -> list[str]:

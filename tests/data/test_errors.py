@@ -129,13 +129,16 @@ def test_pad_equal_to_eos_breaks_reward_placement(tmp_path, tok_bos):
     tok = copy.deepcopy(tok_bos)
     tok.pad_token = tok.eos_token
     rows = [{"prompt": "Sort the letters: b a", "chosen": "a b", "rejected": "b a"}]
+    pairs = _build_rows(tmp_path, tok, rows, family="preference").train
     with pytest.raises(DataError, match=r"same token for pad and EOS \('</s>'.*score lands before the EOS"):
-        _build_rows(tmp_path, tok, rows, family="preference")
+        make_collator("preference", tok)
     with pytest.raises(DataError, match="distinct pad token"):
         make_collator("prompt", tok)
-    # completion-only SFT labels do not depend on the pad id
+    # labels and attention masks never depend on the pad id: fine for SFT and, when asked, for DPO
+    batch = make_collator("preference", tok, allow_pad_as_eos=True)(list(pairs))
+    assert batch["labels"][0].tolist()[-1] == tok.eos_token_id
     assert len(_build_rows(tmp_path, tok, [GOOD]).train) == 1
-    make_collator("preference", tok, allow_pad_as_eos=True)
+    make_collator("sft", tok)
 
 
 def test_chosen_equal_to_rejected_is_dropped_and_counted(tmp_path, tok_bos):
