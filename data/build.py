@@ -117,6 +117,7 @@ def _build(family: str, cfg: DataConfig, tokenizer, fingerprint: str) -> DataBun
 def _canonical_rows(family: str, fmt: str, split: Split, formatter: Formatter) -> tuple[list[dict], Counter]:
     records, dropped = [], Counter()
     has_margin = None
+    kinds: dict[str, tuple[str, str]] = {}
     for i, row in enumerate(split.rows):
         where = split.where(i)
         try:
@@ -130,8 +131,29 @@ def _canonical_rows(family: str, fmt: str, split: Split, formatter: Formatter) -
                 has_margin = "margin" in record
             elif has_margin != ("margin" in record):
                 raise row_error(where, row, "'margin' is set on some rows and not on others", "'margin' on every row or none")
+        _check_kinds(record, kinds, row, where)
         records.append(record)
     return records, dropped
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    return "number" if isinstance(value, (int, float)) else type(value).__name__
+
+
+def _check_kinds(record: dict, kinds: dict[str, tuple[str, str]], row, where: str) -> None:
+    """One type per field across rows (a table column has one type); passthrough fields are free-form."""
+    for key, value in record.items():
+        if value is None:
+            continue
+        kind = _kind(value)
+        first = kinds.setdefault(key, (kind, where))
+        if first[0] != kind:
+            raise row_error(
+                where, row, f"field {key!r} is {kind} here but {first[0]} in {first[1]}",
+                f"one type for {key!r} in every row",
+            )
 
 
 def _check_templated(record: dict, row, where: str, formatter: Formatter) -> None:

@@ -152,6 +152,12 @@ def test_chosen_equal_to_rejected_is_dropped_and_counted(tmp_path, tok_bos):
     assert "chosen_equals_rejected 1" in bundle.report.format()
 
 
+def test_passthrough_field_with_two_types(tmp_path, tok_bos):
+    rows = [{"prompt": "Sort the letters: b a", "answer": "a b"}, {"prompt": "Sort the letters: d c", "answer": 7}]
+    with pytest.raises(DataError, match=r"rows\.jsonl, line 2: field 'answer' is number here but str in .*line 1"):
+        _build_rows(tmp_path, tok_bos, rows, family="prompt")
+
+
 def test_unknown_split_and_format(tmp_path, tok_bos):
     path = write_jsonl(tmp_path / "rows.jsonl", [GOOD])
     with pytest.raises(DataError, match=r"no split 'validation'; available: \['train'\]"):
