@@ -19,6 +19,7 @@ from dataclasses import asdict, replace
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from data import build_datasets, make_collator
@@ -92,6 +93,10 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                        enabled=accelerator.is_main_process, progress_bar=cfg.logging.progress_bar, desc="ppo")
 
     for batch in prompt_batches(accelerator, loader, sampler, position, iterations):
+        # The iteration's randomness (sampling, minibatch shuffles, dropout) depends on (seed, step, process)
+        # alone, so a resumed run replays it exactly, whatever else drew from the RNG since the checkpoint
+        # (a DataLoader draws a seed each time a pass starts).
+        set_seed(cfg.seed + 100_003 * position.step + accelerator.process_index)
         # 4. Steps 1-5: generate, score, reference log-probs and values, KL-shaped rewards, GAE.
         exp, responses, stats, times = rollout(batch, actor_critic=accelerator.unwrap_model(actor_critic),
                                         reference=reference, scorer=scorer, tokenizer=tokenizer, sampling=sampling,
