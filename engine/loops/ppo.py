@@ -52,8 +52,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
 
     # 1. Tokenizer, policy with its value head (or a separate critic), frozen reference, rewards, prompts.
     tokenizer = models.load_tokenizer(cfg.model)
-    eos_ids(tokenizer.eos_token_id)
     policy = models.load_policy(cfg.model, for_training=True)
+    eos = stop_ids(tokenizer, policy)
     critic = models.load_policy(replace(cfg.model, name_or_path=ppo.critic), for_training=True) if ppo.critic else None
     actor_critic = ActorCritic(policy, critic=critic)
     reference = None
@@ -100,7 +100,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         # 4. Steps 1-5: generate, score, reference log-probs and values, KL-shaped rewards, GAE.
         exp, responses, stats, times = rollout(batch, actor_critic=accelerator.unwrap_model(actor_critic),
                                         reference=reference, scorer=scorer, tokenizer=tokenizer, sampling=sampling,
-                                        cfg=cfg, kl_coef=kl_ctl.value)
+                                        cfg=cfg, kl_coef=kl_ctl.value, eos_token_id=eos)
         # 5. Step 6: epochs x shuffled minibatches of the clipped policy and value losses.
         start = time.perf_counter()
         update = ppo_update(exp, accelerator=accelerator, actor_critic=actor_critic, optimizer=optimizer,
@@ -139,14 +139,16 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
 
 @torch.no_grad()
 def rollout(batch: dict, *, actor_critic: ActorCritic, reference, scorer: Scorer, tokenizer, sampling: SamplingConfig,
-            cfg: RunConfig, kl_coef: float) -> tuple[Experience, list[str], common.MeanMetrics, dict[str, float]]:
+            cfg: RunConfig, kl_coef: float, eos_token_id: int | list[int] | None = None
+            ) -> tuple[Experience, list[str], common.MeanMetrics, dict[str, float]]:
     """Steps 1-5 of an iteration on one process's prompts: the Experience with rewards, advantages and
     returns, the response texts, per-row statistics, and this process's timings."""
     ppo, rows = cfg.ppo, len(batch["prompt"])
     timer = time.perf_counter()
     # 1. Sample with the unwrapped policy and its KV cache.
     gen = generate(actor_critic.policy, batch["input_ids"], batch["attention_mask"], sampling,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                   eos_token_id=eos_token_id if eos_token_id is not None else tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
     responses = tokenizer.batch_decode(gen.responses.masked_fill(~gen.action_mask, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
     generation_time, timer = time.perf_counter() - timer, time.perf_counter()
@@ -253,6 +255,15 @@ def prompt_batches(accelerator: Accelerator, loader: DataLoader, sampler: common
             if position.step >= iterations:
                 return
         position.epoch, position.batches_in_epoch = position.epoch + 1, 0
+
+
+def stop_ids(tokenizer, policy) -> list[int]:
+    """The tokenizer's EOS and those of the generation config (chat models end a turn with their own
+    token, e.g. Llama 3's <|eot_id|>); none at all is an error, since no response could end."""
+    configured = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    ids = [i for i in [tokenizer.eos_token_id, *configured] if i is not None]
+    return eos_ids(list(dict.fromkeys(ids)) or None)
 
 
 def check_sizes(cfg: RunConfig, num_processes: int) -> int:
