@@ -3,7 +3,8 @@
     cfg = load_config(["configs/dpo.yaml"], ["optim.lr=1e-5", "objective.beta=0.05"])
 
 Files are merged in order (a preset after a base config), then each `key=value` override is applied,
-its value parsed as a YAML scalar. Unknown keys are an error naming the nearest valid key; values are
+its value parsed as a YAML scalar; setting a different `objective.name` drops the previous objective's
+keyword arguments. Unknown keys are an error naming the nearest valid key; values are
 converted to the annotated types. The result is frozen: nothing changes it after start-up.
 """
 
@@ -334,7 +335,9 @@ def _scalar(hint: type, value: Any, key: str) -> Any:
 def _merge(base: dict, update: Mapping) -> dict:
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+        if key == "objective" and _renames_objective(merged.get(key), value):
+            merged[key] = dict(value)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value
@@ -342,6 +345,8 @@ def _merge(base: dict, update: Mapping) -> dict:
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    if key == "objective.name" and _renames_objective(raw.get("objective"), {"name": value}):
+        raw["objective"] = {}
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:
@@ -349,6 +354,12 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
             node[part] = {}
         node = node[part]
     node[leaf] = value
+
+
+def _renames_objective(old: Any, new: Any) -> bool:
+    """A different objective name starts the section afresh: the old keyword arguments were the old
+    function's, so `objective.name=x objective.beta=2` gives x only beta."""
+    return isinstance(old, Mapping) and isinstance(new, Mapping) and "name" in new and new["name"] != old.get("name")
 
 
 # ---- saving ------------------------------------------------------------------------------------

@@ -1,0 +1,41 @@
+"""Tiny in-process training runs through the real entry point, small enough for a CPU test suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine import train
+
+# One thread: on a small shared CPU, two threads that wait on each other run these tiny models 5x slower.
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY = REPO_ROOT / "configs" / "tiny"
+
+# 32 training rows (pairs) in 4 micro-batches of 8: a few epochs fit in a dozen steps.
+SMALL = [
+    "logging.progress_bar=false",
+    "logging.every_steps=1",
+    "data.synthetic_size=200",
+    "data.max_samples=32",
+    "batch.global_batch_size=8",
+    "batch.micro_batch_size=8",
+    "eval.every_steps=0",
+    "optim.warmup_steps=0",
+]
+
+
+def run(config: str, output_dir: Path, *overrides: str) -> train.RunResult:
+    """`engine/train.py --config configs/tiny/<config>` in this process, on the small settings above."""
+    return train.main(["--config", str(TINY / config), f"output_dir={output_dir}", *SMALL, *overrides])
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def series(result: train.RunResult, key: str) -> list[float]:
+    return [record[key] for record in result.history if key in record]
