@@ -1,17 +1,18 @@
-"""A seeded toy task with a programmatic judge: sort 3 to 6 distinct lowercase letters.
+"""A seeded toy task with a programmatic judge: sort 4 to 10 lowercase letters (repeats allowed).
 
-    prompt:   "Sort the letters: q e b m"
-    response: "b e m q"
+    prompt:   "Sort the letters: q e b m e"
+    response: "b e e m q"
 
-A model of a few million parameters learns the answer's format (space-separated single letters,
-as many as the prompt has) within a minute of SFT on CPU; putting every letter in the right place
-takes longer, so the judge has room to go up under DPO, ORPO or PPO.
+Why this task: a Llama of about 3M parameters learns the answer's form (space-separated single
+letters, smallest first) within a minute of SFT on CPU, but after two minutes still drops or
+repeats letters in roughly a third of the answers, mostly the long ones with repeated letters; so the
+judge has room to go up under DPO, ORPO or PPO. Prompt and response stay under 40 tokens.
 
-The judge gives partial credit: 0.2 for the format, plus 0.8 times the fraction of positions that
-hold the right letter (divided by the longer of the answer and the response, so padding a response
-with extra letters does not pay). The rejected response of a preference pair is the correct answer
-with one corruption (two letters swapped, one letter replaced, one dropped, or one duplicated), each
-of which scores strictly lower than the correct answer.
+The judge gives partial credit: 0.2 for the form (single letters, as many as the prompt has) plus
+0.8 * (1 - d / max(len(response), len(answer))), with d the edit distance (Levenshtein, over letters)
+from the sorted answer. The rejected response of a preference pair is the answer with one corruption
+(two different letters swapped, a letter replaced, dropped or duplicated): d >= 1, so it scores
+strictly below the answer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import string
 from pathlib import Path
 
 PROMPT_TEMPLATE = "Sort the letters: {letters}"
+MIN_LETTERS, MAX_LETTERS, REPEATS = 4, 10, True
 FORMAT_CREDIT = 0.2
 _PROMPT_RE = re.compile(r"Sort the letters:((?:[ \t]+[a-z]\b)+)")
 _EOS_STRINGS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
@@ -46,6 +48,16 @@ def answer(prompt: str) -> str:
     return " ".join(sorted(parse_prompt(prompt)))
 
 
+def edit_distance(a: list[str], b: list[str]) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions, each costing 1."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, start=1):
+        diagonal, row[0] = row[0], i
+        for j, y in enumerate(b, start=1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (x != y))
+    return row[-1]
+
+
 def judge(prompt: str, response: str) -> float:
     """Score a response to a sorting prompt in [0, 1]: 1 for the sorted letters, partial credit otherwise."""
     target = sorted(parse_prompt(prompt))
@@ -54,9 +66,8 @@ def judge(prompt: str, response: str) -> float:
         text = text.removesuffix(eos).strip()
     tokens = text.split()
     well_formed = len(tokens) == len(target) and all(len(t) == 1 and t in string.ascii_lowercase for t in tokens)
-    correct = sum(t == g for t, g in zip(tokens, target))
-    score = FORMAT_CREDIT * well_formed + (1.0 - FORMAT_CREDIT) * correct / max(len(tokens), len(target))
-    return min(1.0, score)
+    closeness = 1.0 - edit_distance(tokens, target) / max(len(tokens), len(target))
+    return min(1.0, FORMAT_CREDIT * well_formed + (1.0 - FORMAT_CREDIT) * closeness)
 
 
 def judge_reward(prompts: list[str], responses: list[str], **fields) -> list[float]:
@@ -64,11 +75,11 @@ def judge_reward(prompts: list[str], responses: list[str], **fields) -> list[flo
     return [judge(p, r) for p, r in zip(prompts, responses, strict=True)]
 
 
-def sample_letters(rng: random.Random, min_letters: int = 3, max_letters: int = 6) -> list[str]:
-    """Distinct letters, never already sorted (so echoing the prompt is not the answer)."""
+def sample_letters(rng: random.Random, min_letters: int, max_letters: int, repeats: bool) -> list[str]:
+    """Letters (distinct unless `repeats`), at least two different, never already sorted."""
     n = rng.randint(min_letters, max_letters)
     while True:
-        letters = rng.sample(string.ascii_lowercase, n)
+        letters = rng.choices(string.ascii_lowercase, k=n) if repeats else rng.sample(string.ascii_lowercase, n)
         if letters != sorted(letters):
             return letters
 
@@ -79,10 +90,10 @@ def corrupt(rng: random.Random, target: list[str]) -> list[str]:
     kind = rng.choice(_CORRUPTIONS)
     i = rng.randrange(len(out))
     if kind == "swap":
-        j = rng.choice([k for k in range(len(out)) if k != i])
+        j = rng.choice([k for k in range(len(out)) if out[k] != out[i]])
         out[i], out[j] = out[j], out[i]
     elif kind == "replace":
-        out[i] = rng.choice([c for c in string.ascii_lowercase if c not in target])
+        out[i] = rng.choice([c for c in string.ascii_lowercase if c != out[i]])
     elif kind == "drop":
         del out[i]
     else:
@@ -90,12 +101,20 @@ def corrupt(rng: random.Random, target: list[str]) -> list[str]:
     return out
 
 
-def generate(split: str, n: int, *, seed: int = 0, min_letters: int = 3, max_letters: int = 6) -> list[dict]:
-    """`n` rows of one split ("sft", "preference" or "prompt"); rows depend only on (split, n, seed, sizes)."""
+def generate(
+    split: str,
+    n: int,
+    *,
+    seed: int = 0,
+    min_letters: int = MIN_LETTERS,
+    max_letters: int = MAX_LETTERS,
+    repeats: bool = REPEATS,
+) -> list[dict]:
+    """`n` rows of one split ("sft", "preference" or "prompt"); rows depend only on the arguments."""
     rng = random.Random(f"{seed}:{split}")
     rows = []
     for _ in range(n):
-        letters = sample_letters(rng, min_letters, max_letters)
+        letters = sample_letters(rng, min_letters, max_letters, repeats)
         prompt, target = make_prompt(letters), sorted(letters)
         if split == "sft":
             rows.append({"prompt": prompt, "completion": " ".join(target)})
@@ -114,8 +133,9 @@ def write_synthetic(
     seed: int = 0,
     n_train: int = 2000,
     n_test: int = 200,
-    min_letters: int = 3,
-    max_letters: int = 6,
+    min_letters: int = MIN_LETTERS,
+    max_letters: int = MAX_LETTERS,
+    repeats: bool = REPEATS,
 ) -> dict[str, Path]:
     """Write sft / preference / prompt train+test JSONL files; returns {"sft_train": path, ...}.
 
@@ -126,7 +146,7 @@ def write_synthetic(
     paths = {}
     for family in ("sft", "preference", "prompt"):
         for part, n, part_seed in (("train", n_train, seed), ("test", n_test, seed + 1_000_003)):
-            rows = generate(family, n, seed=part_seed, min_letters=min_letters, max_letters=max_letters)
+            rows = generate(family, n, seed=part_seed, min_letters=min_letters, max_letters=max_letters, repeats=repeats)
             path = out / f"{family}_{part}.jsonl"
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -10,12 +10,22 @@ def test_judge_hand_values():
     p = "Sort the letters: c a b"
     assert synthetic.judge(p, "a b c") == 1.0
     assert synthetic.judge(p, "a b c</s>") == 1.0
-    # well formed (0.2) + 1 of 3 positions right (0.8 / 3)
+    # well formed (0.2) + two substitutions away from "a b c": 0.8 * (1 - 2 / 3)
     assert synthetic.judge(p, "a c b") == pytest.approx(0.2 + 0.8 / 3)
-    # 4 letters for 3: not well formed; 3 of max(4, 3) positions right
-    assert synthetic.judge(p, "a b c d") == pytest.approx(0.8 * 3 / 4)
+    # 4 letters for 3: not well formed; one insertion away, out of max(4, 3)
+    assert synthetic.judge(p, "a b c d") == pytest.approx(0.8 * (1 - 1 / 4))
+    # a dropped letter: one deletion away, out of max(2, 3)
+    assert synthetic.judge(p, "a c") == pytest.approx(0.8 * (1 - 1 / 3))
     assert synthetic.judge(p, "") == 0.0
     assert synthetic.judge(p, "the answer is abc") == 0.0
+
+
+def test_edit_distance():
+    assert synthetic.edit_distance(list("abc"), list("abc")) == 0
+    assert synthetic.edit_distance(list("abc"), list("acb")) == 2
+    assert synthetic.edit_distance(list("abc"), list("abxc")) == 1
+    assert synthetic.edit_distance([], list("abc")) == 3
+    assert synthetic.edit_distance(list("kitten"), list("sitting")) == 3
 
 
 def test_judge_reads_prompt_inside_templates():
@@ -46,6 +56,17 @@ def test_scores_in_unit_interval_for_random_responses():
     for r in rows:
         response = " ".join(rng.choice("abcxyz ") for _ in range(rng.randint(0, 12)))
         assert 0.0 <= synthetic.judge(r["prompt"], response) <= 1.0
+
+
+def test_rows_are_short_for_cpu_training(tmp_path, tok_bos):
+    from data import DataConfig, build_datasets
+
+    cfg = DataConfig(cache_dir=str(tmp_path), synthetic_size=300)
+    report = build_datasets("sft", cfg, tok_bos, log=None).report.splits["train"]
+    assert report.prompt_tokens["p100"] + report.response_tokens["p100"] < 40
+    rows = synthetic.generate("prompt", 300, seed=0)
+    assert {r["num_letters"] for r in rows} == set(range(4, 11))
+    assert any(len(set(r["answer"].split())) < r["num_letters"] for r in rows)
 
 
 def test_write_synthetic_is_deterministic(tmp_path):
