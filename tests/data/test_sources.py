@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data import DataConfig
+from data import DataConfig, DataError
 from data.sources import load_splits, select_splits
 from tests.data.conftest import build, write_jsonl
 
@@ -122,3 +122,27 @@ def test_synthetic_path_is_deterministic(tmp_path, tok_bos):
     b = build("preference", "synthetic", tok_bos, tmp_path / "b", synthetic_size=60, eval_fraction=0.05)
     assert a.train["chosen_input_ids"] == b.train["chosen_input_ids"]
     assert (len(a.train), len(a.eval)) == (60, 50)
+
+
+def test_hub_name_goes_to_load_dataset_with_subset(tmp_path, tok_bos, monkeypatch):
+    """The hub branch, with `datasets.load_dataset` replaced by a local stand-in (no network in tests)."""
+    calls = []
+
+    def fake_load_dataset(name, subset=None):
+        calls.append((name, subset))
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:4]),
+                                     "validation": datasets.Dataset.from_list(ROWS[4:])})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    bundle = build("sft", "someorg/sorting", tok_bos, tmp_path, subset="easy")
+    assert calls == [("someorg/sorting", "easy")]
+    assert (len(bundle.train), len(bundle.eval)) == (4, 2)
+
+
+def test_hub_failure_says_what_was_tried(tmp_path, tok_bos, monkeypatch):
+    def offline(name, subset=None):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"'someorg/missing': it is not a local file or directory.*ConnectionError"):
+        build("sft", "someorg/missing", tok_bos, tmp_path)
