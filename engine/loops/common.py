@@ -68,18 +68,22 @@ class EpochSampler(Sampler[int]):
         return self.size if self.lengths is None else self.size // self.batch_size * self.batch_size
 
 
-def train_loader(dataset, collate, cfg: RunConfig, family: str) -> tuple[DataLoader, EpochSampler]:
+def train_loader(dataset, collate, cfg: RunConfig, family: str) -> DataLoader:
     lengths = sequence_lengths(family, dataset) if cfg.data.group_by_length else None
     sampler = EpochSampler(len(dataset), cfg.seed, lengths=lengths, batch_size=cfg.batch.micro_batch_size)
-    # drop_last keeps every micro-batch the same size and every optimizer step the same number of them.
-    loader = DataLoader(dataset, batch_size=cfg.batch.micro_batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
-    return loader, sampler
+    # drop_last keeps every micro-batch the same size and every optimizer step the same number of them. The
+    # loader's own generator keeps iterator start-up from drawing on the global RNG (dropout's), which a
+    # resumed run restores from the checkpoint.
+    loader = DataLoader(dataset, batch_size=cfg.batch.micro_batch_size, sampler=sampler, collate_fn=collate,
+                        drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
+    return loader
 
 
 def eval_loader(dataset, collate, cfg: RunConfig) -> DataLoader | None:
     if dataset is None or len(dataset) == 0 or not cfg.eval.every_steps:
         return None
-    return DataLoader(dataset, batch_size=cfg.batch.eval_batch_size or cfg.batch.micro_batch_size, collate_fn=collate)
+    return DataLoader(dataset, batch_size=cfg.batch.eval_batch_size or cfg.batch.micro_batch_size, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def total_steps(cfg: RunConfig, accelerator: Accelerator, loader: DataLoader) -> int:
@@ -126,14 +130,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def optimizer_steps(accelerator: Accelerator, loader: DataLoader, sampler: EpochSampler, position: Position,
-                    total: int) -> Iterator[list[dict]]:
+def optimizer_steps(accelerator: Accelerator, loader, position: Position, total: int) -> Iterator[list[dict]]:
     """The micro-batches of each optimizer step, pass after pass, from `position` until step `total`.
 
     The caller counts `position.step`; this keeps `position.epoch` and `position.batches_in_epoch`."""
     accum = accelerator.gradient_accumulation_steps
     while position.step < total:
-        sampler.set_epoch(position.epoch)
+        # The prepared loader hands the epoch to the sampler (and to the skipping loader built from it).
+        loader.set_epoch(position.epoch)
         batches = accelerator.skip_first_batches(loader, position.batches_in_epoch) if position.batches_in_epoch else loader
         group = []
         for batch in batches:

@@ -26,7 +26,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     collate = with_row_index(make_collator("preference", tokenizer))
 
     # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
-    train_loader, sampler = common.train_loader(train_rows, collate, cfg, "preference")
+    train_loader = common.train_loader(train_rows, collate, cfg, "preference")
     eval_loader = common.eval_loader(eval_rows, collate, cfg)
     optimizer = common.build_optimizer(policy, cfg.optim)
     policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)
@@ -74,7 +74,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
 
     # 5. Optimizer steps, each over `accumulation` micro-batches of pairs.
     policy.train()
-    for micro_batches in common.optimizer_steps(accelerator, train_loader, sampler, position, total):
+    for micro_batches in common.optimizer_steps(accelerator, train_loader, position, total):
         shares = common.loss_shares(accelerator, [len(b["input_ids"]) // 2 for b in micro_batches])
         step_metrics = common.MeanMetrics()
         for batch, share in zip(micro_batches, shares):

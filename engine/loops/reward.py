@@ -22,7 +22,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     collate = make_collator("preference", tokenizer)
 
     # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
-    train_loader, sampler = common.train_loader(data.train, collate, cfg, "preference")
+    train_loader = common.train_loader(data.train, collate, cfg, "preference")
     eval_loader = common.eval_loader(data.eval, collate, cfg)
     optimizer = common.build_optimizer(model, cfg.optim)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -58,7 +58,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
 
     # 4. Optimizer steps, each over `accumulation` micro-batches of pairs.
     model.train()
-    for micro_batches in common.optimizer_steps(accelerator, train_loader, sampler, position, total):
+    for micro_batches in common.optimizer_steps(accelerator, train_loader, position, total):
         shares = common.loss_shares(accelerator, [len(b["input_ids"]) // 2 for b in micro_batches])
         step_metrics = common.MeanMetrics()
         for batch, share in zip(micro_batches, shares):

@@ -24,7 +24,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     collate = make_collator("sft", tokenizer, packing=cfg.data.packing)
 
     # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
-    train_loader, sampler = common.train_loader(data.train, collate, cfg, "sft")
+    train_loader = common.train_loader(data.train, collate, cfg, "sft")
     eval_loader = common.eval_loader(data.eval, collate, cfg)
     optimizer = common.build_optimizer(policy, cfg.optim)
     policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)
@@ -61,7 +61,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
 
     # 4. Optimizer steps, each over `accumulation` micro-batches.
     policy.train()
-    for micro_batches in common.optimizer_steps(accelerator, train_loader, sampler, position, total):
+    for micro_batches in common.optimizer_steps(accelerator, train_loader, position, total):
         # 4a. Weight each micro-batch by its share of the step's trained tokens (all processes).
         shares = common.loss_shares(accelerator, [(b["labels"][:, 1:] != -100).sum() for b in micro_batches])
         step_metrics, tokens = common.MeanMetrics(), []
