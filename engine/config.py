@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from data.config import DataConfig
+from engine.ppo_config import PPOConfig
 
 
 class ConfigError(ValueError):
@@ -184,6 +185,8 @@ class RunConfig:
     reward_model: ModelConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """Rollouts, rewards, KL shaping and the PPO update; read by the ppo family only."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -5,7 +5,8 @@
     python -m engine.train --config configs/tiny/dpo.yaml objective.beta=0.05
 
 The objective's family picks the loop: sft -> engine/loops/sft.py, reward -> engine/loops/reward.py,
-pairwise (DPO, IPO, ORPO, a registered function of your own) -> engine/loops/pairwise.py. Everything that can
+pairwise (DPO, IPO, ORPO, a registered function of your own) -> engine/loops/pairwise.py, ppo ->
+engine/loops/ppo.py. Everything that can
 be checked before a model loads is checked first, and each error names the key to change.
 """
 
@@ -35,7 +36,14 @@ from engine.loops.common import RunResult  # noqa: E402
 from engine.tiny import resolve_model_path  # noqa: E402
 from losses import Objective, bind_objective  # noqa: E402
 
-LOOPS = {"sft": sft.train, "reward": reward.train, "pairwise": pairwise.train}
+
+def _ppo(*args) -> RunResult:
+    from engine.loops import ppo  # generation, scoring and value heads load only for PPO runs
+
+    return ppo.train(*args)
+
+
+LOOPS = {"sft": sft.train, "reward": reward.train, "pairwise": pairwise.train, "ppo": _ppo}
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
 
 
