@@ -102,6 +102,9 @@ class ObjectiveConfig:
     name: str = "sft"
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        object.__setattr__(self, "kwargs", types.MappingProxyType(dict(self.kwargs)))
+
 
 @dataclass(frozen=True)
 class OptimConfig:

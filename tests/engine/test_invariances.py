@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from engine.checkpoint import list_checkpoints
-from engine.tiny import resolve_model_path
 from engine.loops import common
+from engine.tiny import resolve_model_path
 from tests.engine.runs import run, series
 
 

@@ -1,0 +1,104 @@
+"""The typed run config: YAML files, presets and dotted overrides in, a frozen RunConfig out."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError, RunConfig, load_config, save_config
+from tests.engine.runs import REPO_ROOT
+
+CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml")) + sorted((REPO_ROOT / "configs" / "tiny").glob("*.yaml"))
+PRESETS = sorted((REPO_ROOT / "configs" / "presets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_every_shipped_config_loads_and_names_its_launch_command(path):
+    cfg = load_config(path)
+    assert cfg.batch.accumulation_steps(1) >= 1
+    header = path.read_text().split("\n\n")[0]
+    assert f"engine/train.py --config {path.relative_to(REPO_ROOT)}" in header
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_presets_layer_over_a_base_config(preset):
+    base = load_config(REPO_ROOT / "configs" / "dpo.yaml")
+    cfg = load_config([REPO_ROOT / "configs" / "dpo.yaml", preset])
+    assert cfg.model.name_or_path == base.model.name_or_path
+    assert cfg != base
+
+
+def test_overrides_are_yaml_scalars_and_reach_nested_sections(tmp_path):
+    cfg = load_config(
+        REPO_ROOT / "configs" / "tiny" / "dpo.yaml",
+        ["optim.lr=1e-5", "max_steps=7", "model.lora.enabled=true", "model.lora.target_modules=[q_proj, v_proj]",
+         "optim.betas=[0.9, 0.95]", "objective.beta=0.25", "reward_model.name_or_path=tiny", "eval.max_batches=null"],
+    )
+    assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)  # PyYAML reads "1e-5" as a string
+    assert cfg.max_steps == 7
+    assert cfg.model.lora.enabled is True and cfg.model.lora.target_modules == ("q_proj", "v_proj")
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert dict(cfg.objective.kwargs) == {"beta": 0.25}
+    assert cfg.reward_model.name_or_path == "tiny" and cfg.reward_model.lora.enabled is False
+    assert cfg.eval.max_batches is None
+
+
+def test_a_new_objective_name_drops_the_old_objectives_arguments():
+    orpo = REPO_ROOT / "configs" / "tiny" / "orpo.yaml"
+    assert dict(load_config(orpo, ["objective.name=dpo", "objective.beta=0.2"]).objective.kwargs) == {"beta": 0.2}
+    assert dict(load_config(orpo, ["objective.name=orpo"]).objective.kwargs) == {"lam": 0.5}
+
+
+def test_the_saved_config_loads_back_equal(tmp_path):
+    cfg = load_config(REPO_ROOT / "configs" / "dpo.yaml", ["optim.lr=3e-6", "objective.label_smoothing=0.1"])
+    path = save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(path) == cfg
+
+
+def test_the_config_is_frozen():
+    cfg = RunConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        cfg.objective.kwargs["beta"] = 1.0  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.lora.alpah=8"], "unknown key 'model.lora.alpah'; did you mean 'model.lora.alpha'?"),
+        (["model.lora.rank=8"], "(valid keys here: enabled, r, alpha, dropout, target_modules)"),
+        (["max_step=8"], "did you mean 'max_steps'?"),
+        (["mixed_precision=no"], "YAML reads no/yes/off/on as booleans"),
+        (["max_steps=0"], "max_steps must be positive"),
+        (["optim.betas=[0.9]"], "optim.betas must have 2 items"),
+        (["reference.mode=frozen"], "reference.mode='frozen' is not one of"),
+        (["optim"], "must look like section.key=value"),
+    ],
+)
+def test_mistakes_name_the_key_to_change(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(REPO_ROOT / "configs" / "tiny" / "sft.yaml", overrides)
+    assert message in str(error.value)
+
+
+def test_a_missing_config_file_is_named():
+    with pytest.raises(ConfigError, match="config file 'nope.yaml' does not exist"):
+        load_config(Path("nope.yaml"))
+
+
+@pytest.mark.parametrize(
+    "global_size, micro, processes, accumulation",
+    [(64, 4, 1, 16), (64, 4, 8, 2), (8, 8, 1, 1), (8, 1, 1, 8)],
+)
+def test_accumulation_is_derived_from_the_global_batch(global_size, micro, processes, accumulation):
+    cfg = load_config([], [f"batch.global_batch_size={global_size}", f"batch.micro_batch_size={micro}"])
+    assert cfg.batch.accumulation_steps(processes) == accumulation
+
+
+def test_an_impossible_batch_split_names_the_sizes():
+    cfg = load_config([], ["batch.global_batch_size=64", "batch.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match="not a multiple of batch.micro_batch_size=4 x 3 process"):
+        cfg.batch.accumulation_steps(3)
