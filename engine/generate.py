@@ -1,0 +1,189 @@
+"""Answer prompts with a trained checkpoint: a full model, a LoRA adapter on its base, or a merged model.
+
+    python -m engine.generate --model runs/quickstart/dpo/final --prompts prompts.txt
+    echo "Sort the letters: q e b m" | python -m engine.generate --model runs/quickstart/sft/final
+    python -m engine.generate --model runs/quickstart/ppo/final --prompts test.jsonl --num-beams 4 --output out.jsonl
+
+Prompts come one per line (a .txt file or stdin) or as the `prompt` field of JSON lines. They are formatted
+exactly as training formatted them (the tokenizer's chat template, or `--template plain` with
+`--prompt-format`). Sampling and greedy decoding (`--temperature 0`) use rollout.generation, the decoder PPO
+samples with; beam search uses transformers' `generate`. One JSON line per prompt is written:
+{"prompt": ..., "response": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.config import DataConfig
+from data.formats import canonical, detect_format
+from data.tokenize import Formatter
+from engine.config import ModelConfig
+from rollout.generation import SamplingConfig, generate
+
+
+def load_model(path: str, *, kind: str = "causal", dtype: str = "float32"):
+    """A frozen model in eval mode from a `final/` directory (or any path or hub id `engine.models` loads).
+
+    A directory holding `adapter_config.json` is a LoRA adapter: its base (recorded by peft) is loaded
+    first and the adapter applied on top. `kind` is "causal" (a policy) or "reward" (a scalar head).
+    """
+    from engine import models
+
+    load = models.load_policy if kind == "causal" else models.load_reward_model
+    adapter_config = Path(path) / "adapter_config.json"
+    if not adapter_config.exists():
+        return load(ModelConfig(name_or_path=str(path), dtype=dtype), for_training=False)
+    from peft import PeftModel
+
+    base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+    base = load(ModelConfig(name_or_path=base_path, dtype=dtype), for_training=False)
+    model = PeftModel.from_pretrained(base, str(path))
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(path: str):
+    from engine import models
+
+    return models.load_tokenizer(ModelConfig(name_or_path=str(path)))
+
+
+@dataclass
+class PromptEncoder:
+    """Prompt text -> the token ids training used for it (template, BOS, left truncation)."""
+
+    tokenizer: object
+    template: str | None = None
+    prompt_format: str = DataConfig.prompt_format
+    max_prompt_length: int | None = 256
+
+    def __post_init__(self):
+        max_length = (self.max_prompt_length or 1 << 30) + 1
+        cfg = DataConfig(template=self.template, prompt_format=self.prompt_format, max_length=max_length,
+                         max_prompt_length=self.max_prompt_length)
+        self.formatter = Formatter(cfg, self.tokenizer)
+
+    def ids(self, prompt: str) -> list[int]:
+        ids, _ = self.formatter.cut_prompt(self.formatter.prompt_ids([{"role": "user", "content": prompt}]))
+        return ids
+
+    def batch(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, P) input_ids and attention_mask, left padded as the prompt collator pads them."""
+        rows = [self.ids(p) for p in prompts]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row):] = torch.tensor(row)
+            attention_mask[i, width - len(row):] = 1
+        return input_ids, attention_mask
+
+
+def read_prompts(source: str | Path | None) -> list[dict]:
+    """Rows with at least a `prompt`: JSON lines (other fields are kept), or plain text one prompt a line.
+
+    `source` None or "-" reads stdin."""
+    if source is None or str(source) == "-":
+        text, name = sys.stdin.read(), "stdin"
+    else:
+        text, name = Path(source).read_text(), str(source)
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            row = json.loads(line)
+            fmt = detect_format("prompt", "auto", row, f"{name}:{number}")
+            record = canonical("prompt", fmt, row, f"{name}:{number}")
+            rows.append({k: v for k, v in record.items() if k != "prompt_messages"})
+        else:
+            rows.append({"prompt": line.rstrip("\n")})
+    if not rows:
+        raise ValueError(f"no prompts in {name}")
+    return rows
+
+
+@torch.no_grad()
+def answer(model, tokenizer, encoder: PromptEncoder, prompts: Sequence[str], sampling: SamplingConfig, *,
+           seed: int = 0, num_beams: int = 1, batch_size: int = 32) -> list[str]:
+    """The response text to each prompt, `batch_size` prompts at a time.
+
+    Sampling draws from one `torch.Generator` seeded with `seed`, so a rerun gives the same responses; with
+    `num_beams > 1` the `num_beams` best beams are searched (sampling options are ignored)."""
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    responses = []
+    for start in range(0, len(prompts), batch_size):
+        input_ids, attention_mask = encoder.batch(prompts[start:start + batch_size])
+        input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
+        if num_beams > 1:
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=num_beams,
+                                 do_sample=False, max_new_tokens=sampling.max_new_tokens,
+                                 min_new_tokens=sampling.min_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+            tokens = out[:, input_ids.shape[1]:]
+        else:
+            gen = generate(model, input_ids, attention_mask, sampling, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, generator=generator)
+            tokens = gen.responses.masked_fill(~gen.action_mask, tokenizer.pad_token_id)
+        responses += tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return responses
+
+
+def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a final/ directory (full, adapter or merged), or a hub id")
+    parser.add_argument("--prompts", default="-", help="a .txt (one prompt a line) or .jsonl file; '-' for stdin")
+    parser.add_argument("--output", default="-", help="JSON lines out; '-' for stdout")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--min-new-tokens", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 decodes greedily")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search when > 1")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--template", default=None,
+                        help="prompt formatting as data.template: unset = the tokenizer's chat template; 'plain'")
+    parser.add_argument("--prompt-format", default=DataConfig.prompt_format)
+    parser.add_argument("--max-prompt-length", type=int, default=256)
+    parser.add_argument("--dtype", default="float32")
+    return parser.parse_args(None if argv is None else list(argv))
+
+
+def main(argv: Iterable[str] | None = None) -> list[dict]:
+    from transformers.utils import logging as hf_logging
+
+    args = parse_args(argv)
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model would bury the answers
+    model = load_model(args.model, dtype=args.dtype)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    tokenizer = load_tokenizer(args.model)
+    encoder = PromptEncoder(tokenizer, args.template, args.prompt_format, args.max_prompt_length)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              micro_batch_size=args.batch_size)
+    rows = read_prompts(args.prompts)
+    responses = answer(model, tokenizer, encoder, [r["prompt"] for r in rows], sampling, seed=args.seed,
+                       num_beams=args.num_beams, batch_size=args.batch_size)
+    out = [{"prompt": row["prompt"], "response": response} for row, response in zip(rows, responses)]
+    text = "".join(json.dumps(row) + "\n" for row in out)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+    return out
+
+
+if __name__ == "__main__":
+    main()

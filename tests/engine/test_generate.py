@@ -1,0 +1,107 @@
+"""engine/generate.py: prompts from a file or stdin, the same tokens as rollout generation, every checkpoint kind."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from engine import generate as gen
+from engine.config import ModelConfig
+from engine.models import load_policy, save_final
+from engine.tiny import resolve_model_path
+from rollout.generation import SamplingConfig, generate
+
+PROMPTS = ["Sort the letters: q e b m", "Sort the letters: z a k", "Sort the letters: h c x f d"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir() -> str:
+    return resolve_model_path("tiny")
+
+
+def test_greedy_answers_equal_rollout_generation_on_the_training_prompt_ids(tiny_dir, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n\n")  # a blank line is not a prompt
+    out = tmp_path / "answers.jsonl"
+    rows = gen.main(["--model", tiny_dir, "--prompts", str(prompts_file), "--temperature", "0",
+                     "--max-new-tokens", "8", "--batch-size", "2", "--output", str(out)])
+
+    model, tokenizer = gen.load_model(tiny_dir), gen.load_tokenizer(tiny_dir)
+    # the ids the data layer gives these prompts: BOS (the tokenizer's, not the template's), then the chat template
+    encoder = gen.PromptEncoder(tokenizer)
+    template = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)
+    assert encoder.ids(PROMPTS[0]) == [tokenizer.bos_token_id, *template]
+    input_ids, attention_mask = encoder.batch(PROMPTS)
+    expected = generate(model, input_ids, attention_mask, SamplingConfig(max_new_tokens=8, temperature=0),
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    tokens = expected.responses.masked_fill(~expected.action_mask, tokenizer.pad_token_id)
+    expected_texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+    assert [r["prompt"] for r in rows] == PROMPTS
+    assert [r["response"] for r in rows] == expected_texts
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+
+
+def test_prompts_from_json_lines_and_stdin(tmp_path, monkeypatch):
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text(json.dumps({"prompt": PROMPTS[0], "answer": "b e m q"}) + "\n"
+                     + json.dumps({"messages": [{"role": "user", "content": PROMPTS[1]}]}) + "\n")
+    assert gen.read_prompts(jsonl) == [{"prompt": PROMPTS[0], "answer": "b e m q"}, {"prompt": PROMPTS[1]}]
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(PROMPTS[2] + "\n"))
+    assert gen.read_prompts("-") == [{"prompt": PROMPTS[2]}]
+
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        gen.read_prompts(tmp_path / "empty.txt")
+
+
+def test_sampling_is_seeded_and_beam_search_answers_every_prompt(tiny_dir):
+    model, tokenizer = gen.load_model(tiny_dir), gen.load_tokenizer(tiny_dir)
+    encoder = gen.PromptEncoder(tokenizer)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0)
+    first = gen.answer(model, tokenizer, encoder, PROMPTS, sampling, seed=3)
+    assert gen.answer(model, tokenizer, encoder, PROMPTS, sampling, seed=3) == first
+    assert gen.answer(model, tokenizer, encoder, PROMPTS, sampling, seed=4) != first
+
+    beams = gen.answer(model, tokenizer, encoder, PROMPTS, sampling, num_beams=3, batch_size=2)
+    assert len(beams) == len(PROMPTS) and all(isinstance(text, str) for text in beams)
+
+
+def test_an_adapter_loads_on_its_base_and_a_merged_copy_gives_the_same_logits(tiny_dir, tmp_path):
+    base = load_policy(ModelConfig(name_or_path=tiny_dir), for_training=False)
+    torch.manual_seed(0)
+    # init_lora_weights=False: a random (non-zero) update, so the adapter visibly changes the logits
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False, task_type="CAUSAL_LM"))
+    tokenizer = gen.load_tokenizer(tiny_dir)
+    save_final(peft_model, tokenizer, tmp_path / "adapter")
+    ids = torch.tensor([gen.PromptEncoder(tokenizer).ids(PROMPTS[0])])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        plain = load_policy(ModelConfig(name_or_path=tiny_dir), for_training=False)(input_ids=ids).logits
+    assert not torch.allclose(expected, plain, atol=1e-3)
+
+    adapter = gen.load_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert not any(p.requires_grad for p in adapter.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+
+    save_final(peft_model, tokenizer, tmp_path / "merged", merge=True)
+    merged = gen.load_model(str(tmp_path / "merged"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
