@@ -3,10 +3,12 @@
     prompt:   "Sort the letters: q e b m e"
     response: "b e e m q"
 
-Why this task: a Llama of about 3M parameters learns the answer's form (space-separated single
-letters, smallest first) within a minute of SFT on CPU, but after two minutes still drops or
-repeats letters in roughly a third of the answers, mostly the long ones with repeated letters; so the
-judge has room to go up under DPO, ORPO or PPO. Prompt and response stay under 40 tokens.
+Why this task: the 3M-parameter tiny Llama (configs/tiny/model.json) learns the answer's form
+(space-separated single letters, smallest first) in 100 SFT steps of 32 rows (half a minute on two
+CPU cores), where its greedy answers score about 0.77 and 40% are exact; after 400 steps (under two
+minutes) they score about 0.96 and one in eight still drops or repeats a letter, mostly in long
+prompts with repeated letters. So the judge has room to go up under DPO, ORPO or PPO. Prompt and
+response stay under 40 tokens.
 
 The judge gives partial credit: 0.2 for the form (single letters, as many as the prompt has) plus
 0.8 * (1 - d / max(len(response), len(answer))), with d the edit distance (Levenshtein, over letters)
