@@ -143,7 +143,7 @@ def _kind(value) -> str:
 
 
 def _check_kinds(record: dict, kinds: dict[str, tuple[str, str]], row, where: str) -> None:
-    """One type per field across rows (a table column has one type); passthrough fields are free-form."""
+    """One type per field across rows, as a table column needs; checked here so the error names the row."""
     for key, value in record.items():
         if value is None:
             continue

@@ -145,7 +145,9 @@ class Formatter:
         return [m for m in markers if m] + specials
 
     def check_text(self, text: str) -> str | None:
-        """The template markup found in a row's text, if any."""
+        """The template markup found in a row's text, if any ("raw" text is used as it is)."""
+        if self.mode == "raw":
+            return None
         bos = self.tokenizer.bos_token
         if bos and text.lstrip().startswith(bos):
             return bos

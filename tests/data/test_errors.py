@@ -95,10 +95,12 @@ def test_plain_format_applied_twice(tmp_path, tok_plain):
         _build_rows(tmp_path, tok_plain, rows)
 
 
-def test_templated_data_is_accepted_raw(tmp_path, tok_bos):
-    rows = [{"prompt": "<|user|>\nSort the letters: b a</s>\n<|assistant|>\n", "completion": "a b"}]
+@pytest.mark.parametrize("bos", ["", "<s>"])
+def test_templated_data_is_accepted_raw(tmp_path, tok_bos, bos):
+    rows = [{"prompt": bos + "<|user|>\nSort the letters: b a</s>\n<|assistant|>\n", "completion": "a b"}]
     r = _build_rows(tmp_path, tok_bos, rows, template="raw").train[0]
-    assert r["input_ids"].count(tok_bos.bos_token_id) == 1
+    assert r["input_ids"].count(tok_bos.bos_token_id) == 1 and r["input_ids"][0] == tok_bos.bos_token_id
+    assert tok_bos.decode(r["input_ids"]) == "<s><|user|>\nSort the letters: b a</s>\n<|assistant|>\na b</s>"
 
 
 def test_template_writing_bos_twice(tmp_path, tok_bos):
