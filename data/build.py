@@ -22,7 +22,7 @@ from data.report import DataReport, SplitReport
 from data.sources import Split, cache_root, load_splits, select_splits, source_fingerprint
 from data.tokenize import Formatter, Tokenise, check_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bumped whenever tokenised rows or the report change, to invalidate caches
 STAT_COLUMNS = ("_prompt_len", "_response_len", "_prompt_truncated", "_response_truncated", "_drop")
 # config fields that do not change the tokenised rows
 _NOT_IN_FINGERPRINT = ("num_proc", "packing", "group_by_length", "cache_dir")
@@ -84,7 +84,7 @@ def data_fingerprint(family: str, cfg: DataConfig, tokenizer) -> str:
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
     h = hashlib.sha256()
     h.update(json.dumps([FORMAT_VERSION, family, fields], sort_keys=True, default=str).encode())
-    h.update(source_fingerprint(cfg).encode() if cfg.path != "synthetic" else b"synthetic")
+    h.update(source_fingerprint(cfg).encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     return h.hexdigest()[:16]
 

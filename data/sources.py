@@ -20,7 +20,6 @@ from data.errors import DataError
 
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
 EVAL_SPLIT_NAMES = ("test", "validation", "valid", "eval", "dev")
-SYNTHETIC_FAMILY_FILES = {"sft": "sft", "preference": "preference", "prompt": "prompt"}
 
 
 @dataclass
@@ -70,6 +69,10 @@ def load_splits(cfg: DataConfig, family: str) -> dict[str, Split]:
 
 def source_fingerprint(cfg: DataConfig) -> str:
     """Identifies the source's contents cheaply: path, size and modification time of every file read."""
+    if cfg.path == "synthetic":
+        from data.synthetic import TASK_VERSION
+
+        return f"synthetic-v{TASK_VERSION}"
     h = hashlib.sha256(repr((cfg.path, cfg.subset)).encode())
     path = Path(cfg.path).expanduser()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -81,14 +84,13 @@ def source_fingerprint(cfg: DataConfig) -> str:
 
 
 def _synthetic(cfg: DataConfig, family: str) -> dict[str, Split]:
-    from data.synthetic import write_synthetic
+    from data.synthetic import TASK_VERSION, write_synthetic
 
     n_test = max(50, cfg.synthetic_size // 10)
-    out = cache_root(cfg) / "synthetic" / f"seed{cfg.seed}_n{cfg.synthetic_size}"
-    name = SYNTHETIC_FAMILY_FILES[family]
-    if not (out / f"{name}_test.jsonl").exists():
+    out = cache_root(cfg) / "synthetic" / f"v{TASK_VERSION}_seed{cfg.seed}_n{cfg.synthetic_size}"
+    if not (out / f"{family}_test.jsonl").exists():
         write_synthetic(out, seed=cfg.seed, n_train=cfg.synthetic_size, n_test=n_test)
-    return {"train": _file(out / f"{name}_train.jsonl")["train"], "test": _file(out / f"{name}_test.jsonl")["train"]}
+    return {"train": _file(out / f"{family}_train.jsonl")["train"], "test": _file(out / f"{family}_test.jsonl")["train"]}
 
 
 def _directory(path: Path) -> dict[str, Split]:

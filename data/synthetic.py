@@ -28,6 +28,8 @@ from pathlib import Path
 
 PROMPT_TEMPLATE = "Sort the letters: {letters}"
 MIN_LETTERS, MAX_LETTERS, REPEATS = 4, 10, True
+TASK_VERSION = 2
+"""Bumped whenever generated rows change, so cached files and tokenised datasets are rebuilt."""
 FORMAT_CREDIT = 0.2
 _PROMPT_RE = re.compile(r"Sort the letters:((?:[ \t]+[a-z]\b)+)")
 _EOS_STRINGS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")

@@ -59,3 +59,12 @@ def test_nearest_rank_percentiles():
     # 10 values: p50 -> 5th smallest, p90 -> 9th, p99 and max -> 10th
     assert percentiles(list(range(1, 11))) == {"p50": 5.0, "p90": 9.0, "p99": 10.0, "p100": 10.0}
     assert percentiles([]) == {"p50": 0.0, "p90": 0.0, "p99": 0.0, "p100": 0.0}
+
+
+def test_synthetic_cache_follows_the_task_version(tmp_path, tok_bos, monkeypatch):
+    from data import synthetic
+
+    cfg = DataConfig(path="synthetic", cache_dir=str(tmp_path))
+    before = data_fingerprint("sft", cfg, tok_bos)
+    monkeypatch.setattr(synthetic, "TASK_VERSION", synthetic.TASK_VERSION + 1)
+    assert data_fingerprint("sft", cfg, tok_bos) != before
