@@ -1,0 +1,155 @@
+"""The engine's side of a measurement: its own entry point and loops, timed at each optimizer step.
+
+SFT, reward, DPO and ORPO run `engine.train.main` unchanged; the clock reads the time at each
+`common.after_step` (the loop's own end of step, logging included), and every model the loop loads is
+watched by the FLOP counter. The final save is skipped: it is not part of a step. PPO calls the loop's own
+`rollout` and `ppo_update` on the models and scorer the PPO loop would build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from benchmarks.harness import FlopCounter, StepClock
+from benchmarks.workloads import SIZES, engine_args, model_dir
+
+
+def run_engine(objective: str, size: str, *, steps: int | None = None, overrides: tuple[str, ...] = ()) -> StepClock:
+    if objective == "ppo":
+        return run_engine_ppo(size, steps=steps, overrides=overrides)
+    from engine import models, reference, train
+    from engine.loops import common
+
+    spec = SIZES[size]
+    counter = FlopCounter()
+    clock = StepClock(counter, warmup=spec.warmup, rows_per_step=spec.batch)
+
+    def watched(load):
+        def load_and_watch(*args, **kwargs):
+            return counter.watch(load(*args, **kwargs))
+        return load_and_watch
+
+    after_step = common.after_step
+
+    def timed_after_step(*args, **kwargs):
+        after_step(*args, **kwargs)
+        clock.tick()
+
+    def no_final_save(accelerator, cfg, model, tokenizer, logger, total):
+        logger.close()
+        return common.RunResult(Path(cfg.output_dir), None, total, logger.history)
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as out, ExitStack() as stack:
+        stack.enter_context(mock.patch.object(models, "load_policy", watched(models.load_policy)))
+        stack.enter_context(mock.patch.object(models, "load_reward_model", watched(models.load_reward_model)))
+        stack.enter_context(mock.patch.object(reference, "load_policy", watched(reference.load_policy)))
+        stack.enter_context(mock.patch.object(common, "after_step", timed_after_step))
+        stack.enter_context(mock.patch.object(common, "save_final", no_final_save))
+        train.main(engine_args(objective, size, out, steps=steps, overrides=overrides))
+    return clock
+
+
+def ppo_config(size: str, output_dir: str, *, steps: int | None = None, overrides: tuple[str, ...] = ()):
+    """The run config of a PPO measurement: a reward model, a separate critic (as TRL's PPOTrainer) unless
+    `ppo.critic=null`, and every response sampled to its full length (TRL samples exactly `response_length`
+    tokens)."""
+    import yaml
+
+    from engine.config import RunConfig, from_dict
+    from engine.ppo_config import PPOConfig
+
+    spec = SIZES[size]
+    cls = RunConfig
+    if "ppo" not in {f.name for f in dataclasses.fields(RunConfig)}:
+        @dataclasses.dataclass(frozen=True)
+        class RunConfigWithPPO(RunConfig):
+            ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+        cls = RunConfigWithPPO
+    shared = [a for a in engine_args("sft", size, output_dir, steps=steps)[2:] if not a.startswith("batch.")]
+    ppo = [f"ppo.rollout_batch_size={spec.rollout_batch}", f"ppo.rollout_micro_batch_size={spec.rollout_batch}",
+           f"ppo.max_new_tokens={spec.max_new_tokens}", f"ppo.min_new_tokens={spec.max_new_tokens}",
+           "ppo.temperature=1.0", f"ppo.epochs={spec.ppo_epochs}", "ppo.kl_coef=0.05", "ppo.vf_coef=0.1",
+           f"ppo.critic={model_dir(size, 'causal')}", f"batch.global_batch_size={spec.minibatch}",
+           f"batch.micro_batch_size={spec.minibatch}"]
+    raw: dict = {"objective": {"name": "ppo", "clip_coef": 0.2},
+                 "ppo": {"rewards": [{"name": "rm", "model": str(model_dir(size, "reward"))}]}}
+    for arg in [*shared, *ppo, *overrides]:
+        key, _, text = arg.partition("=")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(text)
+    return from_dict(cls, raw)
+
+
+def run_engine_ppo(size: str, *, steps: int | None = None, overrides: tuple[str, ...] = ()) -> StepClock:
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, set_seed
+    from torch.utils.data import DataLoader
+
+    from data import build_datasets, make_collator
+    from engine import models
+    from engine.loops import common, ppo
+    from losses import FixedKLController, bind_objective
+    from rollout.generation import SamplingConfig
+    from rollout.value_head import ActorCritic
+
+    spec = SIZES[size]
+    counter = FlopCounter()
+    clock = StepClock(counter, warmup=spec.warmup, rows_per_step=spec.rollout_batch)
+    with tempfile.TemporaryDirectory(prefix="bench-") as out:
+        cfg = ppo_config(size, out, steps=steps, overrides=overrides)
+        objective, loss_fn = bind_objective(cfg.objective.name, dict(cfg.objective.kwargs))
+        accelerator = Accelerator(gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.batch.accumulation_steps(1), sync_with_dataloader=False), step_scheduler_with_optimizer=False)
+        set_seed(cfg.seed)
+        # Step 1-2 of engine/loops/ppo.py's train(): models, scorer, prompts, optimizer.
+        tokenizer = models.load_tokenizer(cfg.model)
+        policy = counter.watch(models.load_policy(cfg.model, for_training=True))
+        critic = None
+        if cfg.ppo.critic:
+            critic = counter.watch(models.load_policy(dataclasses.replace(cfg.model, name_or_path=cfg.ppo.critic),
+                                                      for_training=True))
+        actor_critic = ActorCritic(policy, critic=critic)
+        reference = None
+        if cfg.reference.mode != "disabled":
+            reference = counter.watch(models.load_policy(models.reference_model_config(cfg.model), for_training=False))
+        scorer = ppo.build_scorer(cfg, accelerator)
+        for source in scorer.sources:
+            if hasattr(source, "model"):
+                counter.watch(source.model)
+        data = build_datasets("prompt", cfg.data, tokenizer)
+        sampling = SamplingConfig(max_new_tokens=cfg.ppo.max_new_tokens, min_new_tokens=cfg.ppo.min_new_tokens,
+                                  temperature=cfg.ppo.temperature, micro_batch_size=cfg.ppo.rollout_micro_batch_size)
+        loader = DataLoader(data.train, batch_size=cfg.ppo.rollout_batch_size, shuffle=True, drop_last=True,
+                            collate_fn=make_collator("prompt", tokenizer), generator=torch.Generator().manual_seed(0))
+        optimizer = common.build_optimizer(actor_critic, cfg.optim)
+        actor_critic, optimizer = accelerator.prepare(actor_critic, optimizer)
+        scheduler = common.build_scheduler(optimizer, cfg.optim, 10**6)
+        kl_ctl = FixedKLController(cfg.ppo.kl_coef)
+        eos = ppo.stop_ids(tokenizer, policy)
+
+        batches = iter(loader)
+        for step in range(spec.warmup + (steps or spec.steps)):
+            batch = next(batches)
+            set_seed(cfg.seed + step)
+            exp, _, stats, times = ppo.rollout(batch, actor_critic=accelerator.unwrap_model(actor_critic),
+                                               reference=reference, scorer=scorer, tokenizer=tokenizer,
+                                               sampling=sampling, cfg=cfg, kl_coef=kl_ctl.value, eos_token_id=eos)
+            start = time.perf_counter()
+            ppo.ppo_update(exp, accelerator=accelerator, actor_critic=actor_critic, optimizer=optimizer,
+                           scheduler=scheduler, loss_fn=loss_fn, cfg=cfg)
+            times["time/training"] = time.perf_counter() - start
+            stats.compute(accelerator)
+            generated = int(exp.action_mask.sum())
+            times["generated_tokens"] = generated
+            clock.tick(**times)
+    return clock

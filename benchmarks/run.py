@@ -1,0 +1,218 @@
+"""Throughput, memory and MFU of every objective, the engine beside TRL, in one run on one machine.
+
+    python -m benchmarks.run --size tiny                                # CI smoke: engine only, seconds
+    python -m benchmarks.run --size small --peer trl --repeats 3        # engine vs TRL, alternating
+    python -m benchmarks.run --size small --techniques --repeats 3      # each technique on vs off
+
+Every measurement runs in its own process (its peak RSS is its own), on `--threads` threads, with the peak of
+a large matmul measured in that process before and after; the runners alternate (engine, peer, peer, engine,
+...), and the table gives medians over repeats and the median of the paired ratios engine / peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.harness import machine, median, table, write_json
+from benchmarks.workloads import OBJECTIVES, SIZES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRL_OLD_PYTHON = os.environ.get("BENCH_TRL_OLD_PYTHON", "/tmp/trl-old/bin/python")
+
+# (objective, technique, engine overrides without it, with it)
+TECHNIQUES = (
+    ("dpo", "precomputed reference log-probs", (), ("reference.mode=precomputed",)),
+    ("dpo", "adapter-disabled reference (LoRA r=16)", ("model.lora.enabled=true", "reference.mode=copy"),
+     ("model.lora.enabled=true", "reference.mode=disabled")),
+    ("dpo", "length-grouped batches", (), ("data.group_by_length=true",)),
+    ("sft", "padding-free packing", (), ("data.packing=true",)),
+    ("ppo", "value head on the policy instead of a critic copy", (), ("ppo.critic=null",)),
+)
+
+
+def measure_one(runner: str, objective: str, size: str, threads: int, overrides: tuple[str, ...],
+                steps: int | None) -> dict:
+    """One measurement in this process; called by the worker subprocess."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from benchmarks.harness import matmul_peak_flops
+
+    peak_before = matmul_peak_flops()
+    if runner == "engine":
+        from benchmarks.engine_runner import run_engine
+
+        clock = run_engine(objective, size, steps=steps, overrides=overrides)
+    else:
+        from benchmarks.trl_runner import run_trl
+
+        clock = run_trl(objective, size, steps=steps)
+    peak_after = matmul_peak_flops()
+    peak = max(peak_before, peak_after)
+    return {"runner": runner, "objective": objective, "size": size, "overrides": list(overrides),
+            "matmul_peak_gflops": peak / 1e9, **clock.summary(peak), "machine": machine()}
+
+
+def spawn(runner: str, objective: str, size: str, threads: int, overrides: tuple[str, ...] = (),
+          steps: int | None = None) -> dict:
+    """`measure_one` in a fresh process; PPO's peer runs in the old-TRL environment."""
+    python = TRL_OLD_PYTHON if runner == "trl" and objective == "ppo" else sys.executable
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [python, "-m", "benchmarks.run", "--worker", runner, objective, "--size", size,
+                   "--threads", str(threads), "--out", out.name, *(["--steps", str(steps)] if steps else []),
+                   *[f"--override={o}" for o in overrides]]
+        env = os.environ | {"OMP_NUM_THREADS": str(threads), "TRL_EXPERIMENTAL_SILENCE": "1",
+                            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO_ROOT)}
+        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            return {"runner": runner, "objective": objective, "error": done.stderr[-2000:]}
+        return json.loads(Path(out.name).read_text())
+
+
+SUMMARY_KEYS = ("samples_per_s", "tokens_per_s", "step_seconds", "peak_rss_mib", "mfu", "matmul_peak_gflops",
+                "train_tokens_per_step", "flops_per_step", "time/generation", "time/scoring", "time/experience",
+                "time/training", "generation_tokens_per_s")
+
+
+def summarise(runs: list[dict]) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    out = {key: median(r.get(key) for r in ok) for key in SUMMARY_KEYS if any(key in r for r in ok)}
+    out["repeats"] = len(ok)
+    if len(ok) < len(runs):
+        out["errors"] = [r["error"] for r in runs if "error" in r]
+    return out
+
+
+def compare(a_runs: list[dict], b_runs: list[dict]) -> dict:
+    """Median of the paired ratios a / b (throughput and memory), pairs taken in run order."""
+    pairs = [(a, b) for a, b in zip(a_runs, b_runs) if "error" not in a and "error" not in b]
+    return {
+        "throughput_ratio": median(a["samples_per_s"] / b["samples_per_s"] for a, b in pairs),
+        "memory_ratio": median(a["peak_rss_mib"] / b["peak_rss_mib"] for a, b in pairs),
+    }
+
+
+def alternate(first: tuple, second: tuple, repeats: int, size: str, threads: int, steps: int | None, log) -> tuple:
+    """Run the two specs (runner, objective, overrides) `repeats` times each, alternating which goes first."""
+    a_runs, b_runs = [], []
+    for repeat in range(repeats):
+        order = [(first, a_runs), (second, b_runs)]
+        for (runner, objective, overrides), runs in (order if repeat % 2 == 0 else order[::-1]):
+            result = spawn(runner, objective, size, threads, overrides, steps)
+            runs.append(result)
+            log(f"  {runner:6s} {objective:6s} {' '.join(overrides) or '-':40s} "
+                + (f"{result['samples_per_s']:8.2f} samples/s  {result['peak_rss_mib']:7.0f} MiB  "
+                   f"mfu {result['mfu']:.3f}" if "error" not in result else "ERROR " + result["error"][-300:]))
+    return a_runs, b_runs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
+    parser.add_argument("--peer", choices=("none", "trl"), default="none")
+    parser.add_argument("--techniques", action="store_true", help="each technique on vs off, engine only")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: the size's)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--worker", nargs=2, metavar=("RUNNER", "OBJECTIVE"), help=argparse.SUPPRESS)
+    parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        runner, objective = args.worker
+        result = measure_one(runner, objective, args.size, args.threads, tuple(args.override), args.steps)
+        write_json(args.out, result)
+        return result
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    payload: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+                     "size": args.size, "threads": args.threads, "repeats": args.repeats, "machine": machine(),
+                     "rows": []}
+    groups = []  # (row fields, {side: runs})
+    if args.techniques:
+        for objective, name, off, on in TECHNIQUES:
+            if objective not in args.objectives:
+                continue
+            log(f"{name} ({objective})")
+            with_runs, without_runs = alternate(("engine", objective, on), ("engine", objective, off),
+                                                args.repeats, args.size, args.threads, args.steps, log)
+            groups.append(({"objective": objective, "technique": name}, {"with": with_runs, "without": without_runs}))
+    else:
+        for objective in args.objectives:
+            log(objective)
+            if args.peer == "none":
+                runs = [spawn("engine", objective, args.size, args.threads, (), args.steps)
+                        for _ in range(args.repeats)]
+                groups.append(({"objective": objective}, {"engine": runs}))
+                continue
+            engine_runs, peer_runs = alternate(("engine", objective, ()), ("trl", objective, ()), args.repeats,
+                                               args.size, args.threads, args.steps, log)
+            groups.append(({"objective": objective}, {"engine": engine_runs, "peer": peer_runs}))
+
+    # MFU against the best matmul peak of the whole run: the device's capability, not one process's luck
+    # with the other loads on a shared machine.
+    every = [r for _, sides in groups for runs in sides.values() for r in runs if "error" not in r]
+    payload["matmul_peak_gflops"] = max((r["matmul_peak_gflops"] for r in every), default=float("nan"))
+    for r in every:
+        r["mfu_own_peak"] = r["mfu"]
+        r["mfu"] = r["mfu"] * r["matmul_peak_gflops"] / payload["matmul_peak_gflops"]
+    for fields, sides in groups:
+        row = dict(fields) | {side: summarise(runs) for side, runs in sides.items()}
+        first, second = list(sides.values())[:2] if len(sides) == 2 else (None, None)
+        if first is not None:
+            row |= compare(first, second)
+        row["runs"] = sides
+        payload["rows"].append(row)
+
+    print(format_table(payload))
+    if args.json:
+        write_json(args.json, payload)
+    return payload
+
+
+def format_table(payload: dict) -> str:
+    flat = []
+    for row in payload["rows"]:
+        if "technique" in row:
+            flat.append({"objective": row["objective"], "technique": row["technique"],
+                         "with": row["with"].get("samples_per_s"), "without": row["without"].get("samples_per_s"),
+                         "gain": row["throughput_ratio"], "memory": row["memory_ratio"],
+                         "mfu": row["with"].get("mfu")})
+            continue
+        for side in ("engine", "peer"):
+            if side in row:
+                flat.append({"objective": row["objective"], "runner": side, **row[side],
+                             "ratio": row.get("throughput_ratio") if side == "engine" else None,
+                             "memory": row.get("memory_ratio") if side == "engine" else None})
+    if any("technique" in r for r in flat):
+        columns = [("objective", "objective", ""), ("technique", "technique", ""), ("samples/s with", "with", ".2f"),
+                   ("samples/s without", "without", ".2f"), ("gain", "gain", ".2f"), ("memory with/without", "memory", ".2f"),
+                   ("MFU with", "mfu", ".3f")]
+    else:
+        columns = [("objective", "objective", ""), ("runner", "runner", ""), ("samples/s", "samples_per_s", ".2f"),
+                   ("tokens/s", "tokens_per_s", ".0f"), ("step s", "step_seconds", ".3f"),
+                   ("peak RSS MiB", "peak_rss_mib", ".0f"), ("MFU", "mfu", ".3f"),
+                   ("engine/peer throughput", "ratio", ".2f"), ("engine/peer memory", "memory", ".2f"),
+                   ("gen s", "time/generation", ".3f"), ("score s", "time/scoring", ".3f"),
+                   ("exp s", "time/experience", ".3f"), ("train s", "time/training", ".3f"),
+                   ("gen tok/s", "generation_tokens_per_s", ".0f")]
+    header = (f"{payload['size']} model, {payload['threads']} thread(s), {payload['repeats']} repeat(s); "
+              f"{payload['machine']['cpu']}, {payload['machine']['cores']} cores; {payload['date']}")
+    return header + "\n\n" + table(flat, columns)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The peer's side: the same work through TRL's trainers, timed at each optimizer step by a callback.
+
+Same model files, same tokenised rows (the engine's data layer builds them, and TRL gets them already
+tokenised, so both train on identical token ids), same batch, float32, AdamW (torch, not fused) with the same
+betas, eps, no weight decay, clipping at 1.0 and a constant learning rate. SFT, reward, DPO and ORPO use the
+installed TRL (the `bench` extra, trl>=1.0); PPO needs trl<=1.12 (the last release with
+`trl.experimental.ppo.PPOTrainer`), run from its own virtual environment.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from unittest import mock
+
+import torch
+
+from benchmarks.harness import FlopCounter, StepClock
+from benchmarks.workloads import FAMILY, SIZES, engine_args, model_dir
+
+
+def _engine_rows(objective: str, size: str):
+    """The engine's tokenised training rows and its tokenizer, from the engine's own config of the run."""
+    from data import build_datasets
+    from engine import models
+    from engine.config import load_config
+
+    with tempfile.TemporaryDirectory() as out:
+        args = engine_args("sft" if objective == "ppo" else objective, size, out)
+        cfg = load_config(args[1], args[2:])
+    tokenizer = models.load_tokenizer(cfg.model)
+    return build_datasets(FAMILY[objective], cfg.data, tokenizer).train, tokenizer, cfg
+
+
+def _prompt_length(labels: list[int]) -> int:
+    return next(i for i, label in enumerate(labels) if label != -100)
+
+
+def _common_args(size: str, out: str, steps: int | None) -> dict:
+    spec = SIZES[size]
+    return dict(output_dir=out, per_device_train_batch_size=spec.batch, gradient_accumulation_steps=1,
+                max_steps=spec.warmup + (steps or spec.steps), learning_rate=1e-4, lr_scheduler_type="constant",
+                warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none",
+                disable_tqdm=True, use_cpu=True, seed=0, dataloader_num_workers=0, bf16=False, fp16=False,
+                eval_strategy="no")
+
+
+def run_trl(objective: str, size: str, *, steps: int | None = None, options: dict | None = None) -> StepClock:
+    if objective == "ppo":
+        return run_trl_ppo(size, steps=steps)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+
+    options = options or {}
+    spec = SIZES[size]
+    counter = FlopCounter()
+    clock = StepClock(counter, warmup=spec.warmup, rows_per_step=spec.batch)
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.tick()
+
+    rows, tokenizer, cfg = _engine_rows(objective, size)
+    kind = "reward" if objective == "reward" else "causal"
+    auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+    model = counter.watch(auto.from_pretrained(model_dir(size, kind), dtype=torch.float32))
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
+        common = _common_args(size, out, steps)
+        if objective == "sft":
+            from trl import SFTConfig, SFTTrainer
+
+            data = rows.map(lambda r: {"completion_mask": [int(label != -100) for label in r["labels"]]},
+                            remove_columns=["labels"])
+            args = SFTConfig(**common, max_length=cfg.data.max_length, packing=False, completion_only_loss=True,
+                             **options)
+            trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                 callbacks=[Clock()])
+        elif objective == "reward":
+            from trl import RewardConfig, RewardTrainer
+
+            data = rows.map(lambda r: {"chosen_ids": r["chosen_input_ids"], "rejected_ids": r["rejected_input_ids"]},
+                            remove_columns=rows.column_names)
+            args = RewardConfig(**common, max_length=cfg.data.max_length, **options)
+            trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                    callbacks=[Clock()])
+        elif objective == "dpo":
+            from trl import DPOConfig, DPOTrainer
+
+            def split(r):
+                n = _prompt_length(r["chosen_labels"])
+                return {"prompt_ids": r["chosen_input_ids"][:n], "chosen_ids": r["chosen_input_ids"][n:],
+                        "rejected_ids": r["rejected_input_ids"][n:]}
+
+            class TokenisedDPOTrainer(DPOTrainer):
+                def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+                    return dataset  # already tokenised by the engine's data layer
+
+            data = rows.map(split, remove_columns=rows.column_names)
+            ref = None
+            if not options.get("precompute_ref_log_probs"):
+                ref = counter.watch(AutoModelForCausalLM.from_pretrained(model_dir(size, "causal"),
+                                                                        dtype=torch.float32).eval())
+            args = DPOConfig(**common, beta=0.1, max_length=cfg.data.max_length, **options)
+            trainer = TokenisedDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data,
+                                          processing_class=tokenizer, callbacks=[Clock()])
+        elif objective == "orpo":
+            from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+            class TokenisedORPOTrainer(ORPOTrainer):
+                def tokenize_row(self, feature, model=None):
+                    n = _prompt_length(feature["chosen_labels"])
+                    out = {"prompt_input_ids": feature["chosen_input_ids"][:n],
+                           "prompt_attention_mask": [1] * n}
+                    for side in ("chosen", "rejected"):
+                        ids = feature[f"{side}_input_ids"]
+                        out |= {f"{side}_input_ids": ids, f"{side}_attention_mask": [1] * len(ids),
+                                f"{side}_labels": [-100] * n + ids[n:]}
+                    return out
+
+            data = rows.map(lambda r: {"prompt": "", "chosen": "", "rejected": ""})
+            args = ORPOConfig(**common, beta=0.5, max_length=cfg.data.max_length, remove_unused_columns=False,
+                              **options)
+            trainer = TokenisedORPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                           callbacks=[Clock()])
+        else:
+            raise ValueError(f"no TRL trainer for {objective!r}")
+        trainer.train()
+    return clock
+
+
+def run_trl_ppo(size: str, *, steps: int | None = None) -> StepClock:
+    """TRL's PPOTrainer on the engine's PPO settings: separate value model, reward model, frozen reference,
+    `response_length` new tokens, the same minibatches and epochs. Generation and reward-model time are read
+    by wrapping the trainer module's own `batch_generation` and `get_reward`."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as trl_ppo
+
+    spec = SIZES[size]
+    counter = FlopCounter()
+    clock = StepClock(counter, warmup=spec.warmup, rows_per_step=spec.rollout_batch)
+    phases = {"time/generation": 0.0, "time/scoring": 0.0}
+    causal, reward = model_dir(size, "causal"), model_dir(size, "reward")
+
+    def load(auto, path, **kw):
+        return counter.watch(auto.from_pretrained(path, dtype=torch.float32, **kw))
+
+    policy = load(AutoModelForCausalLM, causal)
+    ref = load(AutoModelForCausalLM, causal).eval()
+    reward_model = load(AutoModelForSequenceClassification, reward, num_labels=1).eval()
+    value_model = load(AutoModelForSequenceClassification, causal, num_labels=1)
+
+    generate, get_reward = trl_ppo.batch_generation, trl_ppo.get_reward
+
+    def timed_generation(*args, **kwargs):
+        start = time.perf_counter()
+        out = generate(*args, **kwargs)
+        phases["time/generation"] += time.perf_counter() - start
+        return out
+
+    def timed_reward(model, *args, **kwargs):
+        start = time.perf_counter()
+        out = get_reward(model, *args, **kwargs)
+        if model is reward_model:
+            phases["time/scoring"] += time.perf_counter() - start
+        return out
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            generated = spec.rollout_batch * spec.max_new_tokens
+            clock.tick(**phases, generated_tokens=generated)
+            phases.update({k: 0.0 for k in phases})
+
+    rows, tokenizer, _ = _engine_rows("ppo", size)
+    tokenizer.padding_side = "left"
+    data = Dataset.from_dict({"input_ids": rows["prompt_input_ids"]})
+    iterations = spec.warmup + (steps or spec.steps)
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
+        args = PPOConfig(output_dir=out, per_device_train_batch_size=spec.minibatch, gradient_accumulation_steps=1,
+                         num_mini_batches=spec.rollout_batch // spec.minibatch, num_ppo_epochs=spec.ppo_epochs,
+                         local_rollout_forward_batch_size=spec.rollout_batch, response_length=spec.max_new_tokens,
+                         total_episodes=spec.rollout_batch * iterations, temperature=1.0, kl_coef=0.05,
+                         vf_coef=0.1, cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95,
+                         learning_rate=1e-4, lr_scheduler_type="constant", optim="adamw_torch", max_grad_norm=1.0,
+                         num_sample_generations=0, save_strategy="no", report_to="none", disable_tqdm=True,
+                         use_cpu=True, seed=0, logging_steps=1, stop_token="eos")
+        with mock.patch.object(trl_ppo, "batch_generation", timed_generation), \
+                mock.patch.object(trl_ppo, "get_reward", timed_reward):
+            trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref,
+                                 reward_model=reward_model, train_dataset=data, value_model=value_model,
+                                 callbacks=[Clock()])
+            trainer.train()
+    return clock
