@@ -67,9 +67,9 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                               response_length=ppo.response_length, micro_batch_size=ppo.rollout_micro_batch_size)
 
     # 2. Prompt loader (one rollout batch per iteration), optimizer and schedule, placed by Accelerate.
-    sampler = common.EpochSampler(len(data.train), cfg.seed)
-    loader = DataLoader(data.train, batch_size=ppo.rollout_batch_size // accelerator.num_processes, sampler=sampler,
-                        collate_fn=make_collator("prompt", tokenizer), drop_last=True)
+    loader = DataLoader(data.train, batch_size=ppo.rollout_batch_size // accelerator.num_processes,
+                        sampler=common.EpochSampler(len(data.train), cfg.seed), collate_fn=make_collator("prompt", tokenizer),
+                        drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = common.build_optimizer(actor_critic, cfg.optim)
     actor_critic, optimizer, loader = accelerator.prepare(actor_critic, optimizer, loader)
     if len(loader) == 0:
@@ -92,7 +92,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     logger = RunLogger(cfg.output_dir, total_steps=iterations, start_step=position.step,
                        enabled=accelerator.is_main_process, progress_bar=cfg.logging.progress_bar, desc="ppo")
 
-    for batch in prompt_batches(accelerator, loader, sampler, position, iterations):
+    for batch in prompt_batches(accelerator, loader, position, iterations):
         # The iteration's randomness (sampling, minibatch shuffles, dropout) depends on (seed, step, process)
         # alone, so a resumed run replays it exactly, whatever else drew from the RNG since the checkpoint
         # (a DataLoader draws a seed each time a pass starts).
@@ -242,11 +242,10 @@ def trim(exp: Experience, prompt_length: int) -> Experience:
     return replace(exp, **cut)
 
 
-def prompt_batches(accelerator: Accelerator, loader: DataLoader, sampler: common.EpochSampler,
-                   position: common.Position, iterations: int):
+def prompt_batches(accelerator: Accelerator, loader, position: common.Position, iterations: int):
     """One rollout batch of prompts per iteration, pass after pass, from `position` (resumable)."""
     while position.step < iterations:
-        sampler.set_epoch(position.epoch)
+        loader.set_epoch(position.epoch)  # the prepared loader hands it to the sampler
         batches = accelerator.skip_first_batches(loader, position.batches_in_epoch) if position.batches_in_epoch \
             else loader
         for batch in batches:

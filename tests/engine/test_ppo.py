@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -204,55 +202,3 @@ def test_adaptive_kl_controller_moves_the_coefficient_toward_the_target():
     assert still.value == 0.1
     assert math.isfinite(up.value)
 
-
-def run_ppo(output_dir, *, max_steps: int, resume_from: str = "none", **ppo):
-    """The PPO loop on the tiny model with the synthetic judge as reward, on CPU."""
-    from accelerate.utils import set_seed
-
-    from engine.loops import ppo as ppo_loop
-
-    cfg = run_config({
-        "output_dir": str(output_dir), "max_steps": max_steps, "seed": 0,
-        "model": {"name_or_path": "tiny"},
-        "data": {"path": "synthetic", "synthetic_size": 200, "max_samples": 64, "max_prompt_length": 32},
-        "objective": {"name": "ppo", "clip_coef": 0.2},
-        "optim": {"lr": 1e-4, "scheduler": "linear"},
-        "batch": {"global_batch_size": 4, "micro_batch_size": 2},
-        "checkpoint": {"every_steps": 1, "keep_last": 5, "resume_from": resume_from},
-        "logging": {"progress_bar": False},
-        "ppo": {"rollout_batch_size": 8, "max_new_tokens": 6, "epochs": 2,
-                "rewards": [{"name": "judge", "function": "data.synthetic:judge_reward"}], **ppo},
-    })
-    objective, loss_fn = bind_objective("ppo", {"clip_coef": 0.2})
-    accelerator = Accelerator(cpu=True, gradient_accumulation_plugin=GradientAccumulationPlugin(
-        num_steps=cfg.batch.accumulation_steps(1), sync_with_dataloader=False), step_scheduler_with_optimizer=False)
-    set_seed(cfg.seed)
-    return ppo_loop.train(cfg, accelerator, objective, loss_fn)
-
-
-def test_resume_equals_an_uninterrupted_run(tmp_path):
-    """Three iterations straight, against one iteration, a checkpoint, and a resumed run of the other two:
-    same weights and value head, same metrics, including the adaptive KL coefficient and score normaliser."""
-    from safetensors.torch import load_file
-
-    settings = dict(kl_target=0.01, kl_horizon=50, normalize_scores=True, missing_eos_penalty=0.1)
-    straight = run_ppo(tmp_path / "straight", max_steps=3, **settings)
-    resumed_dir = tmp_path / "resumed"
-    (resumed_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step_1", resumed_dir / "checkpoints" / "step_1")
-    resumed = run_ppo(resumed_dir, max_steps=3, resume_from="latest", **settings)
-
-    state = json.loads((resumed_dir / "checkpoints" / "step_1" / "trainer_state.json").read_text())
-    assert state["scorer"]["moments"]["count"] == 8 and state["kl_controller"]["value"] != 0.05
-    kl_coefs = [r["objective/kl_coef"] for r in straight.history]
-    assert kl_coefs[0] == 0.05 and kl_coefs[1] != kl_coefs[0]
-    for a, b in zip(straight.history[1:], resumed.history):
-        assert a["step"] == b["step"]
-        for key in a:
-            if not key.startswith("time/"):
-                assert a[key] == pytest.approx(b[key], abs=1e-6), key
-    for name in ("model.safetensors", "value_head.safetensors"):
-        a, b = load_file(straight.final_dir / name), load_file(resumed.final_dir / name)
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)

@@ -147,3 +147,23 @@ def test_normalised_and_clipped_scores():
     a = scorer(PROMPTS[:2], RESPONSES[:2], no_eos=NO_EOS[:2])
     b = resumed(PROMPTS[:2], RESPONSES[:2], no_eos=NO_EOS[:2])
     assert torch.equal(a.scores, b.scores)
+
+
+def test_reward_model_text_is_tokenised_exactly_as_its_training_pairs(tmp_path):
+    """The default format plus EOS, re-tokenised, gives the very ids of the data layer's preference rows
+    (chat template up to the assistant turn, the response, EOS), which the reward loop trains on."""
+    import json
+
+    from data import DataConfig, build_datasets
+    from data.synthetic import generate
+
+    tok = build_tokenizer()
+    pairs = generate("preference", 3)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    cfg = DataConfig(path=str(path), eval_fraction=0.0, cache_dir=str(tmp_path / "cache"))
+    rows = build_datasets("preference", cfg, tok, log=None).train
+    fmt = default_format(tok, cfg.prompt_format)
+    assert len(rows) == 3
+    for row, pair in zip(rows, pairs):
+        assert tok(fmt(pair["prompt"], pair["chosen"]) + tok.eos_token)["input_ids"] == row["chosen_input_ids"]
