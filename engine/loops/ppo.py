@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -28,6 +29,7 @@ from engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from engine.config import ConfigError, RunConfig
 from engine.logging import RunLogger
 from engine.loops import common
+from engine.tiny import resolve_model_path
 from losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -43,7 +45,7 @@ from losses import (
 from rollout.experience import Experience, make_experience, response_logprobs
 from rollout.generation import SamplingConfig, eos_ids, generate
 from rollout.scoring import RewardFunction, RewardModel, Scorer, default_format, load_reward_function
-from rollout.value_head import ActorCritic, save_value_head
+from rollout.value_head import VALUE_HEAD_FILE, ActorCritic, ValueHead, load_value_head, save_value_head
 
 
 def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> common.RunResult:
@@ -55,7 +57,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     policy = models.load_policy(cfg.model, for_training=True)
     eos = stop_ids(tokenizer, policy)
     critic = models.load_policy(replace(cfg.model, name_or_path=ppo.critic), for_training=True) if ppo.critic else None
-    actor_critic = ActorCritic(policy, critic=critic)
+    actor_critic = ActorCritic(policy, starting_value_head(ppo.critic or cfg.model.name_or_path), critic=critic)
     reference = None
     if cfg.reference.mode != "disabled":
         ref_cfg = models.reference_model_config(cfg.model, cfg.reference.name_or_path)
@@ -254,6 +256,12 @@ def prompt_batches(accelerator: Accelerator, loader, position: common.Position, 
             if position.step >= iterations:
                 return
         position.epoch, position.batches_in_epoch = position.epoch + 1, 0
+
+
+def starting_value_head(name_or_path: str) -> ValueHead | None:
+    """The value head saved beside the starting weights by an earlier PPO run; None starts a fresh one."""
+    path = Path(resolve_model_path(name_or_path))
+    return load_value_head(path) if (path / VALUE_HEAD_FILE).is_file() else None
 
 
 def stop_ids(tokenizer, policy) -> list[int]:

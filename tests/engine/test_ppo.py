@@ -202,3 +202,15 @@ def test_adaptive_kl_controller_moves_the_coefficient_toward_the_target():
     assert still.value == 0.1
     assert math.isfinite(up.value)
 
+
+
+def test_a_run_starting_from_a_ppo_output_keeps_its_value_head(tmp_path):
+    from engine.loops.ppo import starting_value_head
+    from rollout.value_head import ValueHead, save_value_head
+
+    head = ValueHead(8)
+    torch.nn.init.normal_(head.summary.weight)
+    save_value_head(head, tmp_path)
+    torch.testing.assert_close(starting_value_head(str(tmp_path)).summary.weight, head.summary.weight)
+    (tmp_path / "sft").mkdir()
+    assert starting_value_head(str(tmp_path / "sft")) is None
