@@ -45,7 +45,7 @@ def measure_one(runner: str, objective: str, size: str, threads: int, overrides:
     torch.set_num_threads(threads)
     from benchmarks.harness import matmul_peak_flops
 
-    peak_before = matmul_peak_flops()
+    peak_before = matmul_peak_flops(repeats=SIZES[size].peak_repeats)
     if runner == "engine":
         from benchmarks.engine_runner import run_engine
 
@@ -54,7 +54,7 @@ def measure_one(runner: str, objective: str, size: str, threads: int, overrides:
         from benchmarks.trl_runner import run_trl
 
         clock = run_trl(objective, size, steps=steps)
-    peak_after = matmul_peak_flops()
+    peak_after = matmul_peak_flops(repeats=SIZES[size].peak_repeats)
     peak = max(peak_before, peak_after)
     return {"runner": runner, "objective": objective, "size": size, "overrides": list(overrides),
             "matmul_peak_gflops": peak / 1e9, **clock.summary(peak), "machine": machine()}

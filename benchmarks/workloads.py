@@ -24,13 +24,14 @@ class Size:
     max_new_tokens: int
     ppo_epochs: int
     minibatch: int  # PPO rollouts per optimizer step
+    peak_repeats: int  # timings of the matmul peak, before and after the measurement
 
 
 SIZES = {
     "tiny": Size("tiny", REPO_ROOT / "configs" / "tiny" / "model.json", batch=4, steps=2, warmup=1,
-                 synthetic_size=100, rollout_batch=4, max_new_tokens=4, ppo_epochs=1, minibatch=4),
+                 synthetic_size=100, rollout_batch=4, max_new_tokens=4, ppo_epochs=1, minibatch=4, peak_repeats=1),
     "small": Size("small", Path(__file__).resolve().parent / "configs" / "small.json", batch=16, steps=6, warmup=2,
-                  synthetic_size=400, rollout_batch=16, max_new_tokens=16, ppo_epochs=2, minibatch=8),
+                  synthetic_size=400, rollout_batch=16, max_new_tokens=16, ppo_epochs=2, minibatch=8, peak_repeats=5),
 }
 
 

@@ -1,0 +1,129 @@
+"""The benchmark harness on the tiny model: the FLOP count by hand, and the table and JSON of a real run have
+every field with sane values. Timings are never asserted (they depend on the machine and its load)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from benchmarks import run as bench_run
+from benchmarks.harness import FlopCounter, ModelShape, StepClock
+
+torch.set_num_threads(1)
+
+
+def tiny_llama(layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config)
+
+
+def test_model_shape_counts_the_matmuls_of_the_layers_and_the_head():
+    """Per layer: q 16x16, k 16x8, v 16x8, o 16x16 = 768; gate, up, down 3 x 16x32 = 1536; so 2304.
+    Two layers: 4608. Head 16 x 50 = 800. Embeddings and norms are no matmul and do not count."""
+    shape = ModelShape.of(tiny_llama())
+    assert (shape.body, shape.head, shape.layers, shape.width) == (4608, 800, 2, 16)
+
+
+def test_flops_of_a_training_and_a_frozen_forward_by_hand():
+    """Two rows of 4 and 2 real tokens (right padding). Forward: 2 x 4608 x 6 tokens + 2 x 800 x 6 head
+    positions + 4 x 2 layers x 16 x (4^2 + 2^2) attention = 55296 + 9600 + 2560 = 67456 FLOPs. With
+    gradients it counts 3 x that; under no_grad once, as a frozen (reference) forward."""
+    model = tiny_llama()
+    counter = FlopCounter()
+    counter.watch(model)
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    model.train()
+    model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    assert (counter.train_tokens, counter.frozen_tokens, counter.flops) == (6, 0, 3 * 67456)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert (counter.train_tokens, counter.frozen_tokens, counter.flops) == (6, 6, 4 * 67456)
+
+
+def test_packed_rows_count_attention_per_sequence():
+    """One packed row of sequences of 3 and 2 tokens (position ids restart): attention 4 x 2 x 16 x (9 + 4)."""
+    model = tiny_llama().eval()
+    counter = FlopCounter()
+    counter.watch(model)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3, 4, 5]]), position_ids=torch.tensor([[0, 1, 2, 0, 1]]))
+    assert counter.flops == 2 * 4608 * 5 + 2 * 800 * 5 + 4 * 2 * 16 * 13
+
+
+def test_the_clock_drops_warmup_steps_and_reports_medians():
+    counter = FlopCounter()
+    clock = StepClock(counter, warmup=1, rows_per_step=4)
+    for step in range(4):
+        counter.train_tokens += 10
+        counter.flops += 100.0
+        clock.tick(**{"time/generation": float(step)})
+    summary = clock.summary(peak_flops=1e9)
+    assert summary["steps"] == 3
+    assert summary["train_tokens_per_step"] == 10 and summary["flops_per_step"] == 100.0
+    assert summary["time/generation"] == 2.0  # median of 1, 2, 3
+    assert summary["peak_rss_mib"] >= summary["rss_at_start_mib"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """`python -m benchmarks.run --size tiny --objectives sft dpo ppo --steps 1`, measured in this process."""
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    spawn = bench_run.spawn
+    bench_run.spawn = lambda runner, objective, size, threads, overrides=(), steps=None: bench_run.measure_one(
+        runner, objective, size, threads, overrides, steps)
+    try:
+        payload = bench_run.main(["--size", "tiny", "--objectives", "sft", "dpo", "ppo", "--steps", "1",
+                                  "--json", str(out)])
+    finally:
+        bench_run.spawn = spawn
+    return payload, json.loads(out.read_text())
+
+
+def test_the_json_has_every_field_with_sane_values(tiny_run):
+    _, saved = tiny_run
+    assert saved["size"] == "tiny" and saved["machine"]["cores"] >= 1 and saved["machine"]["versions"]["torch"]
+    assert saved["matmul_peak_gflops"] > 0
+    rows = {row["objective"]: row for row in saved["rows"]}
+    assert set(rows) == {"sft", "dpo", "ppo"}
+    for objective, row in rows.items():
+        engine = row["engine"]
+        assert engine["repeats"] == 1 and "errors" not in engine
+        for key in ("samples_per_s", "tokens_per_s", "step_seconds", "peak_rss_mib", "flops_per_step"):
+            assert math.isfinite(engine[key]) and engine[key] > 0, (objective, key)
+        assert 0 < engine["mfu"] < 1, objective
+        assert engine["train_tokens_per_step"] > 0
+
+
+def test_the_reference_sees_the_same_tokens_as_the_policy(tiny_run):
+    """DPO against a frozen copy: one policy pass with gradients and one reference pass over the same batch."""
+    _, saved = tiny_run
+    dpo = next(row for row in saved["rows"] if row["objective"] == "dpo")["runs"]["engine"][0]
+    assert dpo["frozen_tokens_per_step"] == dpo["train_tokens_per_step"] > 0
+    sft = next(row for row in saved["rows"] if row["objective"] == "sft")["runs"]["engine"][0]
+    assert sft["frozen_tokens_per_step"] == 0
+
+
+def test_ppo_reports_its_phases(tiny_run):
+    _, saved = tiny_run
+    ppo = next(row for row in saved["rows"] if row["objective"] == "ppo")["engine"]
+    for key in ("time/generation", "time/scoring", "time/experience", "time/training"):
+        assert ppo[key] > 0, key
+    assert sum(ppo[k] for k in ("time/generation", "time/scoring", "time/experience", "time/training")) \
+        <= ppo["step_seconds"] * 1.5
+    assert ppo["generation_tokens_per_s"] > 0
+
+
+def test_the_table_names_every_row(tiny_run):
+    payload, _ = tiny_run
+    text = bench_run.format_table(payload)
+    header = next(line for line in text.splitlines() if line.startswith("| objective"))
+    for column in ("samples/s", "tokens/s", "peak RSS MiB", "MFU", "gen tok/s"):
+        assert column in header
+    assert sum(line.startswith("| ") for line in text.splitlines()) == 1 + 3
