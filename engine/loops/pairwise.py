@@ -72,6 +72,9 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         policy.train()
         return {f"eval/{key}": value for key, value in means.compute(accelerator).items()}
 
+    if eval_loader is not None and position.step == 0:
+        logger.log(0, evaluate())  # where every eval curve starts
+
     # 5. Optimizer steps, each over `accumulation` micro-batches of pairs.
     policy.train()
     for micro_batches in common.optimizer_steps(accelerator, train_loader, position, total):

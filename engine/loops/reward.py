@@ -56,6 +56,9 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         loss, metrics = loss_fn(chosen, rejected, margin=margin)
         return {"eval/loss": loss.item(), **{f"eval/{k}": v.item() for k, v in metrics.items()}}
 
+    if eval_loader is not None and position.step == 0:
+        logger.log(0, evaluate())  # where every eval curve starts
+
     # 4. Optimizer steps, each over `accumulation` micro-batches of pairs.
     model.train()
     for micro_batches in common.optimizer_steps(accelerator, train_loader, position, total):

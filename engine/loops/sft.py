@@ -59,6 +59,9 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         loss = nll / max(tokens, 1)
         return {"eval/loss": loss, "eval/token_accuracy": correct / max(tokens, 1), "eval/perplexity": math.exp(loss)}
 
+    if eval_loader is not None and position.step == 0:
+        logger.log(0, evaluate())  # where every eval curve starts
+
     # 4. Optimizer steps, each over `accumulation` micro-batches.
     policy.train()
     for micro_batches in common.optimizer_steps(accelerator, train_loader, position, total):
