@@ -276,6 +276,9 @@ def stop_ids(tokenizer, policy) -> list[int]:
 def check_sizes(cfg: RunConfig, num_processes: int) -> int:
     """Minibatches per rollout batch; every division exact, so each optimizer step sees as many rows."""
     ppo, batch = cfg.ppo, cfg.batch
+    if cfg.reference.mode == "precomputed":
+        raise ConfigError("reference.mode=precomputed cannot serve PPO: the responses are new every iteration; "
+                          "use reference.mode=copy, or disabled with LoRA")
     if ppo.rollout_batch_size % batch.global_batch_size:
         raise ConfigError(f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of "
                           f"batch.global_batch_size={batch.global_batch_size} (the PPO minibatch)")

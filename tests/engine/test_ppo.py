@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import pytest
@@ -18,7 +17,6 @@ from data.tiny_tokenizer import build_tokenizer
 from engine.config import OptimConfig, RunConfig, from_dict
 from engine.loops import common
 from engine.loops.ppo import ppo_update, rollout
-from engine.ppo_config import PPOConfig
 from losses import AdaptiveKLController, bind_objective
 from rollout.generation import SamplingConfig
 from rollout.scoring import RewardFunction, Scorer
@@ -27,14 +25,8 @@ from rollout.value_head import ActorCritic
 torch.set_num_threads(1)
 
 
-@dataclasses.dataclass(frozen=True)
-class _RunConfigWithPPO(RunConfig):
-    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
-
-
 def run_config(raw: dict) -> RunConfig:
-    has_ppo = "ppo" in {f.name for f in dataclasses.fields(RunConfig)}
-    return from_dict(RunConfig if has_ppo else _RunConfigWithPPO, raw)
+    return from_dict(RunConfig, raw)
 
 
 def small_llama(tokenizer, seed: int) -> LlamaForCausalLM:
@@ -214,3 +206,15 @@ def test_a_run_starting_from_a_ppo_output_keeps_its_value_head(tmp_path):
     torch.testing.assert_close(starting_value_head(str(tmp_path)).summary.weight, head.summary.weight)
     (tmp_path / "sft").mkdir()
     assert starting_value_head(str(tmp_path / "sft")) is None
+
+
+def test_sizes_and_reference_mode_are_checked_before_any_model_loads():
+    from engine.config import ConfigError
+    from engine.loops.ppo import check_sizes
+
+    cfg = run_config({"batch": {"global_batch_size": 8, "micro_batch_size": 2}, "ppo": {"rollout_batch_size": 32}})
+    assert check_sizes(cfg, num_processes=2) == 4
+    with pytest.raises(ConfigError, match="must be a multiple of batch.global_batch_size=8"):
+        check_sizes(run_config({"batch": {"global_batch_size": 8}, "ppo": {"rollout_batch_size": 12}}), 1)
+    with pytest.raises(ConfigError, match="precomputed cannot serve PPO"):
+        check_sizes(run_config({"reference": {"mode": "precomputed"}}), 1)

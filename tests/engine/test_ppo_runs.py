@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -19,7 +18,6 @@ from data.synthetic import judge_reward
 from engine import train
 from engine.tiny import resolve_model_path
 from rollout.generation import SamplingConfig, generate
-from tests.engine.test_ppo import run_config
 
 torch.set_num_threads(1)
 TINY_PPO = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "ppo.yaml"
@@ -27,27 +25,7 @@ TINY_PPO = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "ppo.yaml"
 
 def run_ppo(output_dir, *overrides: str):
     """`engine/train.py --config configs/tiny/ppo.yaml output_dir=... <overrides>` in this process."""
-    args = ["--config", str(TINY_PPO), f"output_dir={output_dir}", "logging.progress_bar=false", *overrides]
-    if "ppo" in train.LOOPS:
-        return train.main(args)
-    # until the entry point dispatches the ppo family: the same config, handed to the loop directly
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, set_seed
-
-    from engine.config import _set_dotted
-    from engine.loops import ppo as ppo_loop
-    from losses import bind_objective
-
-    raw = yaml.safe_load(TINY_PPO.read_text())
-    for override in args[2:]:
-        key, _, value = override.partition("=")
-        _set_dotted(raw, key, yaml.safe_load(value))
-    cfg = run_config(raw)
-    objective, loss_fn = bind_objective(cfg.objective.name, dict(cfg.objective.kwargs))
-    accelerator = Accelerator(cpu=True, gradient_accumulation_plugin=GradientAccumulationPlugin(
-        num_steps=cfg.batch.accumulation_steps(1), sync_with_dataloader=False), step_scheduler_with_optimizer=False)
-    set_seed(cfg.seed)
-    return ppo_loop.train(cfg, accelerator, objective, loss_fn)
+    return train.main(["--config", str(TINY_PPO), f"output_dir={output_dir}", "logging.progress_bar=false", *overrides])
 
 
 SMALL = ["data.synthetic_size=200", "data.max_samples=64", "batch.global_batch_size=4", "batch.micro_batch_size=2",
@@ -148,7 +126,7 @@ def sampled_judge_score(model_dir: Path, n: int = 200) -> float:
 
 def test_ppo_on_the_judge_raises_the_judge_score(tmp_path, sft_policy):
     before = sampled_judge_score(sft_policy)
-    result = run_ppo(tmp_path / "ppo", f"model.name_or_path={sft_policy}", "max_steps=10")
+    result = run_ppo(tmp_path / "ppo", f"model.name_or_path={sft_policy}", "max_steps=20")
     after = sampled_judge_score(result.final_dir)
     print(f"judge score (sampled, 200 held-out prompts): {before:.3f} -> {after:.3f}")
     assert after > before + 0.03
@@ -164,7 +142,7 @@ def test_ppo_on_the_judge_raises_the_judge_score(tmp_path, sft_policy):
 
 def test_ppo_on_a_trained_reward_model_raises_its_score_and_the_judge(tmp_path, sft_policy, reward_model):
     before = sampled_judge_score(sft_policy)
-    result = run_ppo(tmp_path / "ppo", f"model.name_or_path={sft_policy}", "max_steps=10",
+    result = run_ppo(tmp_path / "ppo", f"model.name_or_path={sft_policy}", "max_steps=20",
                      f"reward_model.name_or_path={reward_model}", "ppo.rewards=[]")
     after = sampled_judge_score(result.final_dir)
     scores = [r["objective/score"] for r in result.history]
