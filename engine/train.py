@@ -27,7 +27,7 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from accelerate import Accelerator, PartialState  # noqa: E402
-from accelerate.utils import GradientAccumulationPlugin, set_seed  # noqa: E402
+from accelerate.utils import GradientAccumulationPlugin, parse_flag_from_env, set_seed  # noqa: E402
 
 from engine.checkpoint import resolve_resume  # noqa: E402
 from engine.config import ConfigError, RunConfig, load_config, save_config  # noqa: E402
@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> RunResult:
         objective, loss_fn = bind_objective(cfg.objective.name, dict(cfg.objective.kwargs))
     except ValueError as error:
         raise ConfigError(f"objective: {error}") from error
-    accumulation = cfg.batch.accumulation_steps(PartialState().num_processes)
+    # ACCELERATE_USE_CPU (set by `accelerate launch --cpu`) must reach the first PartialState, or processes
+    # started by torchrun on CPU would each run alone.
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes
+    accumulation = cfg.batch.accumulation_steps(processes)
     check_inputs(cfg, objective)
 
     # 2. Accelerate: devices, mixed precision, accumulation. Gradients sync every `accumulation` micro-batches
