@@ -44,10 +44,13 @@ PAIRS = ["data.max_samples=16", "batch.global_batch_size=16", "batch.micro_batch
 def test_reward_model_learns_to_rank_the_training_pairs(tmp_path):
     result = run("reward.yaml", tmp_path, "max_steps=12", *PAIRS)
 
-    accuracies = series(result, "rewards/accuracies")
-    assert mean(accuracies[-3:]) >= 0.9
-    assert mean(accuracies[-3:]) > mean(accuracies[:2]) + 0.2
-    assert mean(series(result, "rewards/margins")[-3:]) > 0
+    # A random head may already rank many pairs right by chance (length differs between the responses), so
+    # the pairs must end up all but separated, with the loss and the margin moving accordingly.
+    accuracies, losses, margins = (series(result, k) for k in ("rewards/accuracies", "loss", "rewards/margins"))
+    assert mean(accuracies[-3:]) >= 0.95
+    assert mean(accuracies[-3:]) >= accuracies[0]
+    assert mean(losses[-3:]) < 0.5 * losses[0]
+    assert mean(margins[-3:]) > margins[0] + 1.0
 
 
 @pytest.mark.parametrize("config, extra", [("dpo.yaml", ["objective.beta=0.1"]), ("orpo.yaml", ["objective.lam=1.0"])])
@@ -82,3 +85,24 @@ def test_the_command_line_runs_a_config_and_reports_bad_input(tmp_path):
                           timeout=300)
     assert typo.returncode == 2
     assert "did you mean 'optim.lr'" in typo.stderr
+
+
+def test_a_lora_run_exports_an_adapter_for_plain_peft_or_a_merged_model(tmp_path):
+    from peft import PeftModel
+
+    from engine.tiny import resolve_model_path
+
+    settings = ["max_steps=2", "model.lora.enabled=true", "model.lora.r=4", "optim.lr=1e-2"]
+    run("sft.yaml", tmp_path / "adapter", *settings)
+    run("sft.yaml", tmp_path / "merged", *settings, "export.merge=true")
+    assert (tmp_path / "adapter" / "final" / "adapter_config.json").exists()
+    assert not (tmp_path / "merged" / "final" / "adapter_config.json").exists()
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny"))
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    with torch.no_grad():
+        before = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, tmp_path / "adapter" / "final")(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "final")(ids).logits
+    assert not torch.allclose(adapted, before, atol=1e-4)
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
