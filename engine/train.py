@@ -27,6 +27,7 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from accelerate import Accelerator, PartialState  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import GradientAccumulationPlugin, parse_flag_from_env, set_seed  # noqa: E402
 
 from engine.checkpoint import resolve_resume  # noqa: E402
@@ -70,8 +71,12 @@ def main(argv: list[str] | None = None) -> RunResult:
     accumulation = cfg.batch.accumulation_steps(processes)
     check_inputs(cfg, objective)
 
-    # 2. Accelerate: devices, mixed precision, accumulation. Gradients sync every `accumulation` micro-batches
-    # (the loops hand it whole optimizer steps), and the schedule advances once per optimizer step.
+    # 2. Accelerate: devices, mixed precision, accumulation. One Python process may train several times
+    # (the quickstart, tests), so settings left by an earlier run are dropped; the process group stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    # Gradients sync every `accumulation` micro-batches (the loops hand over whole optimizer steps), and the
+    # schedule advances once per optimizer step.
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),

@@ -106,3 +106,31 @@ def test_a_lora_run_exports_an_adapter_for_plain_peft_or_a_merged_model(tmp_path
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "final")(ids).logits
     assert not torch.allclose(adapted, before, atol=1e-4)
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "config, options",
+    [
+        ("sft.yaml", ["mixed_precision=bf16"]),
+        ("sft.yaml", ["optim.optimizer=adamw_8bit"]),
+        ("sft.yaml", ["optim.optimizer=paged_adamw_8bit", "data.group_by_length=true"]),
+        ("dpo.yaml", ["model.lora.enabled=true", "model.gradient_checkpointing=true", "reference.mode=disabled"]),
+        ("dpo.yaml", ["model.quant.bits=4", "model.quant.compute_dtype=float32", "model.lora.enabled=true",
+                      "reference.mode=disabled"]),
+        ("reward.yaml", ["model.lora.enabled=true", "model.gradient_checkpointing=true"]),
+    ],
+    ids=["bf16", "adamw_8bit", "paged_8bit+length_groups", "lora+checkpointing", "qlora_4bit", "reward_lora"],
+)
+def test_each_memory_and_precision_option_trains(tmp_path, config, options):
+    result = run(config, tmp_path, "max_steps=2", *options)
+    losses = series(result, "loss")
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert losses[1] != losses[0]
+    assert (tmp_path / "final").is_dir()
+
+
+def test_packed_sft_batches_give_the_padded_loss(tmp_path):
+    padded = run("sft.yaml", tmp_path / "padded", "max_steps=2")
+    packed = run("sft.yaml", tmp_path / "packed", "max_steps=2", "data.packing=true")
+    assert series(packed, "loss") == pytest.approx(series(padded, "loss"), rel=1e-4)
+    assert series(packed, "tokens") == series(padded, "tokens")
