@@ -141,9 +141,11 @@ def _check_model_path(key: str, name_or_path: str) -> None:
 
 
 def cli() -> None:
+    from data import DataError
+
     try:
         main(sys.argv[1:])
-    except ConfigError as error:
+    except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
