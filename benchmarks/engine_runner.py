@@ -104,7 +104,7 @@ def run_engine_ppo(size: str, *, steps: int | None = None, overrides: tuple[str,
 
     spec = SIZES[size]
     counter = FlopCounter()
-    clock = StepClock(counter, warmup=spec.warmup, rows_per_step=spec.rollout_batch)
+    clock = StepClock(counter, warmup=1, rows_per_step=spec.rollout_batch)
     with tempfile.TemporaryDirectory(prefix="bench-") as out:
         cfg = ppo_config(size, out, steps=steps, overrides=overrides)
         objective, loss_fn = bind_objective(cfg.objective.name, dict(cfg.objective.kwargs))
@@ -138,7 +138,7 @@ def run_engine_ppo(size: str, *, steps: int | None = None, overrides: tuple[str,
         eos = ppo.stop_ids(tokenizer, policy)
 
         batches = iter(loader)
-        for step in range(spec.warmup + (steps or spec.steps)):
+        for step in range(1 + (steps or spec.ppo_steps)):
             batch = next(batches)
             set_seed(cfg.seed + step)
             exp, _, stats, times = ppo.rollout(batch, actor_critic=accelerator.unwrap_model(actor_critic),

@@ -51,9 +51,12 @@ def measure_one(runner: str, objective: str, size: str, threads: int, overrides:
 
         clock = run_engine(objective, size, steps=steps, overrides=overrides)
     else:
+        import yaml
+
         from benchmarks.trl_runner import run_trl
 
-        clock = run_trl(objective, size, steps=steps)
+        options = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in overrides)}
+        clock = run_trl(objective, size, steps=steps, options=options)
     peak_after = matmul_peak_flops(repeats=SIZES[size].peak_repeats)
     peak = max(peak_before, peak_after)
     return {"runner": runner, "objective": objective, "size": size, "overrides": list(overrides),
@@ -118,6 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     parser.add_argument("--peer", choices=("none", "trl"), default="none")
+    parser.add_argument("--peer-defaults", action="store_true",
+                        help="TRL with its own defaults (gradient checkpointing on) against the engine with "
+                             "model.gradient_checkpointing=true; default: both without checkpointing")
     parser.add_argument("--techniques", action="store_true", help="each technique on vs off, engine only")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
@@ -158,8 +164,12 @@ def main(argv: list[str] | None = None) -> dict:
                         for _ in range(args.repeats)]
                 groups.append(({"objective": objective}, {"engine": runs}))
                 continue
-            engine_runs, peer_runs = alternate(("engine", objective, ()), ("trl", objective, ()), args.repeats,
-                                               args.size, args.threads, args.steps, log)
+            # TRL >= 0.20 turns gradient checkpointing on by default; the engine leaves it off. Compare like
+            # with like: both off (default), or both on (--peer-defaults). TRL's PPOTrainer leaves it off.
+            engine_on = ("model.gradient_checkpointing=true",) if args.peer_defaults else ()
+            peer_on = () if args.peer_defaults or objective == "ppo" else ("gradient_checkpointing=false",)
+            engine_runs, peer_runs = alternate(("engine", objective, engine_on), ("trl", objective, peer_on),
+                                               args.repeats, args.size, args.threads, args.steps, log)
             groups.append(({"objective": objective}, {"engine": engine_runs, "peer": peer_runs}))
 
     # MFU against the best matmul peak of the whole run: the device's capability, not one process's luck

@@ -47,6 +47,7 @@ def _common_args(size: str, out: str, steps: int | None) -> dict:
 
 
 def run_trl(objective: str, size: str, *, steps: int | None = None, options: dict | None = None) -> StepClock:
+    """`options` go to the trainer's config (e.g. gradient_checkpointing=False, TRL's default being True)."""
     if objective == "ppo":
         return run_trl_ppo(size, steps=steps)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
@@ -139,7 +140,7 @@ def run_trl_ppo(size: str, *, steps: int | None = None) -> StepClock:
 
     spec = SIZES[size]
     counter = FlopCounter()
-    clock = StepClock(counter, warmup=spec.warmup, rows_per_step=spec.rollout_batch)
+    clock = StepClock(counter, warmup=1, rows_per_step=spec.rollout_batch)
     phases = {"time/generation": 0.0, "time/scoring": 0.0}
     causal, reward = model_dir(size, "causal"), model_dir(size, "reward")
 
@@ -175,7 +176,7 @@ def run_trl_ppo(size: str, *, steps: int | None = None) -> StepClock:
     rows, tokenizer, _ = _engine_rows("ppo", size)
     tokenizer.padding_side = "left"
     data = Dataset.from_dict({"input_ids": rows["prompt_input_ids"]})
-    iterations = spec.warmup + (steps or spec.steps)
+    iterations = 1 + (steps or spec.ppo_steps)
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
         args = PPOConfig(output_dir=out, per_device_train_batch_size=spec.minibatch, gradient_accumulation_steps=1,
                          num_mini_batches=spec.rollout_batch // spec.minibatch, num_ppo_epochs=spec.ppo_epochs,

@@ -25,13 +25,14 @@ class Size:
     ppo_epochs: int
     minibatch: int  # PPO rollouts per optimizer step
     peak_repeats: int  # timings of the matmul peak, before and after the measurement
+    ppo_steps: int  # timed PPO iterations (after one warmup iteration)
 
 
 SIZES = {
     "tiny": Size("tiny", REPO_ROOT / "configs" / "tiny" / "model.json", batch=4, steps=2, warmup=1,
-                 synthetic_size=100, rollout_batch=4, max_new_tokens=4, ppo_epochs=1, minibatch=4, peak_repeats=1),
+                 synthetic_size=100, rollout_batch=4, max_new_tokens=4, ppo_epochs=1, minibatch=4, peak_repeats=1, ppo_steps=2),
     "small": Size("small", Path(__file__).resolve().parent / "configs" / "small.json", batch=16, steps=6, warmup=2,
-                  synthetic_size=400, rollout_batch=16, max_new_tokens=16, ppo_epochs=2, minibatch=8, peak_repeats=5),
+                  synthetic_size=400, rollout_batch=16, max_new_tokens=16, ppo_epochs=2, minibatch=8, peak_repeats=5, ppo_steps=2),
 }
 
 
