@@ -147,7 +147,7 @@ def test_ppo_on_a_trained_reward_model_raises_its_score(tmp_path, sft_policy, re
     """The reward model's score is what PPO optimises, and it goes up. The judge is printed, not asserted: a
     reward model this small and this briefly trained is easy to over-optimise (the judge may fall)."""
     before = sampled_judge_score(sft_policy)
-    result = run_ppo(tmp_path / "ppo", f"model.name_or_path={sft_policy}", "max_steps=6",
+    result = run_ppo(tmp_path / "ppo", f"model.name_or_path={sft_policy}", "max_steps=8",
                      f"reward_model.name_or_path={reward_model}", "ppo.rewards=[]")
     scores = [r["objective/score/reward_model"] for r in result.history]
     print(f"reward-model score (first 2, last 2 iterations): {sum(scores[:2]) / 2:.3f} -> {sum(scores[-2:]) / 2:.3f}; "
