@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import nn
 
-from losses.logprobs import gather_logprobs
+from losses import gather_logprobs
 from rollout.generation import Generation, position_ids_from_mask
 from rollout.value_head import ActorCritic
 
