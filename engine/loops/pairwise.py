@@ -23,7 +23,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                           report_dir=cfg.output_dir if accelerator.is_main_process else None)
     train_rows = add_row_index(data.train)
     eval_rows = add_row_index(data.eval) if data.eval is not None and len(data.eval) else None
-    collate = with_row_index(make_collator("preference", tokenizer))
+    # Labels mark every response token, EOS included, so a pad token equal to EOS is harmless here.
+    collate = with_row_index(make_collator("preference", tokenizer, allow_pad_as_eos=True))
 
     # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
     train_loader = common.train_loader(train_rows, collate, cfg, "preference")

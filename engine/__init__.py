@@ -1,0 +1,1 @@
+"""The Accelerate program: entry point, typed config, models, loops, checkpoints, evaluation."""
