@@ -1,0 +1,211 @@
+"""The quickstart: every objective improving a tiny model on CPU, evaluated against the SFT baseline, in a report.
+
+    python -m engine.pipeline [--out runs/quickstart] [--seed N] [--ci] [--jobs 2]
+
+1. build the tiny Llama and its tokenizer (engine.tiny, cached);
+2. SFT on the synthetic sorting task (data/synthetic.py);
+3. a reward model on its preference pairs, starting from the SFT model;
+4. DPO, 5. ORPO and 6. PPO (rewarded by that reward model), each starting from the SFT model;
+7. evaluation of every policy against the SFT model on held-out prompts and pairs (engine/evaluate.py);
+8. report.md and report.html with the table, training curves and samples (engine/report.py).
+
+Every step is an ordinary command, printed as it starts: `python -m engine.train` with a config from
+configs/quickstart/, or `python -m engine.evaluate`. Steps whose inputs are ready run side by side, `--jobs` at
+a time, each on `--threads` CPU threads (for a model this small one thread per process is fastest). A training
+step is finished when its `final/` directory and `done.json` exist, an evaluation when its JSON exists; a re-run
+skips finished steps, so an interrupted quickstart picks up where it stopped. `--ci` is the test suite's
+shorter variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "configs" / "quickstart"
+METHODS = ("sft", "dpo", "orpo", "ppo")
+# (stage, the metric its progress line reports)
+TRAINING = (("sft", "eval/loss"), ("reward", "eval/rewards/accuracies"), ("dpo", "rewards/accuracies"),
+            ("orpo", "rewards/accuracies"), ("ppo", "objective/score"))
+# the CI-sized variant: fewer optimizer steps (PPO: iterations) and evaluation prompts
+CI_OVERRIDES = {"sft": ["max_steps=150"], "reward": ["max_steps=40"], "dpo": ["max_steps=30"],
+                "orpo": ["max_steps=30"], "ppo": ["max_steps=10"]}
+EVALUATION = ["--num-prompts", "500", "--num-pairs", "500"]
+CI_EVALUATION = ["--num-prompts", "200", "--num-pairs", "200"]
+
+
+@dataclass
+class Step:
+    name: str
+    argv: list[str]
+    needs: tuple[str, ...]
+    done_path: Path
+    log_path: Path
+    training: bool = True
+    started: float = 0.0
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def is_done(self) -> bool:
+        if self.training:
+            return (self.done_path.parent / "final").is_dir() and self.done_path.exists()
+        return self.done_path.exists()
+
+
+def ppo_missing() -> str | None:
+    """Why PPO cannot run through engine/train.py, or None when it can."""
+    from engine import train
+
+    if not (REPO_ROOT / "engine" / "loops" / "ppo.py").exists():
+        return "engine/loops/ppo.py is missing"
+    if "ppo" not in train.LOOPS:
+        return "engine/train.py has no loop for the ppo family"
+    return None
+
+
+def plan(out: Path, seed: int, ci: bool, with_ppo: bool) -> list[Step]:
+    """The steps of the quickstart in dependency order."""
+    sft_final, reward_final = out / "sft" / "final", out / "reward" / "final"
+    steps = []
+    for stage, _ in TRAINING:
+        if stage == "ppo" and not with_ppo:
+            continue
+        overrides = [f"output_dir={out / stage}", f"seed={seed}", "logging.progress_bar=false"]
+        needs: tuple[str, ...] = ()
+        if stage != "sft":
+            overrides.append(f"model.name_or_path={sft_final}")
+            needs = ("sft",)
+        if stage == "ppo":
+            overrides.append(f"reward_model.name_or_path={reward_final}")
+            needs = ("sft", "reward")
+        argv = ["-m", "engine.train", "--config", str(CONFIGS / f"{stage}.yaml"), *overrides,
+                *(CI_OVERRIDES[stage] if ci else [])]
+        steps.append(Step(stage, argv, needs, out / stage / "done.json", out / stage / "train.log"))
+    for method in METHODS:
+        if method == "ppo" and not with_ppo:
+            continue
+        path = out / "eval" / f"{method}.json"
+        argv = ["-m", "engine.evaluate", "--model", str(out / method / "final"), "--reference", str(sft_final),
+                "--reward-model", str(reward_final), "--seed", str(seed), "--out", str(path),
+                *(CI_EVALUATION if ci else EVALUATION)]
+        needs = tuple(dict.fromkeys((method, "sft", "reward")))
+        steps.append(Step(f"eval {method}", argv, needs, path, out / "eval" / f"{method}.log", training=False))
+    return steps
+
+
+def run(steps: list[Step], *, jobs: int, threads: int, log) -> dict[str, float]:
+    """Run the unfinished steps, each once its needs are finished, at most `jobs` at a time.
+
+    Returns the wall-clock seconds of each training step (read back from done.json for skipped ones)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO_ROOT)}
+    total = len(steps) + 2
+    number = {step.name: index for index, step in enumerate(steps, start=2)}
+    finished, pending, running = set(), [], []
+    for step in steps:
+        if step.is_done():
+            finished.add(step.name)
+            log(f"[{number[step.name]}/{total}] {step.name}: already finished, skipped")
+        else:
+            pending.append(step)
+    try:
+        while pending or running:
+            for step in [s for s in pending if all(n in finished for n in s.needs)][: jobs - len(running)]:
+                pending.remove(step)
+                if step.training:
+                    shutil.rmtree(step.done_path.parent, ignore_errors=True)  # a half-finished run starts over
+                step.log_path.parent.mkdir(parents=True, exist_ok=True)
+                log(f"[{number[step.name]}/{total}] {step.name}: python {_show(step.argv)}")
+                step.started = time.perf_counter()
+                with step.log_path.open("w") as log_file:
+                    step.process = subprocess.Popen([sys.executable, *step.argv], cwd=REPO_ROOT, env=env,
+                                                    stdout=log_file, stderr=subprocess.STDOUT)
+                running.append(step)
+            time.sleep(0.2)
+            for step in [s for s in running if s.process.poll() is not None]:
+                running.remove(step)
+                seconds = time.perf_counter() - step.started
+                if step.process.returncode != 0:
+                    tail = "".join(step.log_path.read_text().splitlines(keepends=True)[-15:])
+                    raise RuntimeError(f"{step.name} failed (exit {step.process.returncode}); its log "
+                                       f"{step.log_path} ends with:\n{tail}")
+                headline = ""
+                if step.training:
+                    last = _last_metrics(step.done_path.parent / "metrics.jsonl")
+                    step.done_path.write_text(json.dumps({"seconds": round(seconds, 1), "command": _show(step.argv),
+                                                          "last": last}, indent=2) + "\n")
+                    key = dict(TRAINING)[step.name]
+                    headline = f"; final {key} {last[key]:.3f}" if key in last else ""
+                finished.add(step.name)
+                log(f"[{number[step.name]}/{total}] {step.name}: done in {seconds:.0f} s{headline}")
+    finally:
+        for step in running:
+            step.process.kill()
+    return {s.name: json.loads(s.done_path.read_text())["seconds"] for s in steps if s.training}
+
+
+def main(argv: Iterable[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m engine.pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/quickstart", help="the run directory")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every stage and of evaluation sampling")
+    parser.add_argument("--ci", action="store_true", help="the CI-sized variant: shorter stages, fewer prompts")
+    parser.add_argument("--jobs", type=int, default=2, help="steps run side by side")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each step")
+    args = parser.parse_args(None if argv is None else list(argv))
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    from engine.tiny import resolve_model_path
+
+    missing = ppo_missing()
+    steps = plan(out, args.seed, args.ci, with_ppo=missing is None)
+    total = len(steps) + 2
+    log(f"[1/{total}] tiny model and tokenizer: {resolve_model_path('tiny')}")
+    if missing:
+        log(f"    ppo: skipped, the PPO loop is not available ({missing})")
+    seconds = run(steps, jobs=args.jobs, threads=args.threads, log=log)
+
+    from engine.report import write_report
+
+    results = {m: json.loads((out / "eval" / f"{m}.json").read_text()) for m in METHODS
+               if (out / "eval" / f"{m}.json").exists() and m in seconds}
+    summary = write_report(out, results, seconds, notes=[f"PPO skipped: {missing}"] if missing else [])
+    log(f"[{total}/{total}] report: {out / 'report.md'}, {out / 'report.html'}")
+    for line in summary["table"]:
+        log("    " + line)
+    if summary["reward_model_pair_accuracy"] is not None:
+        log(f"    reward model accuracy on held-out pairs: {summary['reward_model_pair_accuracy']:.3f}")
+    log(f"quickstart done in {time.perf_counter() - started:.0f} s")
+    return summary
+
+
+def _last_metrics(path: Path) -> dict:
+    """The latest value of every metric in a run's metrics.jsonl."""
+    last: dict = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            last.update(json.loads(line))
+    return last
+
+
+def _show(argv: list[str]) -> str:
+    """The command with paths under the repository written relative to it."""
+    root = str(REPO_ROOT) + os.sep
+    return " ".join(shlex.quote(arg.replace(root, "")) for arg in argv)
+
+
+if __name__ == "__main__":
+    main()
