@@ -121,6 +121,9 @@ class OptimConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     """Warmup as a fraction of the run's optimizer steps; used when warmup_steps is 0."""
+    max_bad_steps: int = 10
+    """Stop the run after this many optimizer steps in a row with a non-finite loss or gradient (each one
+    skipped, not applied), saving a checkpoint of the last good weights; 0 never stops."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,8 @@ class RunConfig:
         for key, value in positive.items():
             if value is not None and value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
+        if self.optim.max_bad_steps < 0:
+            raise ConfigError(f"optim.max_bad_steps must be 0 (never stop) or more, got {self.optim.max_bad_steps}")
         if not 0.0 <= self.optim.warmup_ratio < 1.0:
             raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.optim.warmup_ratio}")
 
