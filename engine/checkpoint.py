@@ -3,8 +3,11 @@
 A checkpoint holds the trained weights (only the trainable ones when part of the model is frozen, so a
 LoRA run saves its adapter, not a copy of the base), the optimizer, the scheduler, the gradient scaler,
 every process's RNG states, and `trainer_state.json` with the data position. It is written into a
-temporary directory and renamed into place once complete, so an interrupted save leaves the previous
-checkpoint intact, and only directories named `step_<N>` that hold `trainer_state.json` are ever loaded.
+temporary directory `.tmp_step_<N>`, every file is flushed to disk (fsync), `trainer_state.json` is
+written last, and the directory is renamed into place (one atomic rename, then an fsync of the parent).
+A run killed at any point of a save (kill -9, a node lost) therefore leaves the previous checkpoints
+intact: only directories named `step_<N>` that hold `trainer_state.json` are ever loaded, and the
+leftover temporary directory is deleted by the next save or resume. The last `keep_last` are kept.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from safetensors import safe_open
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_PARTIAL = (".tmp_step_*", ".old_step_*")
 _hooked: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -68,17 +72,35 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: dic
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {**state, "trainable_only": any(tmp.glob(".trainable_only_*"))}
+        _fsync_tree(tmp)
         _write_synced(tmp / STATE_FILE, json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (a resumed run): set the old copy aside, not delete it
+            old = root / f".old_step_{state['step']}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(root)
-        for old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old)
-        for stale in root.glob(".tmp_step_*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(stale)
+        clean_partial(output_dir)
     accelerator.wait_for_everyone()
     return final
+
+
+def clean_partial(output_dir: str | Path) -> list[Path]:
+    """Delete what interrupted saves left behind (never loaded anyway); call on the main process only."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    for old in root.glob(".old_step_*"):  # killed between setting a step aside and replacing it
+        final = root / old.name.removeprefix(".old_")
+        if not final.exists() and (old / STATE_FILE).is_file():
+            os.replace(old, final)
+    partial = [path for pattern in _PARTIAL for path in root.glob(pattern)]
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
 
 
 def load_checkpoint(accelerator: Accelerator, path: str | Path, models: list) -> dict:
@@ -126,6 +148,19 @@ def _write_synced(path: Path, text: str) -> None:
         file.write(text)
         file.flush()
         os.fsync(file.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, then the directories, so a rename never publishes unwritten data."""
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif path.is_dir():
+            _fsync_dir(path)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -8,6 +8,11 @@ The objective's family picks the loop: sft -> engine/loops/sft.py, reward -> eng
 pairwise (DPO, IPO, ORPO, a registered function of your own) -> engine/loops/pairwise.py, ppo ->
 engine/loops/ppo.py. Everything that can
 be checked before a model loads is checked first, and each error names the key to change.
+
+SIGTERM or SIGINT stops a run after its current optimizer step with a checkpoint (engine/signals.py);
+`checkpoint.resume_from=latest` continues it exactly. Exit status: 0 done, 1 diverged (optim.max_bad_steps
+non-finite steps in a row; the last good weights saved), 2 a config or data error, 128 + the signal number
+(143 SIGTERM, 130 SIGINT) stopped early with a checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -26,14 +31,17 @@ import argparse  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import torch  # noqa: E402
 from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import GradientAccumulationPlugin, parse_flag_from_env, set_seed  # noqa: E402
 
+from engine import signals  # noqa: E402
 from engine.checkpoint import resolve_resume  # noqa: E402
 from engine.config import ConfigError, RunConfig, load_config, save_config  # noqa: E402
 from engine.loops import pairwise, reward, sft  # noqa: E402
-from engine.loops.common import RunResult  # noqa: E402
+from engine.loops.common import RunResult, RunStopped, TrainingDiverged  # noqa: E402
+from engine.memory import check_memory  # noqa: E402
 from engine.tiny import resolve_model_path  # noqa: E402
 from losses import Objective, bind_objective  # noqa: E402
 
@@ -54,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a config file; repeat to layer a preset over a base config (later files win)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides parsed as YAML scalars, e.g. optim.lr=1e-5 objective.beta=0.1")
+    parser.add_argument("--skip-memory-check", action="store_true",
+                        help="start even when the memory estimate (engine/memory.py) exceeds the device's free memory")
     return parser.parse_args(argv)
 
 
@@ -65,9 +75,11 @@ def main(argv: list[str] | None = None) -> RunResult:
         objective, loss_fn = bind_objective(cfg.objective.name, dict(cfg.objective.kwargs))
     except ValueError as error:
         raise ConfigError(f"objective: {error}") from error
-    # ACCELERATE_USE_CPU (set by `accelerate launch --cpu`) must reach the first PartialState, or processes
-    # started by torchrun on CPU would each run alone.
-    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes
+    # CPU processes form one gloo group only if the first PartialState is told cpu=True: from ACCELERATE_USE_CPU,
+    # or by itself when torchrun (`accelerate launch --multi_gpu`) started it on a machine without CUDA; alone,
+    # each process would train by itself. (`accelerate launch --cpu` starts a single process.)
+    use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or ("LOCAL_RANK" in os.environ and not torch.cuda.is_available())
+    processes = PartialState(cpu=use_cpu).num_processes
     accumulation = cfg.batch.accumulation_steps(processes)
     check_inputs(cfg, objective)
 
@@ -82,6 +94,9 @@ def main(argv: list[str] | None = None) -> RunResult:
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),
         step_scheduler_with_optimizer=False,
     )
+    if not args.skip_memory_check:  # an estimate from the model's config alone, before any weights load
+        check_memory(cfg, objective.family, needs_reference=objective.needs_reference, device=accelerator.device,
+                     processes_per_device=accelerator.num_processes if accelerator.device.type == "cpu" else 1)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
@@ -91,8 +106,13 @@ def main(argv: list[str] | None = None) -> RunResult:
         f" -> {cfg.output_dir}"
     )
 
-    # 3. One loop per family.
-    return LOOPS[objective.family](cfg, accelerator, objective, loss_fn)
+    # 3. One loop per family; a signal stops it after a step, with a checkpoint.
+    with signals.graceful_stop():
+        try:
+            return LOOPS[objective.family](cfg, accelerator, objective, loss_fn)
+        except RunStopped as stopped:
+            accelerator.print(stopped)
+            return stopped.result
 
 
 def check_inputs(cfg: RunConfig, objective: Objective) -> None:
@@ -144,10 +164,15 @@ def cli() -> None:
     from data import DataError
 
     try:
-        main(sys.argv[1:])
+        result = main(sys.argv[1:])
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if result.stopped_by:
+        raise SystemExit(signals.exit_code(result.stopped_by))
 
 
 if __name__ == "__main__":

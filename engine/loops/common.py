@@ -1,6 +1,7 @@
 """What the sft, reward and pairwise loops share: loaders with a resumable data position, the optimizer and
 its schedule, the micro-batches of each optimizer step with their share of the step's loss, the optimizer
-step itself, weighted metric means, resuming, and the final save.
+step itself (skipped when its gradient is not finite), weighted metric means, resuming, stopping on a signal
+or after too many non-finite steps, and the final save.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Sampler
 
 from data import length_grouped_batches, sequence_lengths
-from engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from engine import signals
+from engine.checkpoint import clean_partial, load_checkpoint, resolve_resume, save_checkpoint
 from engine.config import ConfigError, OptimConfig, RunConfig
 from engine.logging import RunLogger
+
+SKIPPED = "train/skipped"  # 1.0 in optimizer_step's metrics when the update was not applied
 
 
 @dataclass
@@ -27,6 +31,8 @@ class Position:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the pass over the training split in progress
     batches_in_epoch: int = 0  # micro-batches of that pass consumed by each process
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
+    bad_in_a_row: int = 0  # of those, how many end the run so far without a good step between
 
 
 @dataclass
@@ -35,6 +41,8 @@ class RunResult:
     final_dir: Path | None
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped_by: int | None = None
+    """The signal that stopped the run early (a checkpoint holds its state); None when it ran to the end."""
 
     def last(self, key: str) -> float:
         """The latest logged value of `key`."""
@@ -42,6 +50,20 @@ class RunResult:
 
     def first(self, key: str) -> float:
         return next(record[key] for record in self.history if key in record)
+
+
+class RunStopped(Exception):
+    """A SIGTERM or SIGINT stopped the run after an optimizer step and a checkpoint; `train.main` returns
+    `result` (its `stopped_by` set) and the command line exits with `signals.exit_code`."""
+
+    def __init__(self, result: RunResult, checkpoint: Path):
+        super().__init__(f"stopped by signal {result.stopped_by} after step {result.steps}; "
+                         f"resume with checkpoint.resume_from=latest (saved {checkpoint})")
+        self.result = result
+
+
+class TrainingDiverged(RuntimeError):
+    """`optim.max_bad_steps` optimizer steps in a row had a non-finite loss or gradient."""
 
 
 class EpochSampler(Sampler[int]):
@@ -163,13 +185,29 @@ def loss_shares(accelerator: Accelerator, counts: list) -> torch.Tensor:
 
 
 def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, max_grad_norm: float | None) -> dict:
-    """Clip, step, advance the schedule and clear the gradients; call when `accelerator.sync_gradients`."""
+    """Clip, step, advance the schedule and clear the gradients; call when `accelerator.sync_gradients`.
+
+    A non-finite gradient norm (a NaN or inf loss makes one) skips the update: no optimizer or scheduler
+    step, the gradients cleared, `SKIPPED` 1.0 in the metrics. The norm is of the gradients synced over the
+    processes, and the flag is reduced too, so every process skips the same steps. Under fp16 the gradient
+    scaler skips the optimizer step itself (and lowers its scale); the schedule waits in the same way."""
     metrics = {"lr": optimizer.param_groups[0]["lr"]}
-    if max_grad_norm is not None:
-        metrics["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
-    scheduler.step()
+    # an infinite max_norm measures the norm and scales the gradients by exactly 1
+    norm = accelerator.clip_grad_norm_(model.parameters(), math.inf if max_grad_norm is None else max_grad_norm)
+    bad = torch.zeros(1, device=accelerator.device)
+    if norm is not None:
+        metrics["grad_norm"] = norm
+        bad += (~torch.isfinite(torch.as_tensor(norm, dtype=torch.float32))).float().to(accelerator.device)
+    skipped = accelerator.reduce(bad, "max").item() > 0 if accelerator.num_processes > 1 else bad.item() > 0
+    if accelerator.scaler is not None:
+        optimizer.step()  # the scaler needs the step to see the inf and lower its scale
+        skipped = skipped or optimizer.step_was_skipped
+    elif not skipped:
+        optimizer.step()
+    if not skipped:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    metrics[SKIPPED] = float(skipped)
     return metrics
 
 
@@ -196,6 +234,8 @@ class MeanMetrics:
 
 def resume(accelerator: Accelerator, cfg: RunConfig, models: list) -> Position:
     """Load `checkpoint.resume_from` (models, optimizer, scheduler, RNG states) and return its data position."""
+    if accelerator.is_main_process:
+        clean_partial(cfg.output_dir)
     path = resolve_resume(cfg.output_dir, cfg.checkpoint.resume_from)
     if path is None:
         return Position()
@@ -204,17 +244,62 @@ def resume(accelerator: Accelerator, cfg: RunConfig, models: list) -> Position:
 
 
 def after_step(accelerator: Accelerator, cfg: RunConfig, logger: RunLogger, position: Position, total: int,
-               metrics: dict[str, float], evaluate) -> None:
-    """Log, evaluate and checkpoint on their schedules, once an optimizer step is done."""
+               metrics: dict[str, float], evaluate, extra_state: dict | None = None) -> None:
+    """Log, evaluate and checkpoint on their schedules, once an optimizer step is done; then stop if a signal
+    arrived (RunStopped) or the last `optim.max_bad_steps` steps were all skipped (TrainingDiverged), each
+    after saving a checkpoint. `extra_state` joins the checkpoint's state (e.g. a KL controller's)."""
     logger.advance()
+    count_skipped(position, metrics, logger)
     last = position.step == total
     if position.step % cfg.logging.every_steps == 0 or last:
         logger.log(position.step, metrics)
     if evaluate is not None and (position.step % cfg.eval.every_steps == 0 or last):
         logger.log(position.step, evaluate())
+
+    def save() -> Path:
+        state = {"step": position.step, "position": asdict(position), **(extra_state or {})}
+        return save_checkpoint(accelerator, cfg.output_dir, state, keep_last=cfg.checkpoint.keep_last)
+
+    saved = None
     if cfg.checkpoint.every_steps and (position.step % cfg.checkpoint.every_steps == 0 or last):
-        state = {"step": position.step, "position": asdict(position)}
-        save_checkpoint(accelerator, cfg.output_dir, state, keep_last=cfg.checkpoint.keep_last)
+        saved = save()
+    stop_if_needed(accelerator, cfg, logger, position, last, saved, save)
+
+
+def count_skipped(position: Position, metrics: dict[str, float], logger: RunLogger) -> None:
+    """Move optimizer_step's per-step `SKIPPED` flag into the position's counts and the logged total."""
+    if metrics.pop(SKIPPED, 0.0):
+        position.skipped_steps += 1
+        position.bad_in_a_row += 1
+        logger.write(f"step {position.step}: non-finite loss or gradient; update skipped "
+                     f"({position.bad_in_a_row} in a row, {position.skipped_steps} in all)")
+    else:
+        position.bad_in_a_row = 0
+    metrics["train/skipped_steps"] = float(position.skipped_steps)
+
+
+def stop_if_needed(accelerator: Accelerator, cfg: RunConfig, logger: RunLogger, position: Position, last: bool,
+                   saved: Path | None, save) -> None:
+    """Raise TrainingDiverged or RunStopped once `save()` has written (or `saved` holds) this step's state.
+
+    Both checks give the same answer on every process: the skip flags are reduced in optimizer_step, the
+    signal in signals.stop_requested (a collective, so every process calls it every step)."""
+    diverged = bool(cfg.optim.max_bad_steps) and position.bad_in_a_row >= cfg.optim.max_bad_steps
+    signum = signals.stop_requested(accelerator)
+    if diverged:
+        path = saved or save()
+        logger.close()
+        first = position.step - position.bad_in_a_row + 1
+        raise TrainingDiverged(
+            f"steps {first}-{position.step}: {position.bad_in_a_row} optimizer steps in a row had a non-finite "
+            f"loss or gradient (optim.max_bad_steps={cfg.optim.max_bad_steps}), so none was applied. The last "
+            f"good weights are in {path}. Lower optim.lr, set optim.max_grad_norm, use bf16 rather than fp16, or "
+            "look at the data of these steps; resume with checkpoint.resume_from=latest")
+    if signum and not last:
+        path = saved or save()
+        logger.write(f"signal {signum}: stopped after step {position.step}; checkpoint {path}")
+        logger.close()
+        raise RunStopped(RunResult(Path(cfg.output_dir), None, position.step, logger.history, signum), path)
 
 
 def save_final(accelerator: Accelerator, cfg: RunConfig, model, tokenizer, logger: RunLogger, total: int) -> RunResult:

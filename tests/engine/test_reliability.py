@@ -1,0 +1,196 @@
+"""Faults lose nothing: a run killed with SIGKILL mid-step or mid-save, or stopped by SIGTERM, resumes from its
+latest checkpoint and continues with the losses of an uninterrupted run; non-finite steps are skipped, and
+too many in a row stop the run with the last good weights saved.
+
+The interrupted runs are real processes (`python -m tests.engine.test_reliability <fault> <step> <ready>
+<train args>`): the fault hook below pauses the run at a chosen point and writes <ready>, and the test sends
+the signal then, so the point of the kill is exact rather than a race against a timer.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.checkpoint import list_checkpoints
+from engine.loops.common import TrainingDiverged
+from losses import register, sft_loss
+from tests.engine.runs import REPO_ROOT, SMALL, TINY, run, series
+
+# 6 steps of 8 rows over 32 rows (4 steps per epoch): the resumed steps cross an epoch boundary.
+SETTINGS = ["max_steps=6", "optim.lr=3e-3", "checkpoint.every_steps=2", "checkpoint.keep_last=2",
+            "optim.warmup_steps=1"]
+
+
+@register("nan_sft", family="sft")
+def nan_sft(logprobs: torch.Tensor, mask: torch.Tensor, *, nan_calls: tuple[int, ...] = ()):
+    """The SFT loss, times NaN on the listed calls (1-based; one call per optimizer step here)."""
+    nan_sft.calls = getattr(nan_sft, "calls", 0) + 1
+    loss, metrics = sft_loss(logprobs, mask)
+    return (loss * math.nan if nan_sft.calls in nan_calls else loss), metrics
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return run("sft.yaml", tmp_path_factory.mktemp("full"), *SETTINGS)
+
+
+def _start(fault: str, step: int, output_dir: Path) -> tuple[subprocess.Popen, Path]:
+    ready = output_dir.parent / f"{output_dir.name}.ready"
+    command = [sys.executable, "-m", "tests.engine.test_reliability", fault, str(step), str(ready),
+               "--config", str(TINY / "sft.yaml"), f"output_dir={output_dir}", *SMALL, *SETTINGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the run never reached its fault point:\n{process.communicate()[0][-3000:]}")
+        time.sleep(0.05)
+    return process, ready
+
+
+def _resumed_matches(output_dir: Path, uninterrupted, first_step: int):
+    resumed = run("sft.yaml", output_dir, *SETTINGS, "checkpoint.resume_from=latest")
+    assert [r["step"] for r in resumed.history if "loss" in r] == list(range(first_step, 7))
+    for key in ("loss", "lr", "grad_norm"):
+        assert series(resumed, key) == pytest.approx(series(uninterrupted, key)[first_step - 1:], rel=1e-5, abs=1e-7)
+    full = load_file(uninterrupted.output_dir / "final" / "model.safetensors")
+    again = load_file(output_dir / "final" / "model.safetensors")
+    for name, value in full.items():
+        torch.testing.assert_close(again[name], value, rtol=1e-5, atol=1e-6)
+    return resumed
+
+
+def test_sigkill_mid_step_resumes_from_the_last_checkpoint_exactly(tmp_path, uninterrupted):
+    process, _ = _start("pause_in_step", 5, tmp_path / "run")  # inside step 5, before its update
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_2", "step_4"]
+    _resumed_matches(tmp_path / "run", uninterrupted, first_step=5)
+
+
+def test_sigkill_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path, uninterrupted):
+    process, _ = _start("pause_in_save", 4, tmp_path / "run")  # optimizer.bin of step 4 half written
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    root = tmp_path / "run" / "checkpoints"
+    partial = root / ".tmp_step_4"
+    assert (partial / "model.safetensors").exists() and not (partial / "trainer_state.json").exists()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_2"]
+
+    _resumed_matches(tmp_path / "run", uninterrupted, first_step=3)
+    assert not partial.exists()
+    assert sorted(p.name for p in root.iterdir()) == ["step_4", "step_6"]
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_then_resumes_exactly(tmp_path, uninterrupted):
+    # checkpoint.every_steps=2, so the checkpoint of step 3 exists only because of the signal.
+    process, _ = _start("wait_for_signal", 3, tmp_path / "run")  # inside step 3, before its update
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "stopped by signal 15 after step 3" in output and "Traceback" not in output
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_2", "step_3"]
+    assert not (tmp_path / "run" / "final").exists()
+    _resumed_matches(tmp_path / "run", uninterrupted, first_step=4)
+
+
+NAN_SETTINGS = ["max_steps=5", "optim.lr=3e-3", "checkpoint.every_steps=1", "checkpoint.keep_last=5",
+                "objective.name=tests.engine.test_reliability:nan_sft", "optim.scheduler=linear"]
+
+
+def test_a_nan_loss_skips_its_update_and_is_counted(tmp_path, monkeypatch):
+    monkeypatch.setattr(nan_sft, "calls", 0, raising=False)
+    result = run("sft.yaml", tmp_path, *NAN_SETTINGS, "objective.nan_calls=[2, 3]")
+
+    assert series(result, "train/skipped_steps") == [0, 1, 2, 2, 2]
+    losses = series(result, "loss")
+    assert [math.isnan(x) for x in losses] == [False, True, True, False, False]
+    # Steps 2 and 3 changed nothing: not the weights, not Adam's moments, not the schedule.
+    step = {n: tmp_path / "checkpoints" / f"step_{n}" for n in (1, 3)}
+    for name in ("model.safetensors",):
+        after_1, after_3 = load_file(step[1] / name), load_file(step[3] / name)
+        for key, value in after_1.items():
+            assert torch.equal(after_3[key], value), key
+    adam_1, adam_3 = (torch.load(step[n] / "optimizer.bin", weights_only=False)["state"] for n in (1, 3))
+    for index, moments in adam_1.items():
+        assert torch.equal(adam_3[index]["exp_avg"], moments["exp_avg"])
+    lrs = series(result, "lr")  # linear decay over 5 steps: 1, 4/5, 4/5, 4/5, 3/5 of the peak
+    assert lrs == pytest.approx([3e-3 * f for f in (1, 0.8, 0.8, 0.8, 0.6)], rel=1e-9)
+    final = load_file(tmp_path / "final" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in final.values())
+    assert not torch.equal(final["lm_head.weight"], load_file(step[1] / "model.safetensors")["lm_head.weight"])
+
+
+def test_too_many_nan_steps_in_a_row_stop_with_the_last_good_weights_saved(tmp_path, monkeypatch):
+    monkeypatch.setattr(nan_sft, "calls", 0, raising=False)
+    with pytest.raises(TrainingDiverged, match=r"steps 3-4: 2 optimizer steps in a row .*optim.max_bad_steps=2"):
+        run("sft.yaml", tmp_path, *NAN_SETTINGS, "objective.nan_calls=[3, 4, 5]", "optim.max_bad_steps=2",
+            "checkpoint.every_steps=0", "optim.scheduler=constant")
+
+    (saved,) = list_checkpoints(tmp_path)
+    assert saved.name == "step_4"
+    assert not (tmp_path / "final").exists()
+    # The saved weights are those after step 2, the last good one: step 2 alone reproduces them.
+    monkeypatch.setattr(nan_sft, "calls", 0, raising=False)
+    two = run("sft.yaml", tmp_path / "two", *NAN_SETTINGS, "max_steps=2", "optim.scheduler=constant")
+    good = load_file(tmp_path / "two" / "checkpoints" / "step_2" / "model.safetensors")
+    for key, value in load_file(saved / "model.safetensors").items():
+        assert torch.equal(value, good[key]), key
+    assert two.last("train/skipped_steps") == 0
+
+
+# ---- the fault points of the subprocess runs -------------------------------------------------------------
+
+
+def _pause(ready: Path, until=lambda: False, seconds: float = 300) -> None:
+    ready.write_text("")
+    deadline = time.monotonic() + seconds
+    while not until() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _main(fault: str, step: int, ready: Path, argv: list[str]) -> None:
+    from engine import signals, train
+    from engine.loops import common
+
+    step_fn, calls = common.optimizer_step, []
+
+    def optimizer_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step and fault == "pause_in_step":
+            _pause(ready)
+        if len(calls) == step and fault == "wait_for_signal":
+            _pause(ready, until=lambda: signals.received() is not None, seconds=60)
+        return step_fn(*args, **kwargs)
+
+    torch_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if fault == "pause_in_save" and f".tmp_step_{step}" in str(f) and "optimizer" in str(f):
+            buffer = io.BytesIO()
+            torch_save(obj, buffer)
+            Path(f).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            _pause(ready)
+        return torch_save(obj, f, *args, **kwargs)
+
+    common.optimizer_step = optimizer_step
+    torch.save = save
+    sys.argv = ["engine/train.py", *argv]
+    train.cli()
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:])
