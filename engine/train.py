@@ -43,6 +43,7 @@ from engine.loops import pairwise, reward, sft  # noqa: E402
 from engine.loops.common import RunResult, RunStopped, TrainingDiverged  # noqa: E402
 from engine.memory import check_memory  # noqa: E402
 from engine.tiny import resolve_model_path  # noqa: E402
+from engine.validate import check_startup  # noqa: E402
 from losses import Objective, bind_objective  # noqa: E402
 
 
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> RunResult:
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),
         step_scheduler_with_optimizer=False,
     )
+    check_startup(cfg, objective, accelerator)
     if not args.skip_memory_check:  # an estimate from the model's config alone, before any weights load
         check_memory(cfg, objective.family, needs_reference=objective.needs_reference, device=accelerator.device,
                      processes_per_device=accelerator.num_processes if accelerator.device.type == "cpu" else 1)

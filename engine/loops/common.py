@@ -20,6 +20,7 @@ from engine import signals
 from engine.checkpoint import clean_partial, load_checkpoint, resolve_resume, save_checkpoint
 from engine.config import ConfigError, OptimConfig, RunConfig
 from engine.logging import RunLogger
+from engine.validate import check_gradient_flow
 
 SKIPPED = "train/skipped"  # 1.0 in optimizer_step's metrics when the update was not applied
 
@@ -121,6 +122,7 @@ def total_steps(cfg: RunConfig, accelerator: Accelerator, loader: DataLoader) ->
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors), as nanoGPT."""
+    check_gradient_flow(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
@@ -211,6 +213,20 @@ def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, max_gr
     return metrics
 
 
+def real_rows(accelerator: Accelerator, rows: int) -> int:
+    """How many of this process's `rows` in the current evaluation batch are real samples, not padding.
+
+    A prepared loader gives every process as many full batches: the last round is completed with samples
+    from the start of the split, which a metric summed over processes would count twice. Those repeats sit
+    after the `remainder` real samples of the round, in process order (what `gather_for_metrics` drops).
+    Every process still runs its forward on the whole batch: sharded models (FSDP, ZeRO-3) need each
+    process in every forward."""
+    state = accelerator.gradient_state
+    if accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+        return rows
+    return max(0, min(rows, state.remainder - accelerator.process_index * rows))
+
+
 class MeanMetrics:
     """Weighted means of metric dicts over micro-batches and processes (weights: tokens, pairs or rows)."""
 
@@ -240,7 +256,19 @@ def resume(accelerator: Accelerator, cfg: RunConfig, models: list) -> Position:
     if path is None:
         return Position()
     state = load_checkpoint(accelerator, path, models)
-    return Position(**state["position"])
+    position = Position(**state["position"])
+    # batches_in_epoch counts one process's micro-batches; a checkpoint written by another number of processes
+    # (or micro-batch size) consumed the same samples of the same epoch order, so skip as many samples here.
+    here = {"processes": accelerator.num_processes, "micro_batch_size": cfg.batch.micro_batch_size}
+    layout = state.get("data_layout", here)
+    samples = position.batches_in_epoch * layout["processes"] * layout["micro_batch_size"]
+    per_batch = here["processes"] * here["micro_batch_size"]
+    if samples % per_batch:
+        raise ConfigError(f"{path} stopped {samples} samples into its epoch, not a whole number of micro-batches of "
+                          f"{cfg.batch.micro_batch_size} x {accelerator.num_processes} process(es); resume with "
+                          f"batch.micro_batch_size={layout['micro_batch_size']} or a process count that divides it")
+    position.batches_in_epoch = samples // per_batch
+    return position
 
 
 def after_step(accelerator: Accelerator, cfg: RunConfig, logger: RunLogger, position: Position, total: int,
@@ -257,7 +285,8 @@ def after_step(accelerator: Accelerator, cfg: RunConfig, logger: RunLogger, posi
         logger.log(position.step, evaluate())
 
     def save() -> Path:
-        state = {"step": position.step, "position": asdict(position), **(extra_state or {})}
+        state = {"step": position.step, "position": asdict(position), **(extra_state or {}),
+                 "data_layout": {"processes": accelerator.num_processes, "micro_batch_size": cfg.batch.micro_batch_size}}
         return save_checkpoint(accelerator, cfg.output_dir, state, keep_last=cfg.checkpoint.keep_last)
 
     saved = None

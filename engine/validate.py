@@ -1,0 +1,176 @@
+"""Start-up checks that need more than the config file: the tokenizer, the model's config (never its
+weights), the distributed setup and the disk. Each fails before any weights load, naming the fix.
+
+    check_startup(cfg, objective, accelerator)   # engine/train.py, once Accelerate is set up
+
+Checked elsewhere, and not repeated here: batch sizes that do not divide (BatchConfig.accumulation_steps,
+ppo.check_sizes), an output directory that cannot be written and paths that do not exist
+(train.check_inputs). Two data-layer checks run here early, where they would otherwise wait for the
+model: pad == EOS where a reward is read (data.check_tokenizer) and a template that writes BOS twice
+(data's Formatter). LoRA with gradient checkpointing but no input gradients is checked on the loaded
+model, by `check_gradient_flow` (common.build_optimizer).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from engine.config import ConfigError, RunConfig
+from losses import Objective
+
+SENTINEL = "\u2063TURN\u2063"
+# reward and PPO read a score at the last non-pad token, so pad must differ from EOS there (not for DPO/ORPO)
+DATA_FAMILY = {"sft": ("sft", True), "reward": ("preference", False), "pairwise": ("preference", True),
+               "ppo": ("prompt", False)}
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}  # per trainable parameter
+
+
+def check_startup(cfg: RunConfig, objective: Objective, accelerator) -> None:
+    from transformers import AutoTokenizer
+
+    from data.tokenize import Formatter, check_tokenizer
+    from engine.memory import load_model_config
+    from engine.tiny import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path),
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.pad_token_id is not None:  # none at all: the model loaders say how to add one
+        data_family, allow_pad_as_eos = DATA_FAMILY[objective.family]
+        check_tokenizer(tokenizer, data_family, allow_pad_as_eos=allow_pad_as_eos)
+    Formatter(cfg.data, tokenizer)  # a template that writes BOS twice, a prompt_format without {prompt}
+    model_config = load_model_config(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    if objective.family == "ppo":
+        check_turns_end_with_a_stop_token(cfg, tokenizer, stop_tokens(tokenizer, cfg.model.name_or_path))
+    check_positions(cfg, objective.family, getattr(model_config, "max_position_embeddings", None))
+    check_quantised_distribution(cfg, accelerator)
+    check_disk(cfg, model_config)
+
+
+def stop_tokens(tokenizer, name_or_path: str) -> list[str]:
+    """EOS and the generation config's EOS ids (chat models end a turn with their own token), as text."""
+    from transformers import GenerationConfig
+
+    from engine.tiny import resolve_model_path
+
+    ids = [tokenizer.eos_token_id]
+    try:
+        configured = GenerationConfig.from_pretrained(resolve_model_path(name_or_path)).eos_token_id
+    except OSError:
+        configured = None
+    ids += [configured] if isinstance(configured, int) else list(configured or [])
+    return [tokenizer.convert_ids_to_tokens(i) for i in dict.fromkeys(ids) if i is not None]
+
+
+def check_turns_end_with_a_stop_token(cfg: RunConfig, tokenizer, stops: list[str]) -> None:
+    """A chat template that closes an assistant turn with a special token (`<|im_end|>`, `<|eot_id|>`) that
+    is not a stop token: a policy tuned on that template ends its turns with it, generation runs on past it
+    to max_new_tokens, and every response takes the missing-EOS penalty."""
+    from data.tokenize import NAMED_TEMPLATES
+
+    template = cfg.data.template
+    if template in ("plain", "raw") or (template is None and not tokenizer.chat_template):
+        return
+    template = NAMED_TEMPLATES.get(template, template)
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": SENTINEL}],
+            chat_template=template, tokenize=False)
+    except Exception:  # a template that refuses this conversation is the data layer's to report
+        return
+    tail = text.partition(SENTINEL)[2]
+    if not tail.strip() or any(stop and stop in tail for stop in stops):
+        return
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(
+        tokenizer.all_special_tokens)
+    closing = sorted(t for t in specials if t and t in tail)
+    if closing:
+        raise ConfigError(
+            f"the chat template ends an assistant turn with {tail!r}, which holds no EOS: {closing[0]!r} is not "
+            f"among the stop tokens {stops}, so generation would run past the end of every turn. Add its id "
+            f"({tokenizer.convert_tokens_to_ids(closing[0])}) to eos_token_id in the model's "
+            "generation_config.json, or write {{ eos_token }} after each assistant message in the template "
+            "(data.template)")
+
+
+def check_positions(cfg: RunConfig, family: str, limit: int | None) -> None:
+    """Sequences no longer than the model's position embeddings."""
+    if limit is None:
+        return
+    where = f"the {limit} positions of model.name_or_path={cfg.model.name_or_path!r} (max_position_embeddings)"
+    if family == "ppo":
+        prompt = cfg.data.max_prompt_length or cfg.data.max_length
+        if prompt + cfg.ppo.max_new_tokens > limit:
+            raise ConfigError(f"prompts of up to {prompt} tokens (data.max_prompt_length) plus ppo.max_new_tokens="
+                              f"{cfg.ppo.max_new_tokens} exceed {where}; lower one so they sum to at most {limit}")
+    elif cfg.data.max_length > limit:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds {where}; set data.max_length={limit} or less")
+
+
+def check_quantised_distribution(cfg: RunConfig, accelerator) -> None:
+    """bitsandbytes weights with FSDP or DeepSpeed ZeRO-3, which shard parameters: they need the 4-bit
+    weights stored in a float dtype (bnb_4bit_quant_storage) that model.quant does not set, and 8-bit weights
+    cannot be sharded at all."""
+    from accelerate.utils import DistributedType
+
+    bits = cfg.model.quant.bits
+    if bits is None:
+        return
+    kind = accelerator.distributed_type
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if kind == DistributedType.FSDP:
+        mode = "FSDP"
+    elif kind == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3:
+        mode = "DeepSpeed ZeRO-3"
+    else:
+        return
+    raise ConfigError(
+        f"model.quant.bits={bits} cannot train under {mode}, which shards the weights: bitsandbytes weights shard "
+        "only as 4-bit stored in the compute dtype (bnb_4bit_quant_storage), which model.quant does not set. "
+        "Launch with DDP (accelerate launch --multi_gpu) or DeepSpeed ZeRO-2, or set model.quant.bits=null")
+
+
+def checkpoint_bytes(cfg: RunConfig, model_config) -> tuple[int, int]:
+    """(bytes, trainable parameters) of one checkpoint: the trainable weights and their optimizer state
+    (frozen weights are not saved). LoRA adapters are saved in float32."""
+    from engine.memory import DTYPE_BYTES, model_shape
+
+    lora = cfg.model.lora
+    shape = model_shape(model_config, lora.r if lora.enabled else 0, lora.target_modules)
+    trainable = shape.lora_params if lora.enabled else shape.params
+    weight = 4 if lora.enabled else DTYPE_BYTES[cfg.model.dtype]
+    return trainable * (weight + OPTIMIZER_STATE_BYTES[cfg.optim.optimizer]), trainable
+
+
+def check_disk(cfg: RunConfig, model_config) -> None:
+    """Room under output_dir for a checkpoint (a stop on a signal writes one even when checkpoint.every_steps
+    is 0), so a run does not fail hours in, at its first save."""
+    need, trainable = checkpoint_bytes(cfg, model_config)
+    free = shutil.disk_usage(Path(cfg.output_dir)).free
+    if free < need:
+        gib = 1024**3
+        raise ConfigError(
+            f"output_dir={cfg.output_dir!r} has {free / gib:.2f} GiB free, less than one checkpoint needs "
+            f"(~{need / gib:.2f} GiB: {trainable:,} trainable parameters x weight and "
+            f"{cfg.optim.optimizer} state). Free some space or choose another output_dir; LoRA "
+            "(model.lora.enabled=true) or optim.optimizer=adamw_8bit make checkpoints smaller")
+
+
+def check_gradient_flow(model) -> None:
+    """Gradient checkpointing with frozen input embeddings (LoRA, 4-bit, model.freeze.embeddings) needs the
+    embedding output to require grad, or (reentrant) checkpointed blocks pass no gradient to the adapters
+    inside them and they never train."""
+    model = getattr(model, "policy", model)  # PPO's ActorCritic
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    checkpointing = getattr(base, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(base, "is_gradient_checkpointing", False)
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    if not checkpointing or embeddings is None or any(p.requires_grad for p in embeddings.parameters()):
+        return
+    if getattr(base, "_require_grads_hooks", None) or getattr(base, "_require_grads_hook", None):
+        return
+    raise ConfigError(
+        "model.gradient_checkpointing=true with frozen input embeddings and no input gradients: the adapters in "
+        "the checkpointed blocks would get no gradient. Call model.enable_input_require_grads() after enabling "
+        "checkpointing (engine.models.enable_gradient_checkpointing does), or set model.gradient_checkpointing=false")

@@ -1,0 +1,147 @@
+"""Each start-up check fails before any weights load, with a message that names the fix; and stays quiet on
+the settings that do work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+from accelerate.utils import DistributedType
+from transformers import AutoTokenizer
+
+from data import DataError
+from data.tokenize import CHATML
+from engine import models, validate
+from engine.config import ConfigError, LoraConfig, ModelConfig, RunConfig, load_config
+from engine.loops import common
+from engine.memory import load_model_config
+from engine.tiny import resolve_model_path
+from tests.engine.runs import TINY, run
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "load_policy", refuse)
+    monkeypatch.setattr(models, "load_reward_model", refuse)
+    monkeypatch.setattr(common, "optimizer_steps", refuse)
+
+
+def _tiny_copy(tmp_path, change_tokenizer):
+    model_dir = tmp_path / "model"
+    shutil.copytree(resolve_model_path("tiny"), model_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    change_tokenizer(tokenizer)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def _pad_is_eos(tokenizer):
+    tokenizer.pad_token = tokenizer.eos_token
+
+
+@pytest.mark.parametrize("config", ["reward.yaml", "ppo.yaml"])
+def test_pad_equal_to_eos_is_refused_where_a_reward_is_read(tmp_path, no_model_load, config):
+    model_dir = _tiny_copy(tmp_path, _pad_is_eos)
+    with pytest.raises(DataError, match="same token for pad and EOS.*add_special_tokens"):
+        run(config, tmp_path / "run", f"model.name_or_path={model_dir}")
+
+
+def test_pad_equal_to_eos_is_allowed_where_no_reward_is_read():
+    from data.tokenize import check_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("tiny"))
+    _pad_is_eos(tokenizer)
+    for family in ("sft", "pairwise"):
+        check_tokenizer(tokenizer, validate.DATA_FAMILY[family][0], allow_pad_as_eos=validate.DATA_FAMILY[family][1])
+
+
+def _chatml_with_special_turns(tokenizer):
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+
+
+def test_a_chat_template_that_ends_turns_without_eos_is_refused_for_ppo(tmp_path, no_model_load):
+    model_dir = _tiny_copy(tmp_path, _chatml_with_special_turns)
+    with pytest.raises(ConfigError, match=r"ends an assistant turn with '<\|im_end\|>\\n', which holds no EOS.*"
+                                          r"generation_config.json"):
+        run("ppo.yaml", tmp_path / "run", f"model.name_or_path={model_dir}")
+
+    # Declared as a stop token in the generation config, the same template passes.
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    config["eos_token_id"] = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    (model_dir / "generation_config.json").write_text(json.dumps(config))
+    stops = validate.stop_tokens(tokenizer, str(model_dir))
+    assert stops == [tokenizer.eos_token, "<|im_end|>"]
+    validate.check_turns_end_with_a_stop_token(RunConfig(), tokenizer, stops)
+    # The tiny tokenizer's own (Zephyr-style) template writes EOS after each turn.
+    tiny = AutoTokenizer.from_pretrained(resolve_model_path("tiny"))
+    validate.check_turns_end_with_a_stop_token(RunConfig(), tiny, [tiny.eos_token])
+
+
+def test_a_template_that_writes_bos_twice_is_refused_before_a_model_loads(tmp_path, no_model_load):
+    template = "{{ bos_token }}{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(DataError, match="writes BOS .* twice"):
+        run("sft.yaml", tmp_path, f"data.template={json.dumps(template)}")
+
+
+def test_lora_with_checkpointing_needs_input_gradients():
+    cfg = ModelConfig(gradient_checkpointing=True, lora=LoraConfig(enabled=True, r=2))
+    model = models.load_policy(cfg)
+    common.build_optimizer(model, RunConfig().optim)  # the loader enables input gradients
+
+    model.get_base_model().disable_input_require_grads()
+    with pytest.raises(ConfigError, match="no input gradients.*enable_input_require_grads"):
+        common.build_optimizer(model, RunConfig().optim)
+
+
+def _accelerator(kind, zero_stage=None):
+    plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage else None
+    return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+@pytest.mark.parametrize("kind, stage, refused", [
+    (DistributedType.FSDP, None, "FSDP"),
+    (DistributedType.DEEPSPEED, 3, "DeepSpeed ZeRO-3"),
+    (DistributedType.DEEPSPEED, 2, None),
+    (DistributedType.MULTI_GPU, None, None),
+    (DistributedType.NO, None, None),
+])
+def test_4bit_weights_are_refused_under_sharding_modes(kind, stage, refused):
+    cfg = load_config(TINY / "dpo.yaml", ["model.quant.bits=4", "model.lora.enabled=true"])
+    if refused is None:
+        validate.check_quantised_distribution(cfg, _accelerator(kind, stage))
+        return
+    with pytest.raises(ConfigError, match=f"bits=4 cannot train under {refused}.*DDP"):
+        validate.check_quantised_distribution(cfg, _accelerator(kind, stage))
+    validate.check_quantised_distribution(load_config(TINY / "dpo.yaml"), _accelerator(kind, stage))
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("sft.yaml", ["data.max_length=2048"], "data.max_length=2048 exceeds the 1024 positions"),
+    ("ppo.yaml", ["model.name_or_path=tiny", "data.max_length=1200", "data.max_prompt_length=1000", "ppo.max_new_tokens=64"],
+     "plus ppo.max_new_tokens=64 exceed the 1024 positions"),
+])
+def test_sequences_longer_than_the_model_positions_are_refused(tmp_path, no_model_load, config, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        run(config, tmp_path, *overrides)
+
+
+def test_too_little_disk_for_a_checkpoint_is_refused_and_the_estimate_matches_a_real_one(tmp_path, monkeypatch):
+    # The estimate: every parameter (full fine-tuning, float32) x (4 bytes of weight + 8 of AdamW moments).
+    result = run("sft.yaml", tmp_path / "real", "max_steps=1", "checkpoint.every_steps=1")
+    saved = sum(f.stat().st_size for f in (result.output_dir / "checkpoints" / "step_1").iterdir())
+    cfg = load_config(TINY / "sft.yaml")
+    need, params = validate.checkpoint_bytes(cfg, load_model_config("tiny"))
+    assert need == 12 * params
+    assert need == pytest.approx(saved, rel=0.02)
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=need - 1))
+    with pytest.raises(ConfigError, match=r"has 0.0\d GiB free, less than one checkpoint needs.*adamw_8bit"):
+        run("sft.yaml", tmp_path / "full")
