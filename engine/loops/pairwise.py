@@ -49,17 +49,19 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     logger = RunLogger(cfg.output_dir, total_steps=total, start_step=position.step,
                        enabled=accelerator.is_main_process, progress_bar=cfg.logging.progress_bar, desc=objective.name)
 
-    def loss_on(batch, split: str):
-        # One forward over the (2B, T) batch: rows [0, B) are the chosen sequences, [B, 2B) the rejected.
+    def loss_on(batch, split: str, pairs: int | None = None):
+        # One forward over the (2B, T) batch: rows [0, B) are the chosen sequences, [B, 2B) the rejected; the
+        # objective on the first `pairs` pairs (all when None).
+        keep = slice(pairs)
         logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         position_ids=batch["position_ids"], use_cache=False).logits
         logprobs, mask = token_logprobs(logits, batch["labels"])
         if reference is not None:
             ref_chosen, ref_rejected = reference.logps(batch, reduction=objective.logps_reduction, split=split)
             chosen, rejected = split_pairs(reduce_logprobs(logprobs, mask, objective.logps_reduction))
-            return loss_fn(chosen, rejected, ref_chosen, ref_rejected)
+            return loss_fn(chosen[keep], rejected[keep], ref_chosen[keep], ref_rejected[keep])
         (chosen, rejected), (chosen_mask, rejected_mask) = split_pairs(logprobs), split_pairs(mask)
-        return loss_fn(chosen, chosen_mask, rejected, rejected_mask)
+        return loss_fn(chosen[keep], chosen_mask[keep], rejected[keep], rejected_mask[keep])
 
     def evaluate() -> dict[str, float]:
         policy.eval()
@@ -68,8 +70,10 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
             for index, batch in enumerate(eval_loader):
                 if cfg.eval.max_batches is not None and index >= cfg.eval.max_batches:
                     break
-                loss, metrics = loss_on(batch, "eval")
-                means.add({"loss": loss, **metrics}, len(batch["input_ids"]) // 2)
+                # the repeats that pad the last round weigh nothing (one is scored so every metric key exists)
+                pairs = common.real_rows(accelerator, len(batch["input_ids"]) // 2)
+                loss, metrics = loss_on(batch, "eval", max(pairs, 1))
+                means.add({"loss": loss, **metrics}, pairs)
         policy.train()
         return {f"eval/{key}": value for key, value in means.compute(accelerator).items()}
 

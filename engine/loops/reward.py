@@ -48,11 +48,12 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                 if cfg.eval.max_batches is not None and index >= cfg.eval.max_batches:
                     break
                 c, r = scores(batch)
-                chosen.append(c)
-                rejected.append(r)
-                margins.append(batch["margin"] if "margin" in batch else torch.zeros_like(c))
+                # gathered batch by batch: on the last one gather_for_metrics drops the repeats that pad it
+                chosen.append(accelerator.gather_for_metrics(c))
+                rejected.append(accelerator.gather_for_metrics(r))
+                margins.append(accelerator.gather_for_metrics(batch["margin"] if "margin" in batch else torch.zeros_like(c)))
         model.train()
-        chosen, rejected, margin = (accelerator.gather_for_metrics(torch.cat(x)) for x in (chosen, rejected, margins))
+        chosen, rejected, margin = (torch.cat(x) for x in (chosen, rejected, margins))
         loss, metrics = loss_fn(chosen, rejected, margin=margin)
         return {"eval/loss": loss.item(), **{f"eval/{k}": v.item() for k, v in metrics.items()}}
 

@@ -52,6 +52,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                 if cfg.eval.max_batches is not None and index >= cfg.eval.max_batches:
                     break
                 logits, logprobs, mask = forward(batch)
+                mask[common.real_rows(accelerator, len(mask)):] = False  # the repeats padding the last round
                 correct = (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]) & mask
                 sums += torch.stack([-(logprobs * mask).sum(), correct.sum(), mask.sum()]).float()
         policy.train()
