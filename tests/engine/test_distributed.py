@@ -1,35 +1,85 @@
-"""Two processes (DDP over gloo on CPU, started by torchrun) train exactly like one process with the same
-global batch: each process takes half the micro-batches, and the loss shares make the gradient the same mean."""
+"""Two processes (DDP over gloo on CPU, started by `accelerate launch` with configs/accelerate/cpu_2proc.yaml)
+train exactly like one process with the same global batch: each process takes half the micro-batches, and the
+loss shares weight each micro-batch by its tokens (or pairs) over the whole global batch, so the gradient is the
+same mean. Evaluation counts each held-out row once, although the prepared loader pads the last round with
+repeats; a checkpoint written by two processes resumes in one; precomputed reference log-probs are computed once.
+
+The held-out split has 32 rows; in batches of 3 on 2 processes a round takes 6, so the last round holds 2 real
+rows and 4 repeats, which would move the eval loss if they were counted.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from tests.engine.runs import REPO_ROOT, SMALL, TINY, run, series
 
-# 8 pairs per step: 2 per micro-batch x 4 accumulated on one process, or x 2 on each of two processes.
-SETTINGS = ["max_steps=3", "batch.global_batch_size=8", "batch.micro_batch_size=2", "optim.lr=1e-3",
-            "checkpoint.every_steps=3"]
+CPU_2PROC = REPO_ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"
+# 8 rows (pairs) per step: 2 per micro-batch x 4 accumulated on one process, or x 2 on each of two processes.
+SETTINGS = ["batch.global_batch_size=8", "batch.micro_batch_size=2", "optim.lr=1e-3", "eval.every_steps=2",
+            "batch.eval_batch_size=3", "eval.max_batches=null"]
 
 
-def test_two_processes_give_the_losses_of_one(tmp_path):
-    single = run("dpo.yaml", tmp_path / "one", *SETTINGS)
-
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "engine/train.py", "--config", str(TINY / "dpo.yaml"), f"output_dir={tmp_path / 'two'}",
-               *SMALL, *SETTINGS]
+def launch(config: str, output_dir: Path, *overrides: str, env: dict | None = None) -> list[dict]:
+    """`accelerate launch --config_file configs/accelerate/cpu_2proc.yaml engine/train.py ...`; its metrics."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
+               "engine/train.py", "--config", str(TINY / config), f"output_dir={output_dir}", *SMALL, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "2 x 2 accumulation x 2 process(es)" in done.stdout
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
-    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    two = [r["loss"] for r in records if "loss" in r]
-    assert two == pytest.approx(series(single, "loss"), rel=1e-5)
+
+def values(records: list[dict], key: str) -> list[float]:
+    return [r[key] for r in records if key in r]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU processes find their gloo group by themselves only "
+                                                      "without CUDA; ACCELERATE_USE_CPU=1 covers the other case")
+def test_sft_two_processes_match_one_and_resume_in_one(tmp_path):
+    steps = ["max_steps=4", "checkpoint.every_steps=2"]
+    single = run("sft.yaml", tmp_path / "one", *SETTINGS, *steps)
+    two = launch("sft.yaml", tmp_path / "two", *SETTINGS, *steps)  # no ACCELERATE_USE_CPU: train.py finds CPU
+
+    assert values(two, "loss") == pytest.approx(series(single, "loss"), rel=1e-5)
+    assert values(two, "tokens") == series(single, "tokens")  # the global token count of each step
+    # steps 0, 2, 4 each evaluate all 32 held-out rows once
+    assert len(values(two, "eval/loss")) == 3
+    assert values(two, "eval/loss") == pytest.approx(series(single, "eval/loss"), rel=1e-5)
+    assert values(two, "eval/token_accuracy") == pytest.approx(series(single, "eval/token_accuracy"), rel=1e-6)
+    saved = tmp_path / "two" / "checkpoints"
+    assert sorted(p.name for p in saved.iterdir()) == ["step_2", "step_4"]
+    assert sorted(p.name for p in (saved / "step_4").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+    assert len(list((saved / "step_4").glob("model*.safetensors"))) == 1  # the weights once, not per process
+
+    # The step-2 checkpoint of the two processes, resumed by one: steps 3 and 4 take the same samples.
+    shutil.copytree(saved / "step_2", tmp_path / "from_two" / "step_2")
+    resumed = run("sft.yaml", tmp_path / "resumed", *SETTINGS, *steps,
+                  f"checkpoint.resume_from={tmp_path / 'from_two' / 'step_2'}")
+    assert series(resumed, "loss") == pytest.approx(values(two, "loss")[2:], rel=1e-5)
+
+
+def test_dpo_two_processes_match_one_with_a_reference_computed_once(tmp_path):
+    steps = ["max_steps=3", "checkpoint.every_steps=3"]
+    single = run("dpo.yaml", tmp_path / "one", *SETTINGS, *steps)
+    cache = tmp_path / "reference_cache"
+    two = launch("dpo.yaml", tmp_path / "two", *SETTINGS, *steps, "reference.mode=precomputed",
+                 f"reference.cache_dir={cache}", env={"ACCELERATE_USE_CPU": "1"})
+
+    # the precomputed reference is the same starting model, read from one cache file per split
+    assert values(two, "loss") == pytest.approx(series(single, "loss"), rel=1e-4)
+    assert values(two, "eval/loss") == pytest.approx(series(single, "eval/loss"), rel=1e-4)
+    assert values(two, "eval/rewards/accuracies") == pytest.approx(series(single, "eval/rewards/accuracies"), abs=1e-6)
+    assert len(list(cache.glob("ref-logps-*.safetensors"))) == 2  # train and eval, written by one process
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step_3").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
