@@ -15,7 +15,7 @@ architecture; bytes per parameter then follow the run config:
 | optimizer    | AdamW: 2 states in the parameter's dtype (8 bytes for fp32); 8-bit and paged: 2 bytes   |
 | activations  | per token and layer, compute-dtype bytes x (5h + 2 kv + 4 I) + fp32 x 2h (the block's saved tensors with SDPA, which stores no T x T scores); with checkpointing only the layer inputs (h per token and layer) plus one layer recomputed; plus the logits and their gradient (rows x T x V) |
 | reference    | `copy`: the starting weights once more (quantised alike); `disabled`, `precomputed`: 0  |
-| reward models| each PPO reward model's weights                                                        |
+| reward models| each PPO reward model's weights, without the LM head (a score head replaces it)        |
 | kv cache     | PPO generation: 2 x layers x kv heads x head dim x (prompt + new tokens) x rollout micro-batch |
 | runtime      | 1 GiB on a GPU (CUDA context, allocator slack), 0.5 GiB on CPU                          |
 
@@ -53,6 +53,7 @@ class ModelShape:
 
     params: int  # every parameter
     block_linear_params: int  # weights of the linear layers inside the blocks (what bitsandbytes quantises)
+    head_params: int  # the LM head (0 when tied to the embeddings); a reward model has a 1-row score head instead
     lora_params: int  # LoRA parameters for the run's r and target modules (0 when LoRA is off)
     hidden: int
     intermediate: int
@@ -110,6 +111,7 @@ def _model_shape(config_json: str, lora_r: int, lora_targets) -> ModelShape:
         model = AutoModelForCausalLM.from_config(config)
     head = model.get_output_embeddings()
     params = sum(p.numel() for p in model.parameters())
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
     linear, lora = 0, 0
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is head:
@@ -122,6 +124,7 @@ def _model_shape(config_json: str, lora_r: int, lora_targets) -> ModelShape:
     return ModelShape(
         params=params,
         block_linear_params=linear,
+        head_params=0 if head is None or tied else head.weight.numel(),
         lora_params=lora,
         hidden=config.hidden_size,
         intermediate=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
@@ -197,7 +200,10 @@ def estimate_memory(cfg: RunConfig, family: str, *, needs_reference: bool = Fals
         if reward_shapes is None:
             reward_shapes = [model_shape(load_model_config(path, trust_remote_code=reward_cfg.trust_remote_code))
                              for path in _reward_model_paths(cfg)]
-        parts["reward models"] = sum(weight_bytes(s, reward_cfg, training=False) for s in reward_shapes)
+        # a sequence-classification model: the LM head replaced by a one-row score head (never quantised)
+        head_bytes = DTYPE_BYTES[reward_cfg.dtype]
+        parts["reward models"] = sum(weight_bytes(s, reward_cfg, training=False) - s.head_params * head_bytes
+                                     for s in reward_shapes)
         rollout_rows = cfg.ppo.rollout_micro_batch_size
         parts["kv cache"] = 2 * shape.layers * shape.kv_dim * length * rollout_rows * compute
         if cfg.ppo.critic:

@@ -49,6 +49,7 @@ def test_parameter_counts_from_the_config_alone(llama3_shape):
     assert layer == 218_112_000
     assert llama3_shape.params == 32 * layer + 2 * 128256 * 4096 + 4096 == PARAMS_8B
     assert llama3_shape.block_linear_params == 32 * (layer - 2 * 4096) == BLOCK_LINEAR_8B
+    assert llama3_shape.head_params == 128256 * 4096
     assert llama3_shape.lora_params == 32 * 16 * (8192 + 2 * 5120 + 8192 + 3 * 18432) == LORA_8B
     mistral = model_shape(AutoConfig.for_model("mistral", **{**LLAMA3_8B, "vocab_size": 32000}))
     assert mistral.params == 32 * layer + 2 * 32000 * 4096 + 4096 == 7_241_732_096
@@ -101,7 +102,8 @@ def test_reference_modes_and_ppo_parts(llama3_shape):
     parts = estimate_memory(ppo, "ppo", shape=llama3_shape, reward_shapes=[llama3_shape]).parts
     # K and V: 2 x 32 layers x 1024 x 512 tokens x 8 rows x 2 bytes = 512 MiB
     assert parts["kv cache"] == 2 * 32 * 1024 * 512 * 8 * 2 == 512 * 1024**2
-    assert parts["reward models"] == parts["reference"] == 2 * PARAMS_8B
+    assert parts["reference"] == 2 * PARAMS_8B
+    assert parts["reward models"] == 2 * (PARAMS_8B - 128256 * 4096)  # a score head instead of the LM head
 
 
 def test_a_run_that_does_not_fit_stops_with_the_parts_and_what_would_fit(llama3, monkeypatch):
