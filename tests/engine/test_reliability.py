@@ -45,11 +45,14 @@ def uninterrupted(tmp_path_factory):
     return run("sft.yaml", tmp_path_factory.mktemp("full"), *SETTINGS)
 
 
-def _start(fault: str, step: int, output_dir: Path) -> tuple[subprocess.Popen, Path]:
+def _start(fault: str, step: int, output_dir: Path, *overrides: str, processes: int = 1
+           ) -> tuple[subprocess.Popen, Path]:
     ready = output_dir.parent / f"{output_dir.name}.ready"
-    command = [sys.executable, "-m", "tests.engine.test_reliability", fault, str(step), str(ready),
-               "--config", str(TINY / "sft.yaml"), f"output_dir={output_dir}", *SMALL, *SETTINGS]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command = [*launcher, "-m", "tests.engine.test_reliability", fault, str(step), str(ready),
+               "--config", str(TINY / "sft.yaml"), f"output_dir={output_dir}", *SMALL, *SETTINGS, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"}
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     deadline = time.monotonic() + 120
@@ -107,6 +110,20 @@ def test_sigterm_finishes_the_step_saves_and_exits_then_resumes_exactly(tmp_path
     _resumed_matches(tmp_path / "run", uninterrupted, first_step=4)
 
 
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+    # Two processes under torchrun; SIGTERM reaches rank 1 only, inside step 3. Rank 0 (which writes the
+    # checkpoint and prints) learns of it through the all-reduced flag: no rank is left waiting in a collective.
+    process, ready = _start("wait_for_signal_on_rank_1", 3, tmp_path / "run", "batch.micro_batch_size=4",
+                              processes=2)
+    os.kill(int(ready.read_text()), signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert "stopped by signal 15 after step 3" in output, output[-3000:]
+    step_3 = tmp_path / "run" / "checkpoints" / "step_3"
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_2", "step_3"]
+    assert sorted(p.name for p in step_3.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert f"exitcode  : {128 + signal.SIGTERM}" in output or process.returncode == 128 + signal.SIGTERM
+
+
 NAN_SETTINGS = ["max_steps=5", "optim.lr=3e-3", "checkpoint.every_steps=1", "checkpoint.keep_last=5",
                 "objective.name=tests.engine.test_reliability:nan_sft", "optim.scheduler=linear"]
 
@@ -156,7 +173,7 @@ def test_too_many_nan_steps_in_a_row_stop_with_the_last_good_weights_saved(tmp_p
 
 
 def _pause(ready: Path, until=lambda: False, seconds: float = 300) -> None:
-    ready.write_text("")
+    ready.write_text(str(os.getpid()))
     deadline = time.monotonic() + seconds
     while not until() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -173,6 +190,8 @@ def _main(fault: str, step: int, ready: Path, argv: list[str]) -> None:
         if len(calls) == step and fault == "pause_in_step":
             _pause(ready)
         if len(calls) == step and fault == "wait_for_signal":
+            _pause(ready, until=lambda: signals.received() is not None, seconds=60)
+        if len(calls) == step and fault == "wait_for_signal_on_rank_1" and os.environ.get("RANK") == "1":
             _pause(ready, until=lambda: signals.received() is not None, seconds=60)
         return step_fn(*args, **kwargs)
 
