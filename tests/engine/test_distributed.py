@@ -83,3 +83,23 @@ def test_dpo_two_processes_match_one_with_a_reference_computed_once(tmp_path):
     assert len(list(cache.glob("ref-logps-*.safetensors"))) == 2  # train and eval, written by one process
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step_3").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
+
+
+def test_ppo_two_processes_match_one(tmp_path):
+    """One PPO minibatch per iteration (the whole rollout batch, one epoch), so the shuffle cannot split rows
+    differently; a near-greedy temperature, so both layouts sample the same responses; advantages not
+    whitened, since each process whitens its own rows. What remains to compare is all the reduction: scores,
+    KL, values and GAE per row, the policy and value losses weighted by response tokens over both processes,
+    and the synced gradient (its norm included)."""
+    settings = ["model.name_or_path=tiny", "data.max_samples=64", "max_steps=2", "checkpoint.every_steps=2",
+                "batch.global_batch_size=8", "batch.micro_batch_size=2", "ppo.rollout_batch_size=8",
+                "ppo.rollout_micro_batch_size=4", "ppo.max_new_tokens=6", "ppo.epochs=1", "ppo.temperature=0.001",
+                "ppo.whiten_advantages=false", "ppo.normalize_scores=false", "optim.lr=1e-3",
+                "optim.scheduler=constant"]
+    single = run("ppo.yaml", tmp_path / "one", *settings)
+    two = launch("ppo.yaml", tmp_path / "two", *settings, env={"ACCELERATE_USE_CPU": "1"})
+    keys = ["objective/score", "objective/kl", "val/mean", "loss/total", "policy/approx_kl", "grad_norm"]
+    for key in keys:
+        assert values(two, key) == pytest.approx(series(single, key), rel=1e-5, abs=1e-7), key
+    assert values(two, "grad_norm")[1] != values(two, "grad_norm")[0]  # the second iteration saw a new policy
+    assert len(list((tmp_path / "two" / "checkpoints" / "step_2").glob("model*.safetensors"))) == 1
