@@ -169,6 +169,8 @@ def estimate_memory(cfg: RunConfig, family: str, *, needs_reference: bool = Fals
     if shape is None:
         shape = model_shape(load_model_config(model.name_or_path, trust_remote_code=model.trust_remote_code),
                             model.lora.r if model.lora.enabled else 0, model.lora.target_modules)
+    if family == "reward":  # a sequence-classification model: a one-row score head instead of the LM head
+        shape = replace(shape, params=shape.params - shape.head_params, head_params=0)
     estimate = Estimate()
     parts = estimate.parts
     lora = model.lora.enabled

@@ -94,6 +94,9 @@ def test_reference_modes_and_ppo_parts(llama3_shape):
         parts = estimate_memory(config(*base, f"reference.mode={mode}"), "pairwise", needs_reference=True,
                                 shape=llama3_shape).parts
         assert "reference" not in parts
+    # a reward model has no LM head
+    reward = estimate_memory(config(*base), "reward", shape=llama3_shape).parts
+    assert reward["weights"] == 2 * (PARAMS_8B - 128256 * 4096)
     # ORPO needs no reference at all
     assert "reference" not in estimate_memory(config(*base), "pairwise", shape=llama3_shape).parts
 
