@@ -108,13 +108,9 @@ def main(argv: list[str] | None = None) -> RunResult:
         f" -> {cfg.output_dir}"
     )
 
-    # 3. One loop per family; a signal stops it after a step, with a checkpoint.
+    # 3. One loop per family; a signal stops it after a step, with a checkpoint, by raising RunStopped.
     with signals.graceful_stop():
-        try:
-            return LOOPS[objective.family](cfg, accelerator, objective, loss_fn)
-        except RunStopped as stopped:
-            accelerator.print(stopped)
-            return stopped.result
+        return LOOPS[objective.family](cfg, accelerator, objective, loss_fn)
 
 
 def check_inputs(cfg: RunConfig, objective: Objective) -> None:
@@ -166,15 +162,17 @@ def cli() -> None:
     from data import DataError
 
     try:
-        result = main(sys.argv[1:])
+        main(sys.argv[1:])
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    if result.stopped_by:
-        raise SystemExit(signals.exit_code(result.stopped_by))
+    except RunStopped as stopped:
+        if stopped.is_main_process:
+            print(stopped, flush=True)
+        raise SystemExit(signals.exit_code(stopped.result.stopped_by)) from None
 
 
 if __name__ == "__main__":

@@ -54,13 +54,13 @@ class RunResult:
 
 
 class RunStopped(Exception):
-    """A SIGTERM or SIGINT stopped the run after an optimizer step and a checkpoint; `train.main` returns
-    `result` (its `stopped_by` set) and the command line exits with `signals.exit_code`."""
+    """A SIGTERM or SIGINT stopped the run after an optimizer step and a checkpoint. It leaves `train.main` as
+    KeyboardInterrupt did (an in-process caller stops too); the command line exits with `signals.exit_code`."""
 
-    def __init__(self, result: RunResult, checkpoint: Path):
+    def __init__(self, result: RunResult, checkpoint: Path, is_main_process: bool = True):
         super().__init__(f"stopped by signal {result.stopped_by} after step {result.steps}; "
                          f"resume with checkpoint.resume_from=latest (saved {checkpoint})")
-        self.result = result
+        self.result, self.is_main_process = result, is_main_process
 
 
 class TrainingDiverged(RuntimeError):
@@ -328,7 +328,8 @@ def stop_if_needed(accelerator: Accelerator, cfg: RunConfig, logger: RunLogger, 
         path = saved or save()
         logger.write(f"signal {signum}: stopped after step {position.step}; checkpoint {path}")
         logger.close()
-        raise RunStopped(RunResult(Path(cfg.output_dir), None, position.step, logger.history, signum), path)
+        raise RunStopped(RunResult(Path(cfg.output_dir), None, position.step, logger.history, signum), path,
+                         accelerator.is_main_process)
 
 
 def save_final(accelerator: Accelerator, cfg: RunConfig, model, tokenizer, logger: RunLogger, total: int) -> RunResult:

@@ -110,6 +110,26 @@ def test_sigterm_finishes_the_step_saves_and_exits_then_resumes_exactly(tmp_path
     _resumed_matches(tmp_path / "run", uninterrupted, first_step=4)
 
 
+def test_in_process_a_signal_raises_run_stopped_and_the_handlers_are_restored(tmp_path, monkeypatch):
+    from engine.loops import common
+
+    step_fn, calls = common.optimizer_step, []
+
+    def signalled_in_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, once: the step still finishes
+        return step_fn(*args, **kwargs)
+
+    monkeypatch.setattr(common, "optimizer_step", signalled_in_step_2)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(common.RunStopped, match="stopped by signal 2 after step 2") as stopped:
+        run("sft.yaml", tmp_path, *SETTINGS)
+    assert stopped.value.result.stopped_by == signal.SIGINT and stopped.value.result.steps == 2
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2"]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
     # Two processes under torchrun; SIGTERM reaches rank 1 only, inside step 3. Rank 0 (which writes the
     # checkpoint and prints) learns of it through the all-reduced flag: no rank is left waiting in a collective.
