@@ -24,7 +24,7 @@ from safetensors import safe_open
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_PARTIAL = (".tmp_step_*", ".old_step_*")
+_PARTIAL = (".tmp_step_*", ".old_step_*", ".deleting_step_*")
 _hooked: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -82,7 +82,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: dic
         os.replace(tmp, final)
         _fsync_dir(root)
         for stale in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(stale)
+            doomed = root / f".deleting_{stale.name}"  # renamed first, so a half-deleted one is never loaded
+            os.replace(stale, doomed)
+            shutil.rmtree(doomed)
         clean_partial(output_dir)
     accelerator.wait_for_everyone()
     return final

@@ -10,8 +10,10 @@ the signal then, so the point of the kill is exact rather than a race against a 
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.checkpoint import list_checkpoints
+from engine.checkpoint import clean_partial, list_checkpoints, save_checkpoint
 from engine.loops.common import TrainingDiverged
 from losses import register, sft_loss
 from tests.engine.runs import REPO_ROOT, SMALL, TINY, run, series
@@ -187,6 +189,61 @@ def test_too_many_nan_steps_in_a_row_stop_with_the_last_good_weights_saved(tmp_p
     for key, value in load_file(saved / "model.safetensors").items():
         assert torch.equal(value, good[key]), key
     assert two.last("train/skipped_steps") == 0
+
+
+def _saver(tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(torch.nn.Linear(3, 2), torch.optim.AdamW([torch.nn.Parameter(
+        torch.zeros(1))]))
+
+    def save(step: int, keep_last: int = 2) -> Path:
+        return save_checkpoint(accelerator, tmp_path, {"step": step, "position": {"step": step}}, keep_last=keep_last)
+
+    return save
+
+
+def test_every_file_is_flushed_to_disk_before_the_rename_publishes_it(tmp_path, monkeypatch):
+    save, synced, published = _saver(tmp_path), set(), []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    def checked_replace(src, dst):
+        if Path(src).name.startswith(".tmp_step_"):
+            files = [str(p) for p in Path(src).rglob("*")] + [str(src)]
+            assert set(files) <= synced, sorted(set(files) - synced)
+            published.append(Path(dst).name)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", checked_replace)
+    save(1)
+    assert published == ["step_1"] and str(tmp_path / "checkpoints") in synced  # the parent, for the rename
+
+
+def test_a_step_saved_again_and_every_kind_of_leftover_are_handled(tmp_path):
+    save = _saver(tmp_path)
+    root = tmp_path / "checkpoints"
+    save(2)
+    save(2)  # a resumed run writes the step it resumed from again
+    save(4)
+    save(6)  # keep_last=2: step_2 goes
+    assert sorted(p.name for p in root.iterdir()) == ["step_4", "step_6"]
+
+    # Killed between setting step_6 aside and renaming its replacement in: the set-aside copy comes back.
+    os.replace(root / "step_6", root / ".old_step_6")
+    shutil.copytree(root / "step_4", root / ".tmp_step_6")
+    # Killed while deleting a pruned checkpoint: renamed away first, so never taken for a checkpoint.
+    shutil.copytree(root / "step_4", root / ".deleting_step_2")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_4"]
+    removed = clean_partial(tmp_path)
+    assert sorted(p.name for p in removed) == [".deleting_step_2", ".tmp_step_6"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_4", "step_6"]
+    assert json.loads((root / "step_6" / "trainer_state.json").read_text())["step"] == 6
 
 
 # ---- the fault points of the subprocess runs -------------------------------------------------------------
