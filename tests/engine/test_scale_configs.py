@@ -83,3 +83,16 @@ def test_cpu_config_starts_two_torchrun_processes():
     args = launch_args("cpu_2proc.yaml")
     # the torchrun launcher (not the one-process simple launcher that --cpu picks)
     assert args.multi_gpu and not args.cpu and args.num_processes == 2
+
+
+def test_cpu_flag_alone_gives_one_process():
+    """Why cpu_2proc.yaml goes through torchrun: with --cpu, accelerate's simple launcher runs the script once
+    (its multi-CPU path needs mpirun and a hostfile), whatever --num_processes says."""
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    args = launch_command_parser().parse_args(["--cpu", "--num_processes", "2", "engine/train.py"])
+    args = _validate_launch_command(args)[0]
+    assert args.cpu and not args.multi_gpu
+    command, env = prepare_simple_launcher_cmd_env(args)
+    assert command[1:] == ["engine/train.py"]  # python engine/train.py: one process
+    assert env["ACCELERATE_USE_CPU"] == "True"
