@@ -313,8 +313,8 @@ def check_memory(cfg: RunConfig, family: str, *, needs_reference: bool, device, 
 
     try:
         estimate = estimate_fn(cfg)
-    except OSError as error:  # a hub id whose config is not cached, offline
-        warnings.warn(f"memory check skipped: a model config could not be read ({error})", stacklevel=2)
+    except (OSError, ValueError, ImportError) as error:  # a hub id not cached offline, a custom architecture
+        warnings.warn(f"memory check skipped: the model could not be built from its config ({error})", stacklevel=2)
         return None
     where = f"{available / GiB:.1f} GiB available" if available is not None else None
     if available is None:

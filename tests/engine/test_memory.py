@@ -149,3 +149,12 @@ def test_the_entry_point_stops_before_loading_and_the_switch_skips(tmp_path, mon
         train.main(args)
     assert not (tmp_path / "config.yaml").exists()
     assert train.main(["--skip-memory-check", *args]).steps == 1
+
+
+def test_a_config_that_cannot_be_read_skips_the_check_with_a_warning(monkeypatch):
+    def offline(name, **kwargs):
+        raise OSError(f"{name} is not cached and there is no network")
+
+    monkeypatch.setattr(memory, "load_model_config", offline)
+    with pytest.warns(UserWarning, match="memory check skipped.*not cached"):
+        assert check_memory(config(), "pairwise", needs_reference=True, device="cpu", available=1) is None
