@@ -85,6 +85,16 @@ def test_dpo_two_processes_match_one_with_a_reference_computed_once(tmp_path):
         "random_states_0.pkl", "random_states_1.pkl"]
 
 
+def test_reward_model_two_processes_match_one(tmp_path):
+    steps = ["max_steps=2"]
+    single = run("reward.yaml", tmp_path / "one", *SETTINGS, *steps)
+    two = launch("reward.yaml", tmp_path / "two", *SETTINGS, *steps, env={"ACCELERATE_USE_CPU": "1"})
+    assert values(two, "loss") == pytest.approx(series(single, "loss"), rel=1e-5)
+    for key in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"):
+        assert len(values(two, key)) == 2  # steps 0 and 2
+        assert values(two, key) == pytest.approx(series(single, key), rel=1e-5, abs=1e-7), key
+
+
 def test_ppo_two_processes_match_one(tmp_path):
     """One PPO minibatch per iteration (the whole rollout batch, one epoch), so the shuffle cannot split rows
     differently; a near-greedy temperature, so both layouts sample the same responses; advantages not
