@@ -14,6 +14,7 @@ model, by `check_gradient_flow` (common.build_optimizer).
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 from engine.config import ConfigError, RunConfig
@@ -39,12 +40,19 @@ def check_startup(cfg: RunConfig, objective: Objective, accelerator) -> None:
         data_family, allow_pad_as_eos = DATA_FAMILY[objective.family]
         check_tokenizer(tokenizer, data_family, allow_pad_as_eos=allow_pad_as_eos)
     Formatter(cfg.data, tokenizer)  # a template that writes BOS twice, a prompt_format without {prompt}
-    model_config = load_model_config(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     if objective.family == "ppo":
         check_turns_end_with_a_stop_token(cfg, tokenizer, stop_tokens(tokenizer, cfg.model.name_or_path))
-    check_positions(cfg, objective.family, getattr(model_config, "max_position_embeddings", None))
     check_quantised_distribution(cfg, accelerator)
-    check_disk(cfg, model_config)
+    try:
+        model_config = load_model_config(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        check_positions(cfg, objective.family, getattr(model_config, "max_position_embeddings", None))
+        check_disk(cfg, model_config)
+    except (OSError, ValueError, ImportError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        # a hub id not cached offline, a custom architecture: the model loader reports what it finds
+        warnings.warn(f"position and disk checks skipped: the model config could not be read or built ({error})",
+                      stacklevel=2)
 
 
 def stop_tokens(tokenizer, name_or_path: str) -> list[str]:
