@@ -1,5 +1,6 @@
 """Each start-up check fails before any weights load, with a message that names the fix; and stays quiet on
-the settings that do work."""
+the settings that do work. Batch sizes that do not divide and an unwritable output directory are checked by
+the config and train.check_inputs, and tested in test_bad_input.py."""
 
 from __future__ import annotations
 
