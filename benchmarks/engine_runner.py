@@ -20,6 +20,20 @@ import torch
 from benchmarks.harness import FlopCounter, StepClock
 from benchmarks.workloads import SIZES, engine_args, model_dir
 
+PROTOTYPES = ("bench.drop_position_ids",)
+"""Engine changes prototyped here, switched like config keys: `bench.drop_position_ids=true` calls every
+model without `position_ids` when the batch has an attention mask (right padding: they are 0..T-1 anyway)."""
+
+
+def _without_position_ids(model: torch.nn.Module) -> torch.nn.Module:
+    def drop(module, args, kwargs):
+        if kwargs.get("attention_mask") is not None and kwargs.get("past_key_values") is None:
+            kwargs.pop("position_ids", None)
+        return args, kwargs
+
+    model.register_forward_pre_hook(drop, with_kwargs=True)
+    return model
+
 
 def run_engine(objective: str, size: str, *, steps: int | None = None, overrides: tuple[str, ...] = ()) -> StepClock:
     if objective == "ppo":
@@ -30,10 +44,13 @@ def run_engine(objective: str, size: str, *, steps: int | None = None, overrides
     spec = SIZES[size]
     counter = FlopCounter()
     clock = StepClock(counter, warmup=spec.warmup, rows_per_step=spec.batch)
+    prototypes = {o.partition("=")[0] for o in overrides if o.startswith(PROTOTYPES)}
+    overrides = tuple(o for o in overrides if not o.startswith(PROTOTYPES))
 
     def watched(load):
         def load_and_watch(*args, **kwargs):
-            return counter.watch(load(*args, **kwargs))
+            model = counter.watch(load(*args, **kwargs))
+            return _without_position_ids(model) if "bench.drop_position_ids" in prototypes else model
         return load_and_watch
 
     after_step = common.after_step

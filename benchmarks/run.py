@@ -34,6 +34,7 @@ TECHNIQUES = (
     ("dpo", "length-grouped batches", (), ("data.group_by_length=true",)),
     ("sft", "padding-free packing", (), ("data.packing=true",)),
     ("ppo", "value head on the policy instead of a critic copy", (), ("ppo.critic=null",)),
+    ("orpo", "no position_ids on right-padded batches (prototype)", (), ("bench.drop_position_ids=true",)),
 )
 
 
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="TRL with its own defaults (gradient checkpointing on) against the engine with "
                              "model.gradient_checkpointing=true; default: both without checkpointing")
     parser.add_argument("--techniques", action="store_true", help="each technique on vs off, engine only")
+    parser.add_argument("--engine-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="engine config override (or a prototype, e.g. bench.drop_position_ids=true) for "
+                             "the engine side of a peer comparison")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: the size's)")
@@ -166,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             # TRL >= 0.20 turns gradient checkpointing on by default; the engine leaves it off. Compare like
             # with like: both off (default), or both on (--peer-defaults). TRL's PPOTrainer leaves it off.
-            engine_on = ("model.gradient_checkpointing=true",) if args.peer_defaults else ()
+            engine_on = (("model.gradient_checkpointing=true",) if args.peer_defaults else ()) \
+                + tuple(args.engine_override)
             peer_on = () if args.peer_defaults or objective == "ppo" else ("gradient_checkpointing=false",)
             engine_runs, peer_runs = alternate(("engine", objective, engine_on), ("trl", objective, peer_on),
                                                args.repeats, args.size, args.threads, args.steps, log)

@@ -246,6 +246,26 @@ def logits_where_needed(size: str, repeats: int, vocab: int | None = None) -> di
     return out | {"vocab": model.config.vocab_size, "completion_fraction": float(mask.float().mean())}
 
 
+def no_position_ids(size: str, repeats: int) -> dict:
+    """A DPO policy pass (forward, token log-probs, backward) on a right-padded batch called without
+    `position_ids` (they equal 0..T-1 there) against with them, as engine/loops/{sft,pairwise}.py call it."""
+    from losses import token_logprobs
+
+    model, tokenizer = load(size)
+    batch = preference_batch(size, tokenizer, SIZES[size].batch)
+
+    def run(position_ids: bool):
+        def step():
+            kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            if position_ids:
+                kwargs["position_ids"] = batch["position_ids"]
+            logprobs, mask = token_logprobs(model(**kwargs).logits, batch["labels"])
+            (logprobs * mask).sum().backward()
+        return step
+
+    return measured(run(False), run(True), repeats)
+
+
 def kv_cache_rollout(size: str, repeats: int) -> dict:
     """rollout.generation.generate (KV cache, new token only) against re-running the whole sequence for each
     new token; same prompts, greedy, full length."""
@@ -320,6 +340,7 @@ TECHNIQUES = {
     "logits_where_needed": logits_where_needed,
     "logits_where_needed_32k": lambda size, repeats: logits_where_needed(size, repeats, vocab=32000),
     "kv_cache": kv_cache_rollout,
+    "no_position_ids": no_position_ids,
     "torch_compile": compiled_step,
 }
 

@@ -178,8 +178,14 @@ def run_trl_ppo(size: str, *, steps: int | None = None) -> StepClock:
     data = Dataset.from_dict({"input_ids": rows["prompt_input_ids"]})
     iterations = 1 + (steps or spec.ppo_steps)
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
-        args = PPOConfig(output_dir=out, per_device_train_batch_size=spec.minibatch, gradient_accumulation_steps=1,
-                         num_mini_batches=spec.rollout_batch // spec.minibatch, num_ppo_epochs=spec.ppo_epochs,
+        # TRL's rollout batch is per_device_train_batch_size x gradient_accumulation_steps, split into
+        # num_mini_batches; micro-batches of per_device_train_batch_size. Its Accelerator steps the optimizer
+        # every gradient_accumulation_steps micro-batches, so with these sizes it takes half the engine's
+        # optimizer steps over the same forward and backward work.
+        minibatches = spec.rollout_batch // spec.minibatch
+        args = PPOConfig(output_dir=out, per_device_train_batch_size=spec.minibatch,
+                         gradient_accumulation_steps=minibatches, num_mini_batches=minibatches,
+                         num_ppo_epochs=spec.ppo_epochs,
                          local_rollout_forward_batch_size=spec.rollout_batch, response_length=spec.max_new_tokens,
                          total_episodes=spec.rollout_batch * iterations, temperature=1.0, kl_coef=0.05,
                          vf_coef=0.1, cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95,
