@@ -136,6 +136,9 @@ def _sft_messages(r: _Row, key: str = "messages") -> dict:
     if not any(m["role"] == "assistant" for m in messages):
         roles = [m["role"] for m in messages]
         raise r.error(f"{key!r} has no assistant turn (roles {roles})", "at least one assistant turn to train on")
+    if messages[0]["role"] == "assistant":
+        raise r.error(f"{key!r} opens with an assistant turn", "a user or system turn before the first assistant turn",
+                      "Add the prompt turn the answer responds to, or remove the row.")
     return {"messages": messages}
 
 

@@ -89,10 +89,6 @@ def test_any_row_becomes_a_batch_a_counted_drop_or_an_error_naming_it(kind, form
             tokenised = Tokenise(family, formatter)(record)
         except DataError:
             return  # a whole-split problem (a template that cannot split a conversation), named by build_datasets
-        except ValueError as error:  # the known gap, pinned by the strict xfail test at the end
-            if "empty conversation" not in str(error):
-                raise
-            return
         assert len(tokenised[IDS[family]]) <= 64
         if tokenised["_drop"]:
             return
@@ -130,9 +126,6 @@ def test_a_file_of_such_rows_builds_or_fails_with_a_data_error(rows, tok_bos):
         assert len(bundle.train) + sum(split.dropped.values()) == len(rows)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "found by the property test above: data.tokenize.Formatter.conversation renders the turns before the first "
-    "assistant turn, none here, and transformers' apply_chat_template raises a plain ValueError"))
 def test_a_conversation_that_opens_with_an_assistant_turn_is_a_data_error(tmp_path, tok_bos):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "assistant", "content": "0"}]}) + "\n")
