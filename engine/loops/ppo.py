@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from data import build_datasets, make_collator
 from engine import models
-from engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from engine.checkpoint import load_checkpoint, resolve_resume
 from engine.config import ConfigError, RunConfig
 from engine.logging import RunLogger
 from engine.loops import common
@@ -114,18 +114,13 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         metrics["objective/kl_coef"] = kl_ctl.value
         kl_ctl.update(metrics["objective/kl"], n_steps=ppo.rollout_batch_size)
 
-        # 7. Log (sample generations as text) and checkpoint on their schedules.
+        # 7. Log (sample generations as text) and checkpoint on their schedules; stop on a signal, or after
+        # optim.max_bad_steps iterations in a row whose last update had a non-finite gradient.
         position.step += 1
-        logger.advance()
-        last = position.step == iterations
-        if position.step % cfg.logging.every_steps == 0 or last:
-            logger.log(position.step, metrics)
+        if position.step % cfg.logging.every_steps == 0 or position.step == iterations:
             logger.text("samples", samples_table(batch["prompt"], responses, exp.scores, ppo.log_samples), position.step)
-        if cfg.checkpoint.every_steps and (position.step % cfg.checkpoint.every_steps == 0 or last):
-            save_checkpoint(accelerator, cfg.output_dir, {
-                "step": position.step, "position": asdict(position),
-                "kl_controller": kl_ctl.state_dict(), "scorer": scorer.state_dict(),
-            }, keep_last=cfg.checkpoint.keep_last)
+        common.after_step(accelerator, cfg, logger, position, iterations, metrics, None,
+                          extra_state={"kl_controller": kl_ctl.state_dict(), "scorer": scorer.state_dict()})
 
     # 8. The policy (or adapter) and tokenizer in <output_dir>/final/, the value head beside them.
     result = common.save_final(accelerator, cfg, accelerator.unwrap_model(actor_critic).policy, tokenizer, logger,
