@@ -28,7 +28,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(_engine_dir))
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -110,8 +109,7 @@ def main(argv: list[str] | None = None) -> RunResult:
     )
 
     # 3. One loop per family; a signal stops it after a step, with a checkpoint, by raising RunStopped.
-    # The PPO loop does not stop on a signal yet: there SIGTERM and SIGINT keep their default effect.
-    with signals.graceful_stop() if objective.family != "ppo" else contextlib.nullcontext():
+    with signals.graceful_stop():
         return LOOPS[objective.family](cfg, accelerator, objective, loss_fn)
 
 

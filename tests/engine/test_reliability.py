@@ -132,6 +132,32 @@ def test_in_process_a_signal_raises_run_stopped_and_the_handlers_are_restored(tm
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_ppo_stops_on_a_signal_after_its_iteration_and_resumes_from_it(tmp_path, monkeypatch):
+    from engine.loops import common
+    from tests.engine.test_ppo_runs import SMALL as PPO_SMALL
+    from tests.engine.test_ppo_runs import run_ppo
+
+    step_fn, calls = common.optimizer_step, []
+
+    def signalled_in_the_first_update(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_fn(*args, **kwargs)
+
+    settings = [*PPO_SMALL, "max_steps=2", "checkpoint.every_steps=0"]
+    monkeypatch.setattr(common, "optimizer_step", signalled_in_the_first_update)
+    with pytest.raises(common.RunStopped, match="stopped by signal 15 after step 1"):
+        run_ppo(tmp_path, *settings)
+    monkeypatch.undo()
+    assert len(calls) == 4  # the iteration's 2 epochs x 2 minibatches all ran
+    (saved,) = list_checkpoints(tmp_path)
+    state = json.loads((saved / "trainer_state.json").read_text())
+    assert saved.name == "step_1" and {"kl_controller", "scorer"} <= state.keys()
+    resumed = run_ppo(tmp_path, *settings, "checkpoint.resume_from=latest")
+    assert [r["step"] for r in resumed.history] == [2] and resumed.last("train/skipped_steps") == 0
+
+
 def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
     # Two processes under torchrun; SIGTERM reaches rank 1 only, inside step 3. Rank 0 (which writes the
     # checkpoint and prints) learns of it through the all-reduced flag: no rank is left waiting in a collective.
