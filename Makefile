@@ -45,7 +45,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 quickstart: setup
-	$(PY) -m engine.quickstart
+	$(PY) -m engine.pipeline
 
 clean:
 	rm -rf $(VENV) .cache runs *.egg-info
