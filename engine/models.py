@@ -252,7 +252,7 @@ def has_adapter(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_final(model, tokenizer, out_dir, *, merge: bool = False) -> Path:
+def save_final(model, tokenizer, out_dir, *, merge: bool = False, state_dict: dict | None = None) -> Path:
     """Save the trained model and its tokenizer with `save_pretrained` in safetensors.
 
     An adapter model saves its adapter (plain `PeftModel.from_pretrained(base, out_dir)` reloads it), or with
@@ -260,13 +260,20 @@ def save_final(model, tokenizer, out_dir, *, merge: bool = False) -> Path:
     is merged in place, so `model` is a plain model afterwards. A quantised base is merged into a fresh
     full-precision copy of the base instead, since merging into 4-bit weights would round the update away.
     Pass the unwrapped model (`accelerator.unwrap_model`) and call this on the main process only.
+
+    `state_dict` is what gets written instead of `model.state_dict()`: under FSDP or DeepSpeed ZeRO-3 each
+    process holds only shards, so pass the full state dict from `accelerator.get_state_dict(model)` (keys as
+    in `model.state_dict()`; an adapter model keeps only its adapter weights from it).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if merge and has_adapter(model):
+        if state_dict is not None:
+            raise ValueError("export.merge with sharded weights (FSDP, DeepSpeed ZeRO-3) is not supported: "
+                             "save the adapter (export.merge=false) and merge it in one process afterwards")
         model = _quantised_base_merged(model) if _is_quantised(model) else model.merge_and_unload()
         model.config.use_cache = True  # switched off for gradient checkpointing; generation wants it back
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

@@ -5,12 +5,13 @@ Shapes: B batch, P prompt length (left padded), R response length (right padded)
 The decoding loop is written out over `past_key_values` instead of calling `model.generate`, for three
 reasons: each row gets its own length budget (the response-length sampler), position ids follow the
 attention mask exactly as they do in the training forward (so rollout and training log-probs agree on
-left-padded prompts), and the loop stops as soon as every row has finished.
+left-padded prompts), and the loop stops as soon as every row has finished (or, given `finished`, as soon as
+every row on every process has: see engine/distributed.py for why sharded weights need that).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -111,9 +112,17 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def finished_locally(done: torch.Tensor) -> bool:
+    """Stop decoding once every row of this process's (b,) bool `done` is True."""
+    return bool(done.all())
+
+
 @torch.no_grad()
-def _decode(model, input_ids, attention_mask, budgets, cfg, eos, pad_token_id, generator) -> torch.Tensor:
-    """Sample up to max(budgets) tokens for one micro-batch; (b, r) long, pad after a row finishes."""
+def _decode(model, input_ids, attention_mask, budgets, cfg, eos, pad_token_id, generator, finished) -> torch.Tensor:
+    """Sample one micro-batch's responses; (b, r) long, pad after a row finishes.
+
+    The loop's bound is `cfg.max_new_tokens`, the same on every process, and it stops when `finished(done)`;
+    a row past its EOS or budget keeps producing pad tokens while other rows (or processes) go on."""
     eos = torch.tensor(eos, device=input_ids.device)
     budgets = budgets.to(input_ids.device)
     attention_mask = attention_mask.long()
@@ -122,14 +131,14 @@ def _decode(model, input_ids, attention_mask, budgets, cfg, eos, pad_token_id, g
                 past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens = []
-    for step in range(int(budgets.max())):
+    for step in range(cfg.max_new_tokens):
         logits = out.logits[:, -1].float()
         if step < cfg.min_new_tokens:
             logits[:, eos] = float("-inf")
         token = sample_next_token(logits, cfg, generator).masked_fill(done, pad_token_id)
         tokens.append(token)
         done |= torch.isin(token, eos) | (step + 1 >= budgets)
-        if bool(done.all()):
+        if finished(done):
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
         position_ids = position_ids[:, -1:] + 1
@@ -141,7 +150,8 @@ def _decode(model, input_ids, attention_mask, budgets, cfg, eos, pad_token_id, g
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: SamplingConfig, *,
              eos_token_id: int | Sequence[int] | None, pad_token_id: int,
-             generator: torch.Generator | None = None) -> Generation:
+             generator: torch.Generator | None = None,
+             finished: Callable[[torch.Tensor], bool] = finished_locally) -> Generation:
     """Sample a response for each left-padded prompt, `cfg.micro_batch_size` rows at a time.
 
     `model` is the unwrapped causal LM (`accelerator.unwrap_model`, a peft model is fine). It runs in
@@ -151,9 +161,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: 
         input_ids: (B, P) long, left padded.
         attention_mask: (B, P), 1 on real prompt tokens.
         eos_token_id: one id or several (chat models often end turns with their own token).
+        finished: given the (b,) bool rows done so far, whether to stop decoding; under FSDP or ZeRO-3 pass
+            `engine.distributed.finished_everywhere`, so every process runs the same number of forwards.
     Returns:
-        Generation with sequences (B, P + R), R the longest response; every token after a row's first
-        EOS is `pad_token_id` and outside `action_mask`.
+        Generation with sequences (B, P + R), R the longest response (or more under `finished`, in pad
+        columns); every token after a row's first EOS is `pad_token_id` and outside `action_mask`.
     """
     eos = eos_ids(eos_token_id)
     batch_size, prompt_length = input_ids.shape
@@ -170,7 +182,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: 
     model.eval()
     try:
         chunks = [_decode(model, input_ids[i:i + cfg.micro_batch_size], attention_mask[i:i + cfg.micro_batch_size],
-                          budgets[i:i + cfg.micro_batch_size], cfg, eos, pad_token_id, generator)
+                          budgets[i:i + cfg.micro_batch_size], cfg, eos, pad_token_id, generator, finished)
                   for i in range(0, batch_size, cfg.micro_batch_size)]
     finally:
         model.train(was_training)

@@ -332,14 +332,30 @@ def stop_if_needed(accelerator: Accelerator, cfg: RunConfig, logger: RunLogger, 
                          accelerator.is_main_process)
 
 
-def save_final(accelerator: Accelerator, cfg: RunConfig, model, tokenizer, logger: RunLogger, total: int) -> RunResult:
-    """`<output_dir>/final/`: the model (or adapter, or merged model) and tokenizer, from the main process."""
+def shards_weights(accelerator: Accelerator) -> bool:
+    """Whether each process holds only shards of the weights: FSDP or DeepSpeed ZeRO-3."""
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3)
+
+
+def save_final(accelerator: Accelerator, cfg: RunConfig, model, tokenizer, logger: RunLogger, total: int,
+               state_dict: dict | None = None) -> RunResult:
+    """`<output_dir>/final/`: the model (or adapter, or merged model) and tokenizer, from the main process.
+
+    With sharded weights the full state dict is gathered first, on every process (a collective), unless the
+    caller passes it as `state_dict`; the main process writes it once."""
     from engine import models
 
     final_dir = Path(cfg.output_dir) / "final"
     accelerator.wait_for_everyone()
+    if state_dict is None and shards_weights(accelerator):
+        state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        models.save_final(accelerator.unwrap_model(model), tokenizer, final_dir, merge=cfg.export.merge)
+        models.save_final(accelerator.unwrap_model(model), tokenizer, final_dir, merge=cfg.export.merge,
+                          state_dict=state_dict)
     accelerator.wait_for_everyone()
     logger.close()
     return RunResult(Path(cfg.output_dir), final_dir, total, logger.history)

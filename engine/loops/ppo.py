@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
 from data import build_datasets, make_collator
 from engine import models
 from engine.checkpoint import load_checkpoint, resolve_resume
 from engine.config import ConfigError, RunConfig
+from engine.distributed import finished_everywhere
 from engine.logging import RunLogger
 from engine.loops import common
 from engine.tiny import resolve_model_path
@@ -43,7 +45,7 @@ from losses import (
     ppo_value_loss,
 )
 from rollout.experience import Experience, make_experience, response_logprobs
-from rollout.generation import SamplingConfig, eos_ids, generate
+from rollout.generation import SamplingConfig, eos_ids, finished_locally, generate
 from rollout.scoring import RewardFunction, RewardModel, Scorer, default_format, load_reward_function
 from rollout.value_head import VALUE_HEAD_FILE, ActorCritic, ValueHead, load_value_head, save_value_head
 
@@ -94,6 +96,9 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     logger = RunLogger(cfg.output_dir, total_steps=iterations, start_step=position.step,
                        enabled=accelerator.is_main_process, progress_bar=cfg.logging.progress_bar, desc="ppo")
 
+    # Sharded weights are gathered in every forward, so every process decodes until all are done.
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    finished = finished_everywhere if sharded else finished_locally
     for batch in prompt_batches(accelerator, loader, position, iterations):
         # The iteration's randomness (sampling, minibatch shuffles, dropout) depends on (seed, step, process)
         # alone, so a resumed run replays it exactly, whatever else drew from the RNG since the checkpoint
@@ -102,7 +107,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         # 4. Steps 1-5: generate, score, reference log-probs and values, KL-shaped rewards, GAE.
         exp, responses, stats, times = rollout(batch, actor_critic=accelerator.unwrap_model(actor_critic),
                                         reference=reference, scorer=scorer, tokenizer=tokenizer, sampling=sampling,
-                                        cfg=cfg, kl_coef=kl_ctl.value, eos_token_id=eos)
+                                        cfg=cfg, kl_coef=kl_ctl.value, eos_token_id=eos, finished=finished)
         # 5. Step 6: epochs x shuffled minibatches of the clipped policy and value losses.
         start = time.perf_counter()
         update = ppo_update(exp, accelerator=accelerator, actor_critic=actor_critic, optimizer=optimizer,
@@ -123,8 +128,13 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                           extra_state={"kl_controller": kl_ctl.state_dict(), "scorer": scorer.state_dict()})
 
     # 8. The policy (or adapter) and tokenizer in <output_dir>/final/, the value head beside them.
+    # Sharded weights: gather the whole actor-critic on every process (a collective) and keep the policy's part.
+    policy_state = None
+    if common.shards_weights(accelerator):
+        policy_state = {key.removeprefix("policy."): value for key, value in
+                        accelerator.get_state_dict(actor_critic).items() if key.startswith("policy.")}
     result = common.save_final(accelerator, cfg, accelerator.unwrap_model(actor_critic).policy, tokenizer, logger,
-                               iterations)
+                               iterations, state_dict=policy_state)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(actor_critic)
         save_value_head(unwrapped.value_head, result.final_dir)
@@ -136,7 +146,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
 
 @torch.no_grad()
 def rollout(batch: dict, *, actor_critic: ActorCritic, reference, scorer: Scorer, tokenizer, sampling: SamplingConfig,
-            cfg: RunConfig, kl_coef: float, eos_token_id: int | list[int] | None = None
+            cfg: RunConfig, kl_coef: float, eos_token_id: int | list[int] | None = None,
+            finished: Callable[[torch.Tensor], bool] = finished_locally
             ) -> tuple[Experience, list[str], common.MeanMetrics, dict[str, float]]:
     """Steps 1-5 of an iteration on one process's prompts: the Experience with rewards, advantages and
     returns, the response texts, per-row statistics, and this process's timings."""
@@ -145,7 +156,7 @@ def rollout(batch: dict, *, actor_critic: ActorCritic, reference, scorer: Scorer
     # 1. Sample with the unwrapped policy and its KV cache.
     gen = generate(actor_critic.policy, batch["input_ids"], batch["attention_mask"], sampling,
                    eos_token_id=eos_token_id if eos_token_id is not None else tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
+                   pad_token_id=tokenizer.pad_token_id, finished=finished)
     responses = tokenizer.batch_decode(gen.responses.masked_fill(~gen.action_mask, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
     generation_time, timer = time.perf_counter() - timer, time.perf_counter()

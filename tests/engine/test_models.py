@@ -339,3 +339,38 @@ def test_reward_adapter_with_its_head_reloads_in_plain_peft(tmp_path, tokenizer,
     with torch.no_grad():
         got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_state_dict_passed_in_is_what_gets_written(tmp_path, tokenizer):
+    """Under FSDP or ZeRO-3 the gathered state dict is written, not the process's own (sharded) weights."""
+    model = load_policy(TINY)
+    own = {key: value.clone() for key, value in model.state_dict().items()}
+    gathered = {key: value + 1 for key, value in own.items()}
+    out = save_final(model, tokenizer, tmp_path / "gathered", state_dict=gathered)
+    written = load_file(out / "model.safetensors")
+    assert written and all(torch.equal(written[key], gathered[key]) for key in written)
+    assert all(torch.equal(value, own[key]) for key, value in model.state_dict().items())  # model untouched
+    plain = load_file(save_final(model, tokenizer, tmp_path / "own") / "model.safetensors")
+    assert plain.keys() == written.keys() and all(torch.equal(plain[key], own[key]) for key in plain)
+
+
+def test_an_adapter_keeps_only_its_weights_from_a_state_dict_passed_in(tmp_path, tokenizer):
+    model = load_policy(LORA)
+    gathered = {key: value + 1 for key, value in model.state_dict().items()}
+    out = save_final(model, tokenizer, tmp_path / "adapter", state_dict=gathered)
+    written = load_file(out / "adapter_model.safetensors")
+    assert written and all("lora_" in key for key in written)
+    own = {key: value for key, value in model.state_dict().items() if "lora_" in key}
+    for key, value in written.items():
+        match = [k for k in own if k.replace(".default", "") == key]
+        assert len(match) == 1 and torch.equal(value, gathered[match[0]])
+    with pytest.raises(ValueError, match="export.merge"):
+        save_final(model, tokenizer, tmp_path / "merged", merge=True, state_dict=gathered)
+
+
+def test_one_process_does_not_shard_weights():
+    from accelerate import Accelerator
+
+    from engine.loops.common import shards_weights
+
+    assert not shards_weights(Accelerator(cpu=True))

@@ -103,3 +103,31 @@ def test_bad_inputs_are_clear_errors():
         generate(model, ids.flip(1), mask.flip(1), SamplingConfig(), eos_token_id=EOS, pad_token_id=PAD)
     with pytest.raises(ValueError, match="response_length"):
         SamplingConfig(max_new_tokens=10, response_length=(4, 20))
+
+
+def test_rows_keep_padding_while_another_process_is_still_decoding():
+    """A `finished` that says stop only at the last step stands for a process whose rows are all done while
+    another's are not: it decodes all max_new_tokens steps, one forward each, and what it returns differs from
+    stopping early only by pad columns outside the action mask."""
+    model = eos_prone_model()
+    ids, mask = left_pad(PROMPTS * 2, PAD)
+    cfg = SamplingConfig(max_new_tokens=10, temperature=1.0, response_length=(2, 6), micro_batch_size=16)
+    early = generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD,
+                     generator=torch.Generator().manual_seed(0))
+    forwards, calls = [], []
+
+    def finished(done):
+        calls.append(bool(done.all()))
+        return len(calls) == cfg.max_new_tokens
+
+    handle = model.register_forward_hook(lambda *_: forwards.append(1))
+    late = generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD,
+                    generator=torch.Generator().manual_seed(0), finished=finished)
+    handle.remove()
+    width = early.responses.shape[1]
+    assert width <= 6 and late.responses.shape[1] == 10 and len(forwards) == 10
+    assert calls[width - 1:] == [True] * (11 - width)  # every row was done from the early stop on
+    assert torch.equal(late.responses[:, :width], early.responses)
+    assert torch.equal(late.action_mask[:, :width], early.action_mask) and not late.action_mask[:, width:].any()
+    assert late.responses[:, width:].eq(PAD).all()
+    assert torch.equal(late.no_eos, early.no_eos)
