@@ -199,6 +199,9 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    memory_check: bool = True
+    """Stop at start-up when the memory estimate (engine/memory.py) exceeds the device's free memory;
+    false (or --skip-memory-check) starts anyway."""
 
     def __post_init__(self):
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)

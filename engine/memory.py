@@ -331,5 +331,5 @@ def check_memory(cfg: RunConfig, family: str, *, needs_reference: bool, device, 
         f"{estimate.format()}\n"
         "What would make it fit (each line adds to the ones above):\n" + "\n".join(lines or ["  (none left)"]) + "\n"
         "Under FSDP or DeepSpeed ZeRO-3 (configs/accelerate/) the weights, gradients and optimizer state split "
-        "across GPUs. Skip this check with --skip-memory-check."
+        "across GPUs. Skip this check with --skip-memory-check or memory_check=false."
     )

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> RunResult:
         step_scheduler_with_optimizer=False,
     )
     check_startup(cfg, objective, accelerator)
-    if not args.skip_memory_check:  # an estimate from the model's config alone, before any weights load
+    # an estimate from the model's config alone, before any weights load
+    if cfg.memory_check and not args.skip_memory_check:
         check_memory(cfg, objective.family, needs_reference=objective.needs_reference, device=accelerator.device,
                      processes_per_device=accelerator.num_processes if accelerator.device.type == "cpu" else 1)
     set_seed(cfg.seed)

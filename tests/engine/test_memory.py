@@ -151,6 +151,16 @@ def test_the_entry_point_stops_before_loading_and_the_switch_skips(tmp_path, mon
     assert train.main(["--skip-memory-check", *args]).steps == 1
 
 
+def test_memory_check_false_in_the_config_skips_the_check(tmp_path, monkeypatch):
+    from engine import train
+
+    monkeypatch.setattr(memory, "available_memory", lambda device: (1024**2, "a 1 MiB test device"))
+    args = ["--config", str(TINY / "sft.yaml"), f"output_dir={tmp_path}", *SMALL, "max_steps=1"]
+    with pytest.raises(MemoryCheckError, match="a 1 MiB test device"):
+        train.main([*args, "memory_check=true"])
+    assert train.main([*args, "memory_check=false"]).steps == 1
+
+
 def test_a_config_that_cannot_be_read_skips_the_check_with_a_warning(monkeypatch):
     def offline(name, **kwargs):
         raise OSError(f"{name} is not cached and there is no network")
