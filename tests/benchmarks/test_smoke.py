@@ -13,8 +13,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from benchmarks import run as bench_run
 from benchmarks.harness import FlopCounter, ModelShape, StepClock
 
-torch.set_num_threads(1)
-
 
 def tiny_llama(layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(0)

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from engine import train
-
-# One thread: on a small shared CPU, two threads that wait on each other run these tiny models 5x slower.
-torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = REPO_ROOT / "configs" / "tiny"

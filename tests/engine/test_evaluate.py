@@ -14,14 +14,6 @@ from engine.tiny import build_tiny_model, resolve_model_path
 from rollout.generation import SamplingConfig, generate
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir() -> str:
     return resolve_model_path("tiny")

@@ -18,14 +18,6 @@ from rollout.generation import SamplingConfig, generate
 PROMPTS = ["Sort the letters: q e b m", "Sort the letters: z a k", "Sort the letters: h c x f d"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir() -> str:
     return resolve_model_path("tiny")

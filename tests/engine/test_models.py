@@ -31,16 +31,6 @@ LORA = replace(TINY, lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
 QLORA = replace(LORA, quant=QuantConfig(bits=4, compute_dtype="float32"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core machine oversubscribed threads make
-    the quantised kernels 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer(TINY)

@@ -22,8 +22,6 @@ from rollout.generation import SamplingConfig
 from rollout.scoring import RewardFunction, Scorer
 from rollout.value_head import ActorCritic
 
-torch.set_num_threads(1)
-
 
 def run_config(raw: dict) -> RunConfig:
     return from_dict(RunConfig, raw)

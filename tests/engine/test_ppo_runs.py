@@ -19,7 +19,6 @@ from engine import train
 from engine.tiny import resolve_model_path
 from rollout.generation import SamplingConfig, generate
 
-torch.set_num_threads(1)
 TINY_PPO = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "ppo.yaml"
 
 

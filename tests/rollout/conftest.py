@@ -5,8 +5,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from data.tiny_tokenizer import build_tokenizer
 from rollout.value_head import ValueHead
 
-torch.set_num_threads(1)
-
 
 def llama_config(vocab_size: int, *, pad: int, eos: int, bos: int = 1, seed_hidden: int = 32) -> LlamaConfig:
     return LlamaConfig(vocab_size=vocab_size, hidden_size=seed_hidden, intermediate_size=64, num_hidden_layers=2,
