@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from engine.config import ModelConfig, ReferenceConfig
+from engine.logprobs import label_logprobs
 from engine.models import has_adapter, load_policy, reference_model_config
 from engine.tiny import cache_root, resolve_model_path
-from losses import masked_sum, token_logprobs
+from losses import masked_sum
 
 MODES = ("copy", "disabled", "precomputed")
 REDUCTIONS = ("sum", "mean")
@@ -34,13 +35,7 @@ REDUCTIONS = ("sum", "mean")
 
 def sequence_logprobs(model, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Per-token log-probs of `batch["labels"]` under `model`: ((N, T-1) fp32, (N, T-1) bool mask)."""
-    outputs = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    )
-    return token_logprobs(outputs.logits, batch["labels"])
+    return label_logprobs(model, batch)
 
 
 def sequence_sums(logprobs: Tensor, mask: Tensor, seq_lens: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -10,9 +10,10 @@ from data import build_datasets, make_collator
 from engine import models
 from engine.config import RunConfig, to_dict
 from engine.logging import RunLogger
+from engine.logprobs import label_logprobs
 from engine.loops import common
 from engine.reference import add_row_index, make_reference, reduce_logprobs, split_pairs
-from losses import Objective, token_logprobs
+from losses import Objective
 
 
 def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> common.RunResult:
@@ -53,9 +54,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         # One forward over the (2B, T) batch: rows [0, B) are the chosen sequences, [B, 2B) the rejected; the
         # objective on the first `pairs` pairs (all when None).
         keep = slice(pairs)
-        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        position_ids=batch["position_ids"], use_cache=False).logits
-        logprobs, mask = token_logprobs(logits, batch["labels"])
+        logprobs, mask = label_logprobs(policy, batch)
         if reference is not None:
             ref_chosen, ref_rejected = reference.logps(batch, reduction=objective.logps_reduction, split=split)
             chosen, rejected = split_pairs(reduce_logprobs(logprobs, mask, objective.logps_reduction))

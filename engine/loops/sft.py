@@ -11,8 +11,9 @@ from data import build_datasets, make_collator
 from engine import models
 from engine.config import RunConfig
 from engine.logging import RunLogger
+from engine.logprobs import label_logprobs
 from engine.loops import common
-from losses import Objective, token_logprobs
+from losses import Objective
 
 
 def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> common.RunResult:
@@ -39,9 +40,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
 
     def forward(batch):
         # A packed batch has no attention mask: its position ids keep the sequences apart, with no cache.
-        logits = policy(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                        position_ids=batch["position_ids"], use_cache=False).logits
-        logprobs, mask = token_logprobs(logits, batch["labels"])
+        # The LM head runs only where a label is; `logits` are those K positions' (K, V) rows.
+        logprobs, mask, logits = label_logprobs(policy, batch, return_logits=True)
         return logits, logprobs, mask
 
     def evaluate() -> dict[str, float]:
@@ -52,8 +52,9 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                 if cfg.eval.max_batches is not None and index >= cfg.eval.max_batches:
                     break
                 logits, logprobs, mask = forward(batch)
-                mask[common.real_rows(accelerator, len(mask)):] = False  # the repeats padding the last round
-                correct = (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]) & mask
+                correct = torch.zeros_like(mask).masked_scatter(mask, logits.argmax(-1) == batch["labels"][:, 1:][mask])
+                repeats = slice(common.real_rows(accelerator, len(mask)), None)  # the rows padding the last round
+                mask[repeats], correct[repeats] = False, False
                 sums += torch.stack([-(logprobs * mask).sum(), correct.sum(), mask.sum()]).float()
         policy.train()
         nll, correct, tokens = accelerator.reduce(sums, "sum").tolist()
