@@ -6,6 +6,13 @@ find_packed_sequence_indices) then builds a causal mask that never crosses a seq
 the position ids, for sdpa, eager and flash attention alike. It does so only when no cache is passed,
 so call the model with `use_cache=False` (the default `use_cache=True` creates an empty cache and the
 sequences attend to each other).
+
+Shared-prompt preference batches (`share_prompt=True`) hold one row per pair: the prefix that chosen and
+rejected have in common (the prompt), then the rest of chosen, then the rest of rejected, so the prompt
+is run once instead of twice (Wang et al., 2024, "Accelerating Direct Preference Optimization with Prefix
+Sharing", arXiv:2410.20305). A (B, 1, T, T) boolean attention mask keeps rejected tokens from seeing the
+chosen ones, and the rejected part's position ids restart where the prompt ends, so every token sees
+exactly what it sees in its own sequence: the outputs equal the ordinary layout's.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ def make_collator(
     packing: bool = False,
     pad_to_multiple_of: int | None = None,
     allow_pad_as_eos: bool = False,
+    share_prompt: bool = False,
 ):
     """A picklable `collate_fn` for a DataLoader over `build_datasets(family, ...)` rows.
 
@@ -43,16 +51,20 @@ def make_collator(
     prompt     -> input_ids, attention_mask (B, P) left-padded; prompt list[str]; extras list[dict]
     packing    -> (1, N) input_ids, labels, position_ids; attention_mask None; seq_lens (S,) the length
                   of each packed sequence in order (the padding tail, if any, is not counted)
+    share_prompt (preference, without packing) -> one row per pair, see `share_prompt_batch`
     """
     if family not in ("sft", "preference", "prompt"):
         raise DataError(f"unknown data family {family!r}; expected 'sft', 'preference' or 'prompt'.")
     check_tokenizer(tokenizer, family, allow_pad_as_eos=allow_pad_as_eos)
     if packing and family == "prompt":
         raise DataError("packing is for training batches (sft, preference); prompts for generation are left-padded.")
-    return partial(_collate, family, tokenizer.pad_token_id, packing, pad_to_multiple_of or 1)
+    shared = share_prompt and family == "preference" and not packing
+    return partial(_collate, family, tokenizer.pad_token_id, packing, pad_to_multiple_of or 1, shared)
 
 
-def _collate(family: str, pad_id: int, packing: bool, multiple: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _collate(
+    family: str, pad_id: int, packing: bool, multiple: int, shared: bool, rows: list[dict[str, Any]]
+) -> dict[str, Any]:
     if family == "prompt":
         return _left_pad(rows, pad_id, multiple)
     if family == "sft":
@@ -60,7 +72,12 @@ def _collate(family: str, pad_id: int, packing: bool, multiple: int, rows: list[
     else:
         sequences = [(r["chosen_input_ids"], r["chosen_labels"]) for r in rows]
         sequences += [(r["rejected_input_ids"], r["rejected_labels"]) for r in rows]
-    batch = _pack(sequences, pad_id, multiple) if packing else _right_pad(sequences, pad_id, multiple)
+    if shared:
+        batch = share_prompt_batch(sequences, pad_id, multiple)
+    elif packing:
+        batch = _pack(sequences, pad_id, multiple)
+    else:
+        batch = _right_pad(sequences, pad_id, multiple)
     if family == "preference" and "margin" in rows[0]:
         batch["margin"] = torch.tensor([float(r["margin"]) for r in rows], dtype=torch.float32)
     return batch
@@ -82,6 +99,56 @@ def _right_pad(sequences: list[tuple[list[int], list[int]]], pad_id: int, multip
         attention_mask[i, : len(ids)] = 1
     position_ids = torch.arange(T, dtype=torch.long).expand(B, T).clone()
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids}
+
+
+def share_prompt_batch(sequences: list[tuple[list[int], list[int]]], pad_id: int, multiple: int = 1) -> dict[str, Any]:
+    """B pairs, given as 2B sequences [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}], as B rows that
+    hold each prompt once: `chosen + rejected[p:]`, p the length of the prefix the two have in common (the
+    prompt, and any first response tokens they share). Right-padded to T.
+
+    input_ids, position_ids (B, T): the rejected part's positions restart at p; padding has position 0.
+    attention_mask (B, 1, T, T) bool, True = the query (dim 2) attends to the key (dim 3): causal, except
+        that rejected tokens never see chosen[p:]; a padding position sees itself only (no row is empty).
+    labels (2B, T'): the labels of the ordinary `_right_pad` layout of the same sequences, unchanged.
+    token_positions (2B, T'): where token t of ordinary row r sits in shared row r % B; -1 on padding.
+    """
+    ordinary = _right_pad(sequences, pad_id, multiple)
+    n_pairs = len(sequences) // 2
+    pairs = [(chosen, rejected) for (chosen, _), (rejected, _) in zip(sequences[:n_pairs], sequences[n_pairs:])]
+    prefixes = [_common_prefix(chosen, rejected) for chosen, rejected in pairs]
+    T = _round_up(max(len(c) + len(r) - p for (c, r), p in zip(pairs, prefixes)), multiple)
+    input_ids = torch.full((n_pairs, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n_pairs, T), dtype=torch.long)
+    attention_mask = torch.zeros((n_pairs, 1, T, T), dtype=torch.bool)
+    token_positions = torch.full_like(ordinary["labels"], -1)
+    query, key = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    for i, ((chosen, rejected), p) in enumerate(zip(pairs, prefixes)):
+        c, n = len(chosen), len(chosen) + len(rejected) - p  # chosen ends at c, rejected at n
+        input_ids[i, :n] = torch.tensor(chosen + rejected[p:], dtype=torch.long)
+        position_ids[i, :c] = torch.arange(c)
+        position_ids[i, c:n] = torch.arange(p, len(rejected))
+        token_positions[i, :c] = torch.arange(c)
+        token_positions[n_pairs + i, :p] = torch.arange(p)
+        token_positions[n_pairs + i, p : len(rejected)] = torch.arange(c, n)
+        real = (query < n) & (key < n)
+        rejected_sees_chosen = (query >= c) & (key >= p) & (key < c)
+        attention_mask[i, 0] = ((key <= query) & real & ~rejected_sees_chosen) | ((query == key) & ~real)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "labels": ordinary["labels"],
+        "token_positions": token_positions,
+    }
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _pack(sequences: list[tuple[list[int], list[int]]], pad_id: int, multiple: int) -> dict[str, Any]:

@@ -46,6 +46,12 @@ class DataConfig:
     seed: int = 0
     packing: bool = False
     """Padding-free batches: sequences concatenated into one row, position ids restarting per sequence."""
+    share_prompt: bool = True
+    """Preference batches hold each prompt once: one row per pair, prompt + chosen + rejected response, with
+    an attention mask that hides chosen from rejected and rejected position ids restarting after the prompt.
+    Exact (the same log-probs and rewards) and about a third fewer tokens on short prompts. Where it cannot
+    be used (attention other than sdpa or eager, packing, a reward model without a `score` head) batches
+    keep the ordinary layout, saying so in one log line."""
     group_by_length: bool = False
     """Batch rows of similar length together (less padding); see data.collators.length_grouped_indices."""
     cache_dir: str | None = None
