@@ -8,6 +8,9 @@ labels[:, t + 1] is trained, so the head's matmul, the log-softmax and their bac
 K = mask.sum() positions a loss reads: at a 32k vocabulary and responses a quarter of the batch, that is
 most of the head's cost. The result has the layout of `losses.token_logprobs` ((B, T-1), zeros where the
 mask is False), so everything downstream is unchanged.
+
+A shared-prompt preference batch (data.share_prompt) is handled by `shared_label_logprobs`, which returns
+the ordinary layout's (2B, T'-1) log-probs from its B rows.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from engine.shared_prompt import is_shared, model_attention_mask
 from losses import gather_logprobs, token_logprobs
 
 
@@ -31,6 +35,8 @@ def label_logprobs(
 
     A model that ignores a boolean `logits_to_keep` (full (B, T, V) logits back) is handled the slow way.
     """
+    if is_shared(batch):
+        return shared_label_logprobs(model, batch, ignore_index=ignore_index, return_logits=return_logits)
     labels = batch["labels"]
     mask = labels[:, 1:] != ignore_index
     keep = torch.zeros_like(labels, dtype=torch.bool)
@@ -48,3 +54,45 @@ def label_logprobs(
     selected = gather_logprobs(logits.unsqueeze(0), labels[:, 1:][mask].unsqueeze(0)).squeeze(0)
     logprobs = torch.zeros(mask.shape, dtype=selected.dtype, device=selected.device).masked_scatter(mask, selected)
     return (logprobs, mask, logits) if return_logits else (logprobs, mask)
+
+
+def shared_label_logprobs(
+    model, batch: Mapping[str, Tensor], *, ignore_index: int = -100, return_logits: bool = False
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    """`label_logprobs` of a shared-prompt batch (data.collators.share_prompt_batch): what the ordinary layout
+    of the same pairs gives, (2B, T'-1) chosen rows then rejected rows, from one forward over its B rows.
+
+    Token t of ordinary row r sits at position token_positions[r, t] of shared row r % B, and the logits
+    there predict labels[r, t + 1]. The head runs once at each of the K shared positions some label needs;
+    the last prompt position predicts both responses' first tokens, so its logits are read twice (as are
+    the prompt's when the loss is on the prompt). With `return_logits=True`, the (N, V) logits of the N
+    masked positions in the ordinary row-major order (rows read twice are copied).
+    """
+    labels = batch["labels"]  # (2B, T')
+    mask = labels[:, 1:] != ignore_index
+    n_rows, width = batch["input_ids"].shape
+    rows = torch.arange(len(labels), device=labels.device) % n_rows
+    flat = (rows[:, None] * width + batch["token_positions"][:, :-1])[mask]  # (N,) each label's logits, flattened
+    keep = torch.zeros(n_rows * width, dtype=torch.bool, device=labels.device)
+    keep[flat] = True
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=model_attention_mask(model, batch),
+        position_ids=batch["position_ids"],
+        use_cache=False,
+        logits_to_keep=keep.view(n_rows, width),
+    ).logits
+    if logits.dim() == 3:  # the whole sequence came back
+        logits = logits.flatten(0, 1)[keep]
+    slot = (keep.cumsum(0) - 1)[flat]  # (N,) each label's row of the (K, V) logits
+    targets = labels[:, 1:][mask]
+    # Each of the K rows is scored against the first label that reads it, in place (no copy of the logits);
+    # the few rows read again are copied and scored against their second label.
+    uses = torch.arange(len(flat), device=labels.device)
+    first = torch.full((len(logits),), len(flat), device=labels.device).scatter_reduce(0, slot, uses, "amin")
+    again = torch.ones(len(flat), dtype=torch.bool, device=labels.device).index_fill(0, first, False)
+    selected = gather_logprobs(logits.unsqueeze(0), targets[first].unsqueeze(0)).squeeze(0)[slot]
+    repeated = gather_logprobs(logits[slot[again]].unsqueeze(0), targets[again].unsqueeze(0)).squeeze(0)
+    selected = selected.masked_scatter(again, repeated)
+    logprobs = torch.zeros(mask.shape, dtype=selected.dtype, device=selected.device).masked_scatter(mask, selected)
+    return (logprobs, mask, logits[slot]) if return_logits else (logprobs, mask)

@@ -13,6 +13,7 @@ from engine.logging import RunLogger
 from engine.logprobs import label_logprobs
 from engine.loops import common
 from engine.reference import add_row_index, make_reference, reduce_logprobs, split_pairs
+from engine.shared_prompt import use_shared_prompt
 from losses import Objective
 
 
@@ -24,8 +25,10 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                           report_dir=cfg.output_dir if accelerator.is_main_process else None)
     train_rows = add_row_index(data.train)
     eval_rows = add_row_index(data.eval) if data.eval is not None and len(data.eval) else None
-    # Labels mark every response token, EOS included, so a pad token equal to EOS is harmless here.
-    collate = with_row_index(make_collator("preference", tokenizer, allow_pad_as_eos=True))
+    # Labels mark every response token, EOS included, so a pad token equal to EOS is harmless here. With
+    # data.share_prompt a batch holds each prompt once (one row per pair); its labels keep the 2B-row layout.
+    share = use_shared_prompt(cfg.data, policy, log=accelerator.print)
+    collate = with_row_index(make_collator("preference", tokenizer, allow_pad_as_eos=True, share_prompt=share))
 
     # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
     train_loader = common.train_loader(train_rows, collate, cfg, "preference")
@@ -51,8 +54,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                        enabled=accelerator.is_main_process, progress_bar=cfg.logging.progress_bar, desc=objective.name)
 
     def loss_on(batch, split: str, pairs: int | None = None):
-        # One forward over the (2B, T) batch: rows [0, B) are the chosen sequences, [B, 2B) the rejected; the
-        # objective on the first `pairs` pairs (all when None).
+        # One forward over the batch; the log-probs' rows [0, B) are the chosen sequences, [B, 2B) the
+        # rejected (shared-prompt batches included); the objective on the first `pairs` pairs (all when None).
         keep = slice(pairs)
         logprobs, mask = label_logprobs(policy, batch)
         if reference is not None:
@@ -70,7 +73,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                 if cfg.eval.max_batches is not None and index >= cfg.eval.max_batches:
                     break
                 # the repeats that pad the last round weigh nothing (one is scored so every metric key exists)
-                pairs = common.real_rows(accelerator, len(batch["input_ids"]) // 2)
+                pairs = common.real_rows(accelerator, len(batch["labels"]) // 2)
                 loss, metrics = loss_on(batch, "eval", max(pairs, 1))
                 means.add({"loss": loss, **metrics}, pairs)
         policy.train()
@@ -82,7 +85,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     # 5. Optimizer steps, each over `accumulation` micro-batches of pairs.
     policy.train()
     for micro_batches in common.optimizer_steps(accelerator, train_loader, position, total):
-        shares = common.loss_shares(accelerator, [len(b["input_ids"]) // 2 for b in micro_batches])
+        shares = common.loss_shares(accelerator, [len(b["labels"]) // 2 for b in micro_batches])
         step_metrics = common.MeanMetrics()
         for batch, share in zip(micro_batches, shares):
             with accelerator.accumulate(policy):
@@ -92,7 +95,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                 accelerator.backward(loss * share)
                 if accelerator.sync_gradients:
                     step_info = common.optimizer_step(accelerator, policy, optimizer, scheduler, cfg.optim.max_grad_norm)
-            step_metrics.add({"loss": loss, **metrics}, len(batch["input_ids"]) // 2)
+            step_metrics.add({"loss": loss, **metrics}, len(batch["labels"]) // 2)
 
         # 6. Log, evaluate and checkpoint on their schedules.
         position.step += 1

@@ -10,6 +10,7 @@ from engine import models
 from engine.config import RunConfig
 from engine.logging import RunLogger
 from engine.loops import common
+from engine.shared_prompt import is_shared, pair_scores, use_shared_prompt
 from losses import Objective
 
 
@@ -19,7 +20,9 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     model = models.load_reward_model(cfg.model, num_labels=1, for_training=True)
     data = build_datasets("preference", cfg.data, tokenizer, log=accelerator.print,
                           report_dir=cfg.output_dir if accelerator.is_main_process else None)
-    collate = make_collator("preference", tokenizer)
+    # With data.share_prompt a batch holds each prompt once (one row per pair); its labels keep the 2B rows.
+    share = use_shared_prompt(cfg.data, model, scores=True, log=accelerator.print)
+    collate = make_collator("preference", tokenizer, share_prompt=share)
 
     # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
     train_loader = common.train_loader(data.train, collate, cfg, "preference")
@@ -36,6 +39,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                        enabled=accelerator.is_main_process, progress_bar=cfg.logging.progress_bar, desc="reward")
 
     def scores(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if is_shared(batch):
+            return pair_scores(model, batch)
         # One forward over the (2B, T) batch: rows [0, B) are the chosen sequences, [B, 2B) the rejected.
         rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
         return rewards.chunk(2)
@@ -63,7 +68,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     # 4. Optimizer steps, each over `accumulation` micro-batches of pairs.
     model.train()
     for micro_batches in common.optimizer_steps(accelerator, train_loader, position, total):
-        shares = common.loss_shares(accelerator, [len(b["input_ids"]) // 2 for b in micro_batches])
+        shares = common.loss_shares(accelerator, [len(b["labels"]) // 2 for b in micro_batches])
         step_metrics = common.MeanMetrics()
         for batch, share in zip(micro_batches, shares):
             with accelerator.accumulate(model):
