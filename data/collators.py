@@ -101,7 +101,9 @@ def _right_pad(sequences: list[tuple[list[int], list[int]]], pad_id: int, multip
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids}
 
 
-def share_prompt_batch(sequences: list[tuple[list[int], list[int]]], pad_id: int, multiple: int = 1) -> dict[str, Any]:
+def share_prompt_batch(
+    sequences: list[tuple[list[int], list[int]]], pad_id: int, multiple: int = 1
+) -> dict[str, Any]:
     """B pairs, given as 2B sequences [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}], as B rows that
     hold each prompt once: `chosen + rejected[p:]`, p the length of the prefix the two have in common (the
     prompt, and any first response tokens they share). Right-padded to T.
@@ -114,7 +116,8 @@ def share_prompt_batch(sequences: list[tuple[list[int], list[int]]], pad_id: int
     """
     ordinary = _right_pad(sequences, pad_id, multiple)
     n_pairs = len(sequences) // 2
-    pairs = [(chosen, rejected) for (chosen, _), (rejected, _) in zip(sequences[:n_pairs], sequences[n_pairs:])]
+    pairs = [(chosen, rejected)
+             for (chosen, _), (rejected, _) in zip(sequences[:n_pairs], sequences[n_pairs:])]
     prefixes = [_common_prefix(chosen, rejected) for chosen, rejected in pairs]
     T = _round_up(max(len(c) + len(r) - p for (c, r), p in zip(pairs, prefixes)), multiple)
     input_ids = torch.full((n_pairs, T), pad_id, dtype=torch.long)

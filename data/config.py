@@ -50,8 +50,8 @@ class DataConfig:
     """Preference batches hold each prompt once: one row per pair, prompt + chosen + rejected response, with
     an attention mask that hides chosen from rejected and rejected position ids restarting after the prompt.
     Exact (the same log-probs and rewards) and about a third fewer tokens on short prompts. Where it cannot
-    be used (attention other than sdpa or eager, packing, a reward model without a `score` head) batches
-    keep the ordinary layout, saying so in one log line."""
+    be used (attention other than sdpa or eager, packing, a sliding attention window shorter than max_length,
+    a reward model without a `score` head) batches keep the ordinary layout, saying so in one log line."""
     group_by_length: bool = False
     """Batch rows of similar length together (less padding); see data.collators.length_grouped_indices."""
     cache_dir: str | None = None

@@ -72,7 +72,8 @@ def shared_label_logprobs(
     mask = labels[:, 1:] != ignore_index
     n_rows, width = batch["input_ids"].shape
     rows = torch.arange(len(labels), device=labels.device) % n_rows
-    flat = (rows[:, None] * width + batch["token_positions"][:, :-1])[mask]  # (N,) each label's logits, flattened
+    # (N,) for each label, where its logits are in the flattened (B * T) shared batch
+    flat = (rows[:, None] * width + batch["token_positions"][:, :-1])[mask]
     keep = torch.zeros(n_rows * width, dtype=torch.bool, device=labels.device)
     keep[flat] = True
     logits = model(
@@ -94,5 +95,6 @@ def shared_label_logprobs(
     selected = gather_logprobs(logits.unsqueeze(0), targets[first].unsqueeze(0)).squeeze(0)[slot]
     repeated = gather_logprobs(logits[slot[again]].unsqueeze(0), targets[again].unsqueeze(0)).squeeze(0)
     selected = selected.masked_scatter(again, repeated)
-    logprobs = torch.zeros(mask.shape, dtype=selected.dtype, device=selected.device).masked_scatter(mask, selected)
+    logprobs = torch.zeros(mask.shape, dtype=selected.dtype, device=selected.device)
+    logprobs = logprobs.masked_scatter(mask, selected)
     return (logprobs, mask, logits[slot]) if return_logits else (logprobs, mask)

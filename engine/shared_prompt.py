@@ -24,10 +24,13 @@ def is_shared(batch: Mapping) -> bool:
     return "token_positions" in batch
 
 
-def use_shared_prompt(data_cfg: DataConfig, model, *, scores: bool = False, log: Callable[[str], None] = print) -> bool:
-    """True when `data.share_prompt` is on and `model` can run shared batches; when it is on but the model
-    cannot, say why in one line and keep the ordinary layout. `scores`: the model is a reward model, read
-    through its `score` head."""
+def use_shared_prompt(
+    data_cfg: DataConfig, model, *, scores: bool = False, log: Callable[[str], None] = print
+) -> bool:
+    """True when `data.share_prompt` is on and `model` can run shared batches; when it is on but they cannot
+    be used (attention other than sdpa or eager, packing, a sliding window shorter than data.max_length, a
+    reward model with no `score` head), say why in one line and keep the ordinary layout. `scores`: the
+    model is a reward model, read through its `score` head."""
     if not data_cfg.share_prompt:
         return False
     attention = attention_implementation(model)
@@ -35,6 +38,8 @@ def use_shared_prompt(data_cfg: DataConfig, model, *, scores: bool = False, log:
         reason = "data.packing=true"
     elif attention not in SHARED_ATTENTION:
         reason = f"attention {attention!r} takes no custom mask; sdpa and eager do"
+    elif (window := sliding_window(model)) is not None and window < data_cfg.max_length:
+        reason = f"the model's sliding attention window ({window}) is shorter than data.max_length"
     elif scores and score_head(model) is None:
         reason = "the reward model has no `score` head to read per-token scores from"
     else:
@@ -51,6 +56,14 @@ def attention_implementation(model) -> str | None:
     return getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None)
 
 
+def sliding_window(model) -> int | None:
+    """The model's sliding attention window, if any layer uses one: transformers passes a custom 4D mask to
+    sliding-window layers unchanged, so a shared batch is exact only for sequences within the window."""
+    config = getattr(_unwrap(model), "config", None)
+    window = getattr(config, "sliding_window", None)
+    return window if window and getattr(config, "use_sliding_window", True) is not False else None
+
+
 def model_attention_mask(model, batch: Mapping[str, Tensor]) -> Tensor | None:
     """`batch["attention_mask"]` as `model` takes it. transformers passes a 4D mask to attention as it is:
     sdpa reads a boolean one (True = attend), eager adds it to the scores, so for eager it becomes 0 where
@@ -59,7 +72,8 @@ def model_attention_mask(model, batch: Mapping[str, Tensor]) -> Tensor | None:
     if mask is None or mask.dim() != 4 or attention_implementation(model) != "eager":
         return mask
     dtype = _unwrap(model).get_input_embeddings().weight.dtype
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return additive.masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def score_head(model) -> torch.nn.Module | None:

@@ -61,7 +61,8 @@ def _assert_same_gradients(grads: dict[str, torch.Tensor], expected: dict[str, t
     assert grads.keys() == expected.keys()
     for name, grad in grads.items():
         scale = float(expected[name].abs().max())
-        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5 * scale, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
         assert float((grad - expected[name]).norm()) <= 1e-5 * float(expected[name].norm()), name
 
 
@@ -128,7 +129,8 @@ def test_reward_scores_and_gradients_equal_the_ordinary_layout(tokenizer, attent
 def test_reference_log_probs_on_the_fly_and_precomputed(tokenizer, tmp_path):
     policy = load_policy(TINY)
     dataset = add_row_index(Dataset.from_list(_rows(tokenizer, 7)))
-    ordinary, shared = (with_row_index(make_collator("preference", tokenizer, share_prompt=s)) for s in (False, True))
+    ordinary, shared = (with_row_index(make_collator("preference", tokenizer, share_prompt=share))
+                        for share in (False, True))
     reference = ModelReference(load_policy(TINY, for_training=False))
     for reduction in ("sum", "mean"):
         expected = reference.logps(ordinary(list(dataset)), reduction=reduction)
@@ -149,8 +151,8 @@ def test_reference_log_probs_on_the_fly_and_precomputed(tokenizer, tmp_path):
         torch.testing.assert_close(got, direct, rtol=0, atol=1e-5)
 
 
-def _model(attention: str, *, head: bool = True):
-    config = SimpleNamespace(_attn_implementation=attention)
+def _model(attention: str, *, head: bool = True, **config):
+    config = SimpleNamespace(_attn_implementation=attention, **config)
     return SimpleNamespace(config=config, score=torch.nn.Linear(2, 1) if head else None)
 
 
@@ -161,6 +163,9 @@ def _model(attention: str, *, head: bool = True):
     (DataConfig(), _model("flash_attention_2"), False, "attention 'flash_attention_2' takes no custom mask"),
     (DataConfig(), _model("flex_attention"), False, "attention 'flex_attention' takes no custom mask"),
     (DataConfig(packing=True), _model("sdpa"), False, "data.packing=true"),
+    (DataConfig(max_length=512), _model("sdpa", sliding_window=512), False, None),
+    (DataConfig(max_length=512), _model("sdpa", sliding_window=256, use_sliding_window=False), False, None),
+    (DataConfig(max_length=512), _model("sdpa", sliding_window=256), False, "sliding attention window (256)"),
     (DataConfig(), _model("sdpa", head=False), True, "no `score` head"),
 ])
 def test_where_batches_keep_the_ordinary_layout(data, model, scores, reason):
