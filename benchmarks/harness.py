@@ -4,7 +4,12 @@ that really ran, per-step timings, medians, and the table/JSON output.
 FLOPs follow the convention of the issue (and of PaLM's appendix B): a forward costs 2 x the matmul parameters
 per token plus 4 x layers x width x context per token for attention scores and their weighted sum; a training
 forward and backward cost 3 x that (6N), or 2 x with LoRA (4N: no weight gradients of the frozen base). The LM
-head is counted only on the positions whose logits were computed, read from the output's shape.
+head is counted only on the positions where it ran (`head_positions`): every real token when the model returns
+(B, T, V) logits, K when it returns (K, V) logits (the engine's boolean `logits_to_keep`), and for TRL's fused
+LM head (an output with `label_mask` and no logits) every real token on CPU, where TRL scores every position,
+or the labelled ones on CUDA/XPU, where its Triton path scores only those. A classifier's `score` head runs at
+every position before pooling. Recomputation (TRL's fused head runs its matmul again in backward, gradient
+checkpointing reruns the layers) is not counted: each forward's FLOPs count once, as in PaLM's MFU.
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ class ModelShape:
     head: int
     layers: int
     width: int
+    vocab_head: bool = False  # the head is an LM head onto the vocabulary (not a score or value head)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelShape:
@@ -105,16 +111,34 @@ class ModelShape:
         config = model.config
         head_names = ("lm_head", "score", "v_head", "value_head")
         body = head = 0
+        vocab_head = False
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear):
                 weight = getattr(module, "base_layer", module).weight
-                if any(part in head_names for part in name.split(".")):
+                parts = name.split(".")
+                if any(part in head_names for part in parts):
                     head += weight.shape[0] * weight.shape[1]
+                    vocab_head = vocab_head or "lm_head" in parts
                 elif "lora_" not in name:
                     body += weight.shape[0] * weight.shape[1]
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         width = config.num_attention_heads * head_dim
-        return cls(body=body, head=head, layers=config.num_hidden_layers, width=width)
+        return cls(body=body, head=head, layers=config.num_hidden_layers, width=width, vocab_head=vocab_head)
+
+
+def head_positions(output, real: int, vocab_head: bool) -> int:
+    """Positions at which the output head ran in a forward over `real` real tokens (see the module docstring)."""
+    if not vocab_head:
+        return real
+    logits = getattr(output, "logits", None)
+    if logits is not None and logits.dim() == 3:  # (B, T, V): every position, padding not counted
+        return min(logits.shape[0] * logits.shape[1], real)
+    if logits is not None and logits.dim() == 2:  # (K, V): the kept positions only
+        return min(logits.shape[0], real)
+    label_mask = getattr(output, "label_mask", None)
+    if label_mask is not None and label_mask.device.type in ("cuda", "xpu"):
+        return min(int(label_mask.sum()), real)
+    return real
 
 
 @dataclass
@@ -124,10 +148,11 @@ class FlopCounter:
     train_tokens: int = 0
     frozen_tokens: int = 0
     flops: float = 0.0
+    head_positions: int = 0  # positions the LM heads ran at, every forward (trained or frozen) together
     handles: list = field(default_factory=list)
 
-    def snapshot(self) -> tuple[int, int, float]:
-        return self.train_tokens, self.frozen_tokens, self.flops
+    def snapshot(self) -> tuple[int, int, float, int]:
+        return self.train_tokens, self.frozen_tokens, self.flops, self.head_positions
 
     def watch(self, model: torch.nn.Module, *, lora: bool | None = None) -> torch.nn.Module:
         """Count this model's forwards from now on; returns the model."""
@@ -149,6 +174,8 @@ class FlopCounter:
                 position_ids = kwargs.get("position_ids")
                 lengths = _segment_lengths(position_ids) if position_ids is not None else [new] * len(input_ids)
                 real, context = sum(lengths), sum(n * n for n in lengths)
+            elif mask.dim() == 4:
+                real, context = _mask_work(mask)
             else:
                 mask = mask.bool()
                 real = int(mask[:, -new:].sum())
@@ -159,11 +186,11 @@ class FlopCounter:
         def after(module, args, kwargs, output):
             if not state:
                 return
-            logits = getattr(output, "logits", None)
-            head_positions = logits.shape[0] * logits.shape[1] if logits is not None and logits.dim() == 3 \
-                else state["real"]
-            forward = 2 * shape.body * state["real"] + 2 * shape.head * min(head_positions, state["real"]) \
+            positions = head_positions(output, state["real"], shape.vocab_head)
+            forward = 2 * shape.body * state["real"] + 2 * shape.head * positions \
                 + 4 * shape.layers * shape.width * state["context"]
+            if shape.vocab_head:
+                self.head_positions += positions
             if state["grad"] and any(p.requires_grad for p in module.parameters()):
                 self.flops += forward * (2 if lora else 3)
                 self.train_tokens += state["real"]
@@ -174,6 +201,23 @@ class FlopCounter:
         self.handles.append(model.register_forward_pre_hook(before, with_kwargs=True))
         self.handles.append(model.register_forward_hook(after, with_kwargs=True))
         return model
+
+
+def _mask_work(mask: torch.Tensor) -> tuple[int, int]:
+    """Real tokens and attention context of a (B, 1, T, T) mask (True or 0 = the query attends to the key), as
+    in the engine's shared-prompt preference batches.
+
+    A position is real when it attends to, or is attended by, another position (padding sees itself only). The
+    context is 2 x the allowed (query, key) pairs among real positions - the real positions, which is n^2 for
+    a causal sequence of n tokens, the convention of the 2-D case; a prompt shared by two responses counts its
+    own P^2 once instead of twice, the work the layout saves."""
+    allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0]
+    own = torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
+    others = allowed & ~own
+    is_real = others.any(-1) | others.any(-2)  # (B, T)
+    real = int(is_real.sum())
+    pairs = int((allowed & is_real[:, :, None] & is_real[:, None, :]).sum())
+    return real, 2 * pairs - real
 
 
 def _segment_lengths(position_ids: torch.Tensor) -> list[int]:
@@ -206,9 +250,10 @@ class StepClock:
         now = (time.perf_counter(), *self.counter.snapshot())
         self._seen += 1
         if self._seen > self.warmup and self._last is not None:
-            t0, train0, frozen0, flops0 = self._last
+            t0, train0, frozen0, flops0, head0 = self._last
             self.steps.append({"seconds": now[0] - t0, "train_tokens": now[1] - train0,
-                               "frozen_tokens": now[2] - frozen0, "flops": now[3] - flops0, **extra})
+                               "frozen_tokens": now[2] - frozen0, "flops": now[3] - flops0,
+                               "head_positions": now[4] - head0, **extra})
         if self._seen == self.warmup:
             reset_peak_rss()
             self.rss_at_start = rss_mib()
@@ -228,6 +273,7 @@ class StepClock:
             "train_tokens_per_step": statistics.median(s["train_tokens"] for s in self.steps),
             "frozen_tokens_per_step": statistics.median(s["frozen_tokens"] for s in self.steps),
             "flops_per_step": statistics.median(s["flops"] for s in self.steps),
+            "head_positions_per_step": statistics.median(s["head_positions"] for s in self.steps),
             "mfu": sum(s["flops"] for s in self.steps) / total_time / peak_flops,
             "peak_rss_mib": peak_rss_mib(),
             "rss_at_start_mib": self.rss_at_start,

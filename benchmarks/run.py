@@ -32,6 +32,9 @@ TECHNIQUES = (
     ("dpo", "adapter-disabled reference (LoRA r=16)", ("model.lora.enabled=true", "reference.mode=copy"),
      ("model.lora.enabled=true", "reference.mode=disabled")),
     ("dpo", "length-grouped batches", (), ("data.group_by_length=true",)),
+    ("dpo", "shared-prompt batches", ("data.share_prompt=false",), ("data.share_prompt=true",)),
+    ("reward", "shared-prompt batches", ("data.share_prompt=false",), ("data.share_prompt=true",)),
+    ("orpo", "shared-prompt batches", ("data.share_prompt=false",), ("data.share_prompt=true",)),
     ("sft", "padding-free packing", (), ("data.packing=true",)),
     ("ppo", "value head on the policy instead of a critic copy", (), ("ppo.critic=null",)),
     ("orpo", "no position_ids on right-padded batches (prototype)", (), ("bench.drop_position_ids=true",)),
@@ -81,8 +84,8 @@ def spawn(runner: str, objective: str, size: str, threads: int, overrides: tuple
 
 
 SUMMARY_KEYS = ("samples_per_s", "tokens_per_s", "step_seconds", "peak_rss_mib", "mfu", "matmul_peak_gflops",
-                "train_tokens_per_step", "flops_per_step", "time/generation", "time/scoring", "time/experience",
-                "time/training", "generation_tokens_per_s")
+                "train_tokens_per_step", "flops_per_step", "head_positions_per_step", "time/generation",
+                "time/scoring", "time/experience", "time/training", "generation_tokens_per_s")
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="TRL with its own defaults (gradient checkpointing on) against the engine with "
                              "model.gradient_checkpointing=true; default: both without checkpointing")
     parser.add_argument("--techniques", action="store_true", help="each technique on vs off, engine only")
+    parser.add_argument("--only", default=None, metavar="TEXT",
+                        help="with --techniques: only the techniques whose name contains TEXT")
     parser.add_argument("--engine-override", action="append", default=[], metavar="KEY=VALUE",
                         help="engine config override (or a prototype, e.g. bench.drop_position_ids=true) for "
                              "the engine side of a peer comparison")
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     groups = []  # (row fields, {side: runs})
     if args.techniques:
         for objective, name, off, on in TECHNIQUES:
-            if objective not in args.objectives:
+            if objective not in args.objectives or (args.only and args.only not in name):
                 continue
             log(f"{name} ({objective})")
             with_runs, without_runs = alternate(("engine", objective, on), ("engine", objective, off),

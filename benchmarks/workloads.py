@@ -3,10 +3,17 @@ models built once from a config (no download) into the cache, shared by the engi
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.tiny import REPO_ROOT, build_tiny_model, cache_root
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 OBJECTIVES = ("sft", "reward", "dpo", "orpo", "ppo")
 FAMILY = {"sft": "sft", "reward": "preference", "dpo": "preference", "orpo": "preference", "ppo": "prompt"}
@@ -31,21 +38,70 @@ class Size:
 SIZES = {
     "tiny": Size("tiny", REPO_ROOT / "configs" / "tiny" / "model.json", batch=4, steps=2, warmup=1,
                  synthetic_size=100, rollout_batch=4, max_new_tokens=4, ppo_epochs=1, minibatch=4, peak_repeats=1, ppo_steps=2),
-    "small": Size("small", Path(__file__).resolve().parent / "configs" / "small.json", batch=16, steps=6, warmup=2,
+    # vocabulary 32000 (a real LM's head), 43.7M parameters; the headline size since 2026-11-21
+    "small": Size("small", CONFIGS / "small.json", batch=16, steps=6, warmup=2,
                   synthetic_size=400, rollout_batch=16, max_new_tokens=16, ppo_epochs=2, minibatch=8, peak_repeats=5, ppo_steps=2),
+    # the earlier `small`: the tiny tokenizer's vocabulary of 652, so the LM head is 1% of the FLOPs
+    "small-v652": Size("small-v652", CONFIGS / "small-v652.json", batch=16, steps=6, warmup=2,
+                       synthetic_size=400, rollout_batch=16, max_new_tokens=16, ppo_epochs=2, minibatch=8, peak_repeats=5, ppo_steps=2),
 }
 
 
 def model_dir(size: str, kind: str) -> Path:
-    """The seeded build of `size` (kind "causal" or "reward"), made on first use."""
-    out = cache_root() / "benchmarks" / f"{size}-{kind}"
+    """The seeded build of `size` (kind "causal" or "reward"), made on first use; the directory name carries a
+    hash of the model config, so an edited config is a new build."""
+    config_path = SIZES[size].model_json
+    key = hashlib.sha256(config_path.read_bytes()).hexdigest()[:10]
+    out = cache_root() / "benchmarks" / f"{size}-{kind}-{key}"
     if not (out / "config.json").exists():
         try:
-            build_tiny_model(out, kind=kind, seed=0, config_path=SIZES[size].model_json)
+            build_model(out, kind=kind, config_path=config_path)
         except FileExistsError:
             if not (out / "config.json").exists():
                 raise
     return out
+
+
+def build_model(out_dir: Path, *, kind: str, config_path: Path, seed: int = 0) -> Path:
+    """`engine.tiny.build_tiny_model`, except that a `vocab_size` in the config sets the model's vocabulary.
+
+    The tiny tokenizer's ids (< 652) are then the first ids of a larger vocabulary, as a real model's tokenizer
+    may be smaller than its embedding (Llama-3, Qwen2 pad theirs): the head projects onto every one of the
+    `vocab_size` rows, and that is the cost being measured."""
+    spec = json.loads(config_path.read_text())
+    if "vocab_size" not in spec:
+        return build_tiny_model(out_dir, kind=kind, seed=seed, config_path=config_path)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from data.tiny_tokenizer import build_tokenizer
+
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(out_dir)
+    spec = {k: v for k, v in spec.items() if not k.startswith("_")}
+    tokenizer = build_tokenizer()
+    if spec["vocab_size"] < len(tokenizer):
+        raise ValueError(f"{config_path}: vocab_size {spec['vocab_size']} < the tokenizer's {len(tokenizer)}")
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                  num_labels=1)
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = auto.from_config(config, dtype=torch.float32)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if not (out_dir / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
 
 
 def engine_args(objective: str, size: str, output_dir: str | Path, *, steps: int | None = None,

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks import run as bench_run
-from benchmarks.harness import FlopCounter, ModelShape, StepClock
+from benchmarks.harness import FlopCounter, ModelShape, StepClock, head_positions
 
 
 def tiny_llama(layers: int = 2) -> LlamaForCausalLM:
@@ -43,6 +44,56 @@ def test_flops_of_a_training_and_a_frozen_forward_by_hand():
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     assert (counter.train_tokens, counter.frozen_tokens, counter.flops) == (6, 6, 4 * 67456)
+
+
+def test_the_lm_head_counts_only_at_the_positions_where_it_ran():
+    """A boolean `logits_to_keep` keeping 3 of the 6 real positions returns (3, 50) logits: the head counts
+    2 x 800 x 3 instead of 2 x 800 x 6, so the forward is 55296 + 4800 + 2560 = 62656 FLOPs."""
+    model = tiny_llama().eval()
+    counter = FlopCounter()
+    counter.watch(model)
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    keep = torch.tensor([[False, True, True, False], [True, False, False, False]])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    assert logits.shape == (3, 50)
+    assert (counter.flops, counter.head_positions) == (62656, 3)
+
+
+def test_head_positions_of_fused_heads_and_classifiers():
+    """TRL's fused LM head returns no logits but a `label_mask`: on CPU it scores every position (all 6 real
+    tokens count), on CUDA only the labelled ones. A classifier's score head runs at every position."""
+    real = 6
+    label_mask = torch.tensor([[False, True, True], [True, False, False]])
+    fused = SimpleNamespace(log_probs=torch.zeros(2, 3), label_mask=label_mask)
+    assert head_positions(fused, real, vocab_head=True) == 6
+    if torch.cuda.is_available():
+        on_gpu = SimpleNamespace(log_probs=torch.zeros(2, 3), label_mask=label_mask.cuda())
+        assert head_positions(on_gpu, real, vocab_head=True) == 3
+    full = SimpleNamespace(logits=torch.zeros(2, 4, 50))  # 8 positions, 2 of them padding
+    assert head_positions(full, real, vocab_head=True) == 6
+    pooled = SimpleNamespace(logits=torch.zeros(2, 1))  # a reward model's (B, 1) scores
+    assert head_positions(pooled, real, vocab_head=False) == 6
+    assert ModelShape.of(tiny_llama()).vocab_head
+
+
+def test_a_shared_prompt_row_counts_its_prompt_once():
+    """One pair as one row [p0 p1 c0 r0 pad]: prompt of 2, chosen and rejected responses of 1 token each. The
+    (1, 1, 5, 5) mask is causal except that r0 does not see c0, and the padding sees itself only. Real: 4.
+    Allowed pairs among them: 1 + 2 + 3 + 3 = 9, so the context is 2 x 9 - 4 = 14 = 3^2 + 3^2 - 2^2 (the two
+    sequences of 3 tokens, their shared prompt's 2^2 once). Forward: 2 x 4608 x 4 + 2 x 800 x 4 + 4 x 2 x 16
+    x 14 = 36864 + 6400 + 1792 = 45056 FLOPs."""
+    query, key = torch.arange(5)[:, None], torch.arange(5)[None, :]
+    real = (query < 4) & (key < 4)
+    allowed = ((key <= query) & real & ~((query == 3) & (key == 2))) | ((query == key) & ~real)
+    model = tiny_llama().eval()
+    counter = FlopCounter()
+    counter.watch(model)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3, 4, 0]]), attention_mask=allowed[None, None],
+              position_ids=torch.tensor([[0, 1, 2, 2, 0]]))
+    assert (counter.frozen_tokens, counter.flops) == (4, 45056)
 
 
 def test_packed_rows_count_attention_per_sequence():
