@@ -3,12 +3,24 @@
     python -m engine.generate --model runs/quickstart/dpo/final --prompts prompts.txt
     echo "Sort the letters: q e b m" | python -m engine.generate --model runs/quickstart/sft/final
     python -m engine.generate --model runs/quickstart/ppo/final --prompts test.jsonl --num-beams 4 --output out.jsonl
+    python -m engine.generate --model runs/quickstart/sft/final --prompts synthetic --num-prompts 2000 \
+        --num-samples 4 --pairs-by data.synthetic:judge_reward --output runs/quickstart/pairs.jsonl
 
 Prompts come one per line (a .txt file or stdin) or as the `prompt` field of JSON lines. They are formatted
 exactly as training formatted them (the tokenizer's chat template, or `--template plain` with
 `--prompt-format`). Sampling and greedy decoding (`--temperature 0`) use rollout.generation, the decoder PPO
 samples with; beam search uses transformers' `generate`. One JSON line per prompt is written:
-{"prompt": ..., "response": ...}.
+{"prompt": ..., "response": ...}, or with `--num-samples K` {"prompt": ..., "responses": [K texts]}.
+
+`--pairs-by package.module:function` turns the K samples into on-policy preference pairs: each response is
+scored by that reward function (the same `fn(prompts, responses, **fields)` PPO's `ppo.rewards` take, the
+prompt rows' other fields passed as `fields`), the best becomes `chosen`, the worst `rejected`, and prompts
+whose samples all score the same are left out. The output is a preference file any DPO/ORPO/reward config
+reads with `data.path` (the quickstart's DPO and ORPO train on such pairs from the SFT model: pairs of the
+policy's own samples teach it about the mistakes it makes, as in Xiong et al. 2024, "Iterative Preference
+Learning from Human Feedback", and Guo et al. 2024, "Direct Language Model Alignment from Online AI
+Feedback"). `--prompts synthetic` reads the sorting task's training prompts (`--num-prompts`, `--data-seed`);
+evaluation uses its held-out split.
 """
 
 from __future__ import annotations
@@ -16,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +39,7 @@ from data.formats import canonical, detect_format
 from data.tokenize import Formatter
 from engine.config import ModelConfig
 from rollout.generation import SamplingConfig, generate
+from rollout.scoring import load_reward_function
 
 
 def load_model(path: str, *, kind: str = "causal", dtype: str = "float32"):
@@ -88,6 +101,13 @@ class PromptEncoder:
         return input_ids, attention_mask
 
 
+def synthetic_prompts(n: int, seed: int = 0) -> list[dict]:
+    """The first `n` training prompts of the sorting task (data.synthetic), with their `answer` fields."""
+    from data.synthetic import generate as synthetic_rows
+
+    return synthetic_rows("prompt", n, seed=seed)
+
+
 def read_prompts(source: str | Path | None) -> list[dict]:
     """Rows with at least a `prompt`: JSON lines (other fields are kept), or plain text one prompt a line.
 
@@ -138,10 +158,43 @@ def answer(model, tokenizer, encoder: PromptEncoder, prompts: Sequence[str], sam
     return responses
 
 
+def preference_pairs(rows: Sequence[dict], samples: Sequence[Sequence[str]], score_fn: Callable) -> list[dict]:
+    """Best against worst of each row's samples under `score_fn`; rows whose samples all tie are left out.
+
+    Args:
+        rows: prompt rows ({"prompt": ..., other fields}), one per prompt.
+        samples: the K responses to each row's prompt.
+        score_fn: a reward function, `fn(prompts, responses, **fields) -> numbers`, called once on all.
+
+    Returns:
+        {"prompt", "chosen", "rejected", "chosen_score", "rejected_score"} per kept row; among equal
+        scores the earliest sample wins (the choice is deterministic).
+    """
+    flat_rows = [row for row, responses in zip(rows, samples) for _ in responses]
+    fields = {k: [row.get(k) for row in flat_rows] for k in rows[0] if k != "prompt"} if rows else {}
+    scores = [float(x) for x in score_fn([r["prompt"] for r in flat_rows], [x for xs in samples for x in xs], **fields)]
+    pairs, start = [], 0
+    for row, responses in zip(rows, samples):
+        own = scores[start:start + len(responses)]
+        start += len(responses)
+        best = max(range(len(own)), key=lambda i: (own[i], -i))
+        worst = min(range(len(own)), key=lambda i: (own[i], i))
+        if own[best] > own[worst]:
+            pairs.append({"prompt": row["prompt"], "chosen": responses[best], "rejected": responses[worst],
+                          "chosen_score": own[best], "rejected_score": own[worst]})
+    return pairs
+
+
 def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a final/ directory (full, adapter or merged), or a hub id")
-    parser.add_argument("--prompts", default="-", help="a .txt (one prompt a line) or .jsonl file; '-' for stdin")
+    parser.add_argument("--prompts", default="-",
+                        help="a .txt (one prompt a line) or .jsonl file; '-' for stdin; 'synthetic': the task's training prompts")
+    parser.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (all by default)")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic prompts")
+    parser.add_argument("--num-samples", type=int, default=1, help="responses sampled per prompt")
+    parser.add_argument("--pairs-by", default=None, metavar="package.module:function",
+                        help="write best-vs-worst preference pairs of the samples under this reward function")
     parser.add_argument("--output", default="-", help="JSON lines out; '-' for stdout")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--min-new-tokens", type=int, default=1)
@@ -172,16 +225,34 @@ def main(argv: Iterable[str] | None = None) -> list[dict]:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               micro_batch_size=args.batch_size)
-    rows = read_prompts(args.prompts)
-    responses = answer(model, tokenizer, encoder, [r["prompt"] for r in rows], sampling, seed=args.seed,
-                       num_beams=args.num_beams, batch_size=args.batch_size)
-    out = [{"prompt": row["prompt"], "response": response} for row, response in zip(rows, responses)]
+    if args.num_samples < 1 or (args.pairs_by and args.num_samples < 2):
+        raise SystemExit(f"--num-samples must be at least {2 if args.pairs_by else 1}, got {args.num_samples}")
+    if args.num_samples > 1 and (args.num_beams > 1 or args.temperature == 0):
+        raise SystemExit("--num-samples > 1 needs sampling (--temperature > 0, --num-beams 1)")
+    score_fn = load_reward_function(args.pairs_by) if args.pairs_by else None  # a bad spec fails before decoding
+    rows = synthetic_prompts(args.num_prompts or 1000, args.data_seed) if args.prompts == "synthetic" \
+        else read_prompts(args.prompts)[: args.num_prompts]
+    k = args.num_samples
+    # each prompt K times in a row: one batched decode, the K samples of a prompt side by side
+    flat = answer(model, tokenizer, encoder, [r["prompt"] for r in rows for _ in range(k)], sampling,
+                  seed=args.seed, num_beams=args.num_beams, batch_size=args.batch_size)
+    samples = [flat[i * k:(i + 1) * k] for i in range(len(rows))]
+    if score_fn is not None:
+        out = preference_pairs(rows, samples, score_fn)
+        print(f"{len(out)} pairs from {len(rows)} prompts x {k} samples (the rest tied)", file=sys.stderr)
+    elif k == 1:
+        out = [{"prompt": row["prompt"], "response": xs[0]} for row, xs in zip(rows, samples)]
+    else:
+        out = [{"prompt": row["prompt"], "responses": xs} for row, xs in zip(rows, samples)]
     text = "".join(json.dumps(row) + "\n" for row in out)
     if args.output == "-":
         sys.stdout.write(text)
     else:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
+        path = Path(args.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)  # all or nothing: a run stopped while writing leaves no half file behind
     return out
 
 

@@ -97,3 +97,46 @@ def test_an_adapter_loads_on_its_base_and_a_merged_copy_gives_the_same_logits(ti
     merged = gen.load_model(str(tmp_path / "merged"))
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def length_score(prompts, responses, **fields):
+    """A reward function for the tests: the longer the response, the better; `answer` must reach it."""
+    assert len(fields["answer"]) == len(prompts)
+    return [float(len(r)) for r in responses]
+
+
+def test_preference_pairs_take_the_best_against_the_worst_and_drop_ties():
+    rows = [{"prompt": "p1", "answer": "x"}, {"prompt": "p2", "answer": "y"}, {"prompt": "p3", "answer": "z"}]
+    samples = [["bb", "a", "ccc", "a"], ["dd", "ee", "dd", "ff"], ["g", "hh", "ii", "j"]]
+    pairs = gen.preference_pairs(rows, samples, length_score)
+    # p2's four samples all have length 2: no pair; ties go to the earliest sample ("hh" over "ii", "g" under "j")
+    assert pairs == [
+        {"prompt": "p1", "chosen": "ccc", "rejected": "a", "chosen_score": 3.0, "rejected_score": 1.0},
+        {"prompt": "p3", "chosen": "hh", "rejected": "g", "chosen_score": 2.0, "rejected_score": 1.0},
+    ]
+
+
+def test_on_policy_pairs_from_the_command_line_train_as_preference_data(tiny_dir, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    pairs = gen.main(["--model", tiny_dir, "--prompts", "synthetic", "--num-prompts", "6", "--num-samples", "3",
+                      "--max-new-tokens", "6", "--pairs-by", "tests.engine.test_generate:length_score",
+                      "--output", str(out)])
+    assert 0 < len(pairs) <= 6  # an untrained model's samples: lengths differ for most prompts
+    assert [json.loads(line) for line in out.read_text().splitlines()] == pairs
+    prompts = [r["prompt"] for r in gen.synthetic_prompts(6)]
+    for pair in pairs:
+        assert pair["prompt"] in prompts and len(pair["chosen"]) == pair["chosen_score"] > pair["rejected_score"]
+    # the file is ordinary preference data
+    from data import DataConfig, build_datasets
+    from engine.models import load_tokenizer
+
+    data = build_datasets("preference", DataConfig(path=str(out), eval_fraction=0.0), load_tokenizer(ModelConfig()))
+    assert len(data.train) == len(pairs)
+
+    samples = gen.main(["--model", tiny_dir, "--prompts", "synthetic", "--num-prompts", "2", "--num-samples", "3",
+                        "--max-new-tokens", "4", "--output", str(tmp_path / "samples.jsonl")])
+    assert [len(r["responses"]) for r in samples] == [3, 3]
+    with pytest.raises(SystemExit, match="needs sampling"):
+        gen.main(["--model", tiny_dir, "--prompts", "synthetic", "--num-samples", "2", "--temperature", "0"])
+    with pytest.raises(ValueError, match="cannot import module"):
+        gen.main(["--model", tiny_dir, "--prompts", "synthetic", "--num-samples", "2", "--pairs-by", "nowhere:fn"])
