@@ -4,14 +4,16 @@
 
 1. build the tiny Llama and its tokenizer (engine.tiny, cached);
 2. SFT on the synthetic sorting task (data/synthetic.py);
-3. a reward model on its preference pairs, starting from the SFT model;
-4. DPO, 5. ORPO and 6. PPO (rewarded by the task's judge; configs/quickstart/ppo.yaml shows how to reward it
-   with the reward model instead), each starting from the SFT model;
-7. evaluation of every policy against the SFT model on held-out prompts and pairs (engine/evaluate.py);
-8. report.md and report.html with the table, training curves and samples (engine/report.py).
+3. on-policy preference pairs: four samples of the SFT model per training prompt, the judge's best against
+   its worst (engine/generate.py --pairs-by), into <out>/pairs.jsonl;
+4. a reward model on the task's preference pairs, starting from the SFT model;
+5. DPO and 6. ORPO on the on-policy pairs, and 7. PPO (rewarded by the task's judge; configs/quickstart/ppo.yaml
+   shows how to reward it with the reward model instead), each starting from the SFT model;
+8. evaluation of every policy against the SFT model on held-out prompts and pairs (engine/evaluate.py);
+9. report.md and report.html with the table, training curves and samples (engine/report.py).
 
 Every step is an ordinary command, printed as it starts: `python -m engine.train` with a config from
-configs/quickstart/, or `python -m engine.evaluate`. Steps whose inputs are ready run side by side, `--jobs` at
+configs/quickstart/, `python -m engine.generate` or `python -m engine.evaluate`. Steps whose inputs are ready run side by side, `--jobs` at
 a time, each on `--threads` CPU threads (for a model this small one thread per process is fastest). A training
 step is finished when its `final/` directory and `done.json` exist, an evaluation when its JSON exists; a re-run
 skips finished steps, so an interrupted quickstart picks up where it stopped. `--ci` is the test suite's
@@ -41,6 +43,11 @@ TRAINING = (("sft", "eval/loss"), ("reward", "eval/rewards/accuracies"), ("dpo",
 # the CI-sized variant: fewer optimizer steps (PPO: iterations) and evaluation prompts
 CI_OVERRIDES = {"sft": ["max_steps=200"], "reward": ["max_steps=40"], "dpo": ["max_steps=30"],
                 "orpo": ["max_steps=30"], "ppo": ["max_steps=10"]}
+PAIRS = "pairs.jsonl"
+SAMPLING = ["--prompts", "synthetic", "--num-samples", "4", "--max-new-tokens", "16",
+            "--pairs-by", "data.synthetic:judge_reward", "--batch-size", "128"]
+PAIRS_ARGS = [*SAMPLING, "--num-prompts", "2000"]
+CI_PAIRS = [*SAMPLING, "--num-prompts", "1000"]
 EVALUATION = ["--num-prompts", "500", "--num-pairs", "500"]
 CI_EVALUATION = ["--num-prompts", "200", "--num-pairs", "200"]
 
@@ -87,7 +94,15 @@ def plan(out: Path, seed: int, ci: bool, with_ppo: bool) -> list[Step]:
             needs = ("sft",)
         argv = ["-m", "engine.train", "--config", str(CONFIGS / f"{stage}.yaml"), *overrides,
                 *(CI_OVERRIDES[stage] if ci else [])]
+        if stage in ("dpo", "orpo"):
+            argv.append(f"data.path={out / PAIRS}")
+            needs = ("sft", "pairs")
         steps.append(Step(stage, argv, needs, out / stage / "done.json", out / stage / "train.log"))
+        if stage == "sft":
+            # on-policy preference pairs for DPO and ORPO: the SFT model's samples, best against worst by the judge
+            argv = ["-m", "engine.generate", "--model", str(sft_final), "--output", str(out / PAIRS),
+                    "--seed", str(seed), "--data-seed", str(seed), *(CI_PAIRS if ci else PAIRS_ARGS)]
+            steps.append(Step("pairs", argv, ("sft",), out / PAIRS, out / "pairs.log", training=False))
     for method in METHODS:
         if method == "ppo" and not with_ppo:
             continue
