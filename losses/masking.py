@@ -80,7 +80,8 @@ def masked_var(values: Tensor, mask: Tensor, *, unbiased: bool = True) -> Tensor
     return centred.square().sum() / (count - 1 if unbiased else count).clamp_min(1)
 
 
-def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True, unbiased: bool = True) -> Tensor:
+def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True, unbiased: bool = True,
+                  mean: Tensor | None = None, var: Tensor | None = None) -> Tensor:
     """Normalise ``values`` to zero mean and unit variance over the valid positions of the whole batch.
 
     Convention: the variance is the unbiased one (n - 1), eps 1e-8 inside the square root, as TRL's
@@ -91,7 +92,9 @@ def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True, unbi
         values: (B, R), e.g. advantages.
         mask: (B, R), True on the tokens that count.
         shift_mean: when False the mean is added back, so only the scale changes (used for rewards).
-        unbiased: see the convention above.
+        unbiased: see the convention above; ignored when ``var`` is given.
+        mean, var: scalar statistics to use instead of this batch's, e.g. those of a batch split over
+            processes (each process holding a part), so that every part is whitened as the whole would be.
 
     Returns:
         (B, R) whitened values, 0 on masked positions.
@@ -99,8 +102,8 @@ def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True, unbi
     mask = as_bool_mask(mask)
     (values,) = upcast(values)
     values = torch.where(mask, values, 0)
-    mean = masked_mean(values, mask)
-    var = masked_var(values, mask, unbiased=unbiased)
+    mean = masked_mean(values, mask) if mean is None else torch.as_tensor(mean).to(values)
+    var = masked_var(values, mask, unbiased=unbiased) if var is None else torch.as_tensor(var).to(values)
     whitened = (values - mean) * torch.rsqrt(var + WHITEN_EPS)
     if not shift_mean:
         whitened = whitened + mean

@@ -40,7 +40,7 @@ from losses import (
     gae,
     kl_shaped_rewards,
     masked_mean,
-    masked_var,
+    masked_sum,
     masked_whiten,
     ppo_value_loss,
 )
@@ -107,11 +107,14 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         # 4. Steps 1-5: generate, score, reference log-probs and values, KL-shaped rewards, GAE.
         exp, responses, stats, times = rollout(batch, actor_critic=accelerator.unwrap_model(actor_critic),
                                         reference=reference, scorer=scorer, tokenizer=tokenizer, sampling=sampling,
-                                        cfg=cfg, kl_coef=kl_ctl.value, eos_token_id=eos, finished=finished)
-        # 5. Step 6: epochs x shuffled minibatches of the clipped policy and value losses.
+                                        cfg=cfg, kl_coef=kl_ctl.value, eos_token_id=eos, finished=finished,
+                                        all_reduce=lambda t: accelerator.reduce(t.to(accelerator.device), "sum"))
+        # 5. Step 6: epochs x shuffled minibatches of the clipped policy and value losses; the shuffles are
+        # drawn alike on every process (seeded by the step alone), so the minibatches are the global batch's.
         start = time.perf_counter()
+        shuffle = torch.Generator().manual_seed(cfg.seed + 100_003 * position.step)
         update = ppo_update(exp, accelerator=accelerator, actor_critic=actor_critic, optimizer=optimizer,
-                            scheduler=scheduler, loss_fn=loss_fn, cfg=cfg)
+                            scheduler=scheduler, loss_fn=loss_fn, cfg=cfg, generator=shuffle)
         times["time/training"] = time.perf_counter() - start
 
         # 6. Step 7: move the KL coefficient toward its target with this batch's KL per response.
@@ -147,10 +150,13 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
 @torch.no_grad()
 def rollout(batch: dict, *, actor_critic: ActorCritic, reference, scorer: Scorer, tokenizer, sampling: SamplingConfig,
             cfg: RunConfig, kl_coef: float, eos_token_id: int | list[int] | None = None,
-            finished: Callable[[torch.Tensor], bool] = finished_locally
+            finished: Callable[[torch.Tensor], bool] = finished_locally,
+            all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
             ) -> tuple[Experience, list[str], common.MeanMetrics, dict[str, float]]:
     """Steps 1-5 of an iteration on one process's prompts: the Experience with rewards, advantages and
-    returns, the response texts, per-row statistics, and this process's timings."""
+    returns, the response texts, per-row statistics, and this process's timings. `all_reduce` sums a
+    tensor over the processes (e.g. `accelerator.reduce(t, "sum")`); whitening then uses the statistics
+    of the whole rollout batch."""
     ppo, rows = cfg.ppo, len(batch["prompt"])
     timer = time.perf_counter()
     # 1. Sample with the unwrapped policy and its KV cache.
@@ -172,15 +178,17 @@ def rollout(batch: dict, *, actor_critic: ActorCritic, reference, scorer: Scorer
     # 4. r_t = -beta KL_t, plus the score on the last response token.
     rewards, kl = kl_shaped_rewards(exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.action_mask,
                                     kl_coef=kl_coef, estimator=ppo.kl_estimator)
-    # 5. GAE; whitened over this process's tokens, population variance as lm-human-preferences' whiten.
+    # 5. GAE; whitened over the tokens of every process, population variance as lm-human-preferences' whiten.
     advantages, returns = gae(rewards, exp.values, exp.action_mask, gamma=ppo.gamma, lam=ppo.lam)
     if ppo.whiten_advantages:
-        advantages = masked_whiten(advantages, exp.action_mask, unbiased=False)
+        mean, var = global_moments(advantages, exp.action_mask, all_reduce)
+        advantages = masked_whiten(advantages, exp.action_mask, mean=mean, var=var)
     exp = replace(exp, rewards=rewards, advantages=advantages, returns=returns)
 
     valid = exp.action_mask.any(-1)
     stats = common.MeanMetrics()
-    explained = 1 - masked_var(returns - exp.values, exp.action_mask) / masked_var(returns, exp.action_mask).clamp_min(1e-8)
+    explained = 1 - (global_moments(returns - exp.values, exp.action_mask, all_reduce)[1]
+                     / global_moments(returns, exp.action_mask, all_reduce)[1].clamp_min(1e-8))
     stats.add({
         **{k: v for k, v in scored.metrics.items() if k.startswith("objective/")},
         "objective/kl": masked_mean(kl.sum(-1), valid),
@@ -197,17 +205,20 @@ def rollout(batch: dict, *, actor_critic: ActorCritic, reference, scorer: Scorer
 
 
 def ppo_update(exp: Experience, *, accelerator: Accelerator, actor_critic, optimizer, scheduler, loss_fn,
-               cfg: RunConfig) -> dict[str, float]:
+               cfg: RunConfig, generator: torch.Generator | None = None) -> dict[str, float]:
     """Step 6: `ppo.epochs` passes over shuffled minibatches, each one optimizer step of accumulated
-    micro-batches weighted by their share of the minibatch's tokens; stops early past `ppo.max_approx_kl`."""
+    micro-batches weighted by their share of the minibatch's tokens; stops early past `ppo.max_approx_kl`.
+    `generator` draws the shuffles; seeded alike on every process, it makes each minibatch the same rows
+    of the global rollout batch however many processes hold it (see `minibatch_rows`)."""
     ppo = cfg.ppo
-    minibatch = cfg.batch.global_batch_size // accelerator.num_processes
+    minibatches = cfg.ppo.rollout_batch_size // cfg.batch.global_batch_size
+    offset = accelerator.process_index * len(exp.sequences)  # the prepared loader gives each process a slice
     prompt_length = exp.sequences.shape[1] - exp.action_mask.shape[1]
     metrics, step_info, epochs_done = common.MeanMetrics(), {}, 0
     actor_critic.train()
     for _ in range(ppo.epochs):
         stop = False
-        for rows in torch.randperm(len(exp.sequences)).split(minibatch):
+        for rows in minibatch_rows(len(exp.sequences), minibatches, offset, generator):
             micro_batches = [trim(exp.select(i), prompt_length) for i in rows.split(cfg.batch.micro_batch_size)]
             shares = common.loss_shares(accelerator, [part.action_mask.sum() for part in micro_batches])
             minibatch_kl = common.MeanMetrics()
@@ -237,6 +248,34 @@ def ppo_update(exp: Experience, *, accelerator: Accelerator, actor_critic, optim
         if stop:
             break
     return metrics.compute(accelerator) | {k: float(v) for k, v in step_info.items()} | {"policy/epochs": epochs_done}
+
+
+def global_moments(values: torch.Tensor, mask: torch.Tensor,
+                   all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population variance of `values` (B, R) over the `mask` of every process, in float64.
+
+    Two passes (the mean, then squared deviations from it) rather than sums of squares, which cancel
+    catastrophically when the mean is large against the spread."""
+    reduce = all_reduce or (lambda t: t)
+    values = values.double()
+    count = reduce(mask.sum().double()).clamp_min(1)
+    mean = reduce(masked_sum(values, mask)) / count
+    var = reduce(masked_sum((values - mean).square(), mask)) / count
+    return mean, var
+
+
+def minibatch_rows(rows: int, minibatches: int, offset: int = 0,
+                   generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """This process's `rows` rollout rows, global rows [offset, offset + rows), split into `minibatches`.
+
+    Each block of `minibatches` consecutive global rows gives one row to each minibatch, by a permutation
+    drawn per block. A process's slice is a whole number of blocks, so minibatch k holds the same global
+    rows, and as many from every process, with 1 process or N. The rollout order is already shuffled by
+    the prompt sampler; a minibatch is still a random sample of the batch, one row from each block."""
+    blocks = (offset + rows) // minibatches
+    slots = torch.stack([torch.randperm(minibatches, generator=generator) for _ in range(blocks)]).flatten()
+    slots = slots[offset:offset + rows]
+    return [torch.nonzero(slots == k).flatten() for k in range(minibatches)]
 
 
 def trim(exp: Experience, prompt_length: int) -> Experience:

@@ -16,8 +16,8 @@ from data.synthetic import judge
 from data.tiny_tokenizer import build_tokenizer
 from engine.config import OptimConfig, RunConfig, from_dict
 from engine.loops import common
-from engine.loops.ppo import ppo_update, rollout
-from losses import AdaptiveKLController, bind_objective
+from engine.loops.ppo import global_moments, minibatch_rows, ppo_update, rollout
+from losses import AdaptiveKLController, bind_objective, masked_whiten
 from rollout.generation import SamplingConfig
 from rollout.scoring import RewardFunction, Scorer
 from rollout.value_head import ActorCritic
@@ -143,10 +143,10 @@ def test_one_ppo_iteration_equals_a_plain_per_row_reference():
 
     # The same step by hand: token-mean losses over each whole minibatch, one SGD step each.
     torch.manual_seed(123)
-    order = torch.randperm(8)
+    plan = minibatch_rows(8, 2)
     plain_opt = torch.optim.SGD(before.parameters(), lr=LR)
     pg_sum = tokens_sum = 0.0
-    for minibatch in order.split(4):
+    for minibatch in plan:
         tokens = sum(lengths[i] for i in minibatch.tolist())
         loss = 0.0
         for i in minibatch.tolist():
@@ -170,6 +170,43 @@ def test_one_ppo_iteration_equals_a_plain_per_row_reference():
         torch.testing.assert_close(mine, plain, rtol=0, atol=1e-6, msg=name)
     moved = max((a - b).abs().max() for a, b in zip(actor_critic.parameters(), small_llama(tokenizer, 0).parameters()))
     assert moved > 1e-3  # the update did something
+
+
+def test_minibatches_hold_the_same_global_rows_on_one_process_or_several():
+    """16 rollout rows in 4 minibatches: every block of 4 consecutive rows gives one row to each minibatch, so
+    2 or 4 processes (slices of 8 or 4 rows, drawing from generators seeded alike) assemble the same ones."""
+    one = [rows.tolist() for rows in minibatch_rows(16, 4, 0, torch.Generator().manual_seed(7))]
+    assert sorted(sum(one, [])) == list(range(16))
+    assert all(sorted(row // 4 for row in rows) == [0, 1, 2, 3] for rows in one)
+    assert one != [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]  # shuffled within blocks
+    for processes in (2, 4):
+        local = 16 // processes
+        parts = [minibatch_rows(local, 4, p * local, torch.Generator().manual_seed(7)) for p in range(processes)]
+        joined = [sorted(row + p * local for p in range(processes) for row in parts[p][k].tolist()) for k in range(4)]
+        assert joined == one
+    again = [rows.tolist() for rows in minibatch_rows(16, 4, 0, torch.Generator().manual_seed(8))]
+    assert again != one
+
+
+def test_advantages_split_over_processes_whiten_as_the_whole_batch():
+    """The halves of a batch whitened with `global_moments` over both equal the whole batch whitened at once
+    (population variance); each half's own statistics do not. The stand-in for the all-reduce adds the other
+    half's sums, in the order `global_moments` asks: count, sum, squared deviations from the shared mean."""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(6, 5, generator=gen) * 2 + 3
+    mask = torch.arange(5)[None, :] < torch.tensor([5, 2, 4, 1, 3, 5])[:, None]
+    whole = masked_whiten(values, mask, unbiased=False)
+    mean = values.double()[mask].mean()
+    halves = (slice(0, 3), slice(3, 6))
+    for rows, other in zip(halves, reversed(halves)):
+        v, m = values[other].double(), mask[other]
+        sums = iter([m.sum().double(), v[m].sum(), (v[m] - mean).square().sum()])
+        got_mean, got_var = global_moments(values[rows], mask[rows], lambda t, sums=sums: t + next(sums))
+        assert got_mean.item() == pytest.approx(mean.item(), rel=1e-12)
+        assert got_var.item() == pytest.approx(values.double()[mask].var(unbiased=False).item(), rel=1e-12)
+        torch.testing.assert_close(masked_whiten(values[rows], mask[rows], mean=got_mean, var=got_var), whole[rows],
+                                   rtol=0, atol=1e-6)
+        assert not torch.allclose(masked_whiten(values[rows], mask[rows], unbiased=False), whole[rows], atol=1e-3)
 
 
 def test_adaptive_kl_controller_moves_the_coefficient_toward_the_target():
