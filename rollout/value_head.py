@@ -84,11 +84,13 @@ class ActorCritic(nn.Module):
         return logits, values
 
 
-def save_value_head(head: ValueHead, out_dir: str | Path) -> Path:
-    """Write the head next to the policy weights or adapter as `value_head.safetensors`."""
+def save_value_head(head: ValueHead, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Write the head next to the policy weights or adapter as `value_head.safetensors`. `state_dict` is
+    written instead of `head.state_dict()` when given: the gathered full tensors of sharded weights."""
     path = Path(out_dir) / VALUE_HEAD_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()}
+    state = head.state_dict() if state_dict is None else state_dict
+    tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
     save_file(tensors, str(path), metadata={"hidden_size": json.dumps(head.hidden_size)})
     return path
 

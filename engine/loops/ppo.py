@@ -47,7 +47,14 @@ from losses import (
 from rollout.experience import Experience, make_experience, response_logprobs
 from rollout.generation import SamplingConfig, eos_ids, finished_locally, generate
 from rollout.scoring import RewardFunction, RewardModel, Scorer, default_format, load_reward_function
-from rollout.value_head import VALUE_HEAD_FILE, ActorCritic, ValueHead, load_value_head, save_value_head
+from rollout.value_head import (
+    CRITIC_DIR,
+    VALUE_HEAD_FILE,
+    ActorCritic,
+    ValueHead,
+    load_value_head,
+    save_value_head,
+)
 
 
 def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> common.RunResult:
@@ -131,20 +138,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                           extra_state={"kl_controller": kl_ctl.state_dict(), "scorer": scorer.state_dict()})
 
     # 8. The policy (or adapter) and tokenizer in <output_dir>/final/, the value head beside them.
-    # Sharded weights: gather the whole actor-critic on every process (a collective) and keep the policy's part.
-    policy_state = None
-    if common.shards_weights(accelerator):
-        policy_state = {key.removeprefix("policy."): value for key, value in
-                        accelerator.get_state_dict(actor_critic).items() if key.startswith("policy.")}
-    result = common.save_final(accelerator, cfg, accelerator.unwrap_model(actor_critic).policy, tokenizer, logger,
-                               iterations, state_dict=policy_state)
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(actor_critic)
-        save_value_head(unwrapped.value_head, result.final_dir)
-        if unwrapped.critic is not None:
-            unwrapped.critic.save_pretrained(result.final_dir / "critic")
-    accelerator.wait_for_everyone()
-    return result
+    return save_final(accelerator, cfg, actor_critic, tokenizer, logger, iterations)
 
 
 @torch.no_grad()
@@ -248,6 +242,30 @@ def ppo_update(exp: Experience, *, accelerator: Accelerator, actor_critic, optim
         if stop:
             break
     return metrics.compute(accelerator) | {k: float(v) for k, v in step_info.items()} | {"policy/epochs": epochs_done}
+
+
+def save_final(accelerator: Accelerator, cfg: RunConfig, actor_critic, tokenizer, logger: RunLogger,
+               iterations: int) -> common.RunResult:
+    """Step 8: the policy (or adapter) and tokenizer in <output_dir>/final/, the value head beside them, a
+    separate critic in final/critic/.
+
+    Sharded weights (FSDP, ZeRO-3): the whole actor-critic is gathered on every process (a collective) and
+    each part is written from its slice of that state dict; the unwrapped modules hold only this process's
+    shards (FSDP) or empty placeholders (ZeRO-3)."""
+    parts: dict[str, dict | None] = {"policy": None, "value_head": None, "critic": None}
+    if common.shards_weights(accelerator):
+        full = accelerator.get_state_dict(actor_critic)
+        parts = {name: {key.removeprefix(f"{name}."): value for key, value in full.items()
+                        if key.startswith(f"{name}.")} for name in parts}
+    unwrapped = accelerator.unwrap_model(actor_critic)
+    result = common.save_final(accelerator, cfg, unwrapped.policy, tokenizer, logger, iterations,
+                               state_dict=parts["policy"])
+    if accelerator.is_main_process:
+        save_value_head(unwrapped.value_head, result.final_dir, state_dict=parts["value_head"])
+        if unwrapped.critic is not None:
+            unwrapped.critic.save_pretrained(result.final_dir / CRITIC_DIR, state_dict=parts["critic"])
+    accelerator.wait_for_everyone()
+    return result
 
 
 def global_moments(values: torch.Tensor, mask: torch.Tensor,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.engine.runs import REPO_ROOT, SMALL, TINY, run, series
 
@@ -119,3 +120,8 @@ def test_ppo_two_processes_match_one(tmp_path):
         assert values(two, key) == pytest.approx(series(single, key), rel=1e-5, abs=1e-7), key
     assert values(two, "grad_norm")[1] != values(two, "grad_norm")[0]  # the second iteration saw a new policy
     assert len(list((tmp_path / "two" / "checkpoints" / "step_2").glob("model*.safetensors"))) == 1
+    # the value head written by the main process of two is the one trained by one process
+    one_head, two_head = (load_file(str(tmp_path / name / "final" / "value_head.safetensors")) for name in ("one", "two"))
+    assert one_head["summary.weight"].abs().max() > 0  # moved from its zero init
+    for key in one_head:
+        torch.testing.assert_close(two_head[key], one_head[key], rtol=1e-5, atol=1e-7, msg=key)

@@ -9,14 +9,16 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from data import DataConfig, build_datasets, make_collator
 from data.synthetic import judge
 from data.tiny_tokenizer import build_tokenizer
 from engine.config import OptimConfig, RunConfig, from_dict
+from engine.logging import RunLogger
 from engine.loops import common
-from engine.loops.ppo import global_moments, minibatch_rows, ppo_update, rollout
+from engine.loops.ppo import global_moments, minibatch_rows, ppo_update, rollout, save_final
 from losses import AdaptiveKLController, bind_objective, masked_whiten
 from rollout.generation import SamplingConfig
 from rollout.scoring import RewardFunction, Scorer
@@ -207,6 +209,32 @@ def test_advantages_split_over_processes_whiten_as_the_whole_batch():
         torch.testing.assert_close(masked_whiten(values[rows], mask[rows], mean=got_mean, var=got_var), whole[rows],
                                    rtol=0, atol=1e-6)
         assert not torch.allclose(masked_whiten(values[rows], mask[rows], unbiased=False), whole[rows], atol=1e-3)
+
+
+def test_sharded_weights_are_saved_from_the_gathered_state_dict(tmp_path, monkeypatch):
+    """Under FSDP or ZeRO-3 the unwrapped modules hold shards or empty placeholders, so the final save must
+    write the gathered state dict: with `shards_weights` forced true and a gathered dict that differs from
+    the modules (every tensor + 1), the policy, the value head and the critic on disk are the gathered ones."""
+    tokenizer = build_tokenizer()
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(ActorCritic(small_llama(tokenizer, 0), critic=small_llama(tokenizer, 1)))
+    gathered = {key: value.detach() + 1 for key, value in accelerator.unwrap_model(model).state_dict().items()}
+    calls = []
+    monkeypatch.setattr(common, "shards_weights", lambda acc: True)
+    monkeypatch.setattr(accelerator, "get_state_dict", lambda m: calls.append(m) or gathered)
+    cfg = run_config({"output_dir": str(tmp_path), "objective": {"name": "ppo"}})
+    logger = RunLogger(tmp_path, total_steps=1, start_step=0, enabled=True, progress_bar=False, desc="ppo")
+
+    result = save_final(accelerator, cfg, model, tokenizer, logger, 1)
+
+    assert calls == [model]  # gathered once, for every part
+    written = {"value_head": load_file(str(result.final_dir / "value_head.safetensors")),
+               "policy": load_file(str(result.final_dir / "model.safetensors")),
+               "critic": load_file(str(result.final_dir / "critic" / "model.safetensors"))}
+    for part, tensors in written.items():
+        assert tensors, part
+        for key, value in tensors.items():
+            torch.testing.assert_close(value, gathered[f"{part}.{key}"], rtol=0, atol=0, msg=f"{part}.{key}")
 
 
 def test_adaptive_kl_controller_moves_the_coefficient_toward_the_target():
