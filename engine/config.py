@@ -152,7 +152,8 @@ class EvalConfig:
     every_steps: int = 0
     """Evaluate on the held-out split every N optimizer steps and at the end; 0 disables."""
     max_batches: int | None = None
-    """Evaluate on at most this many batches per process; None: the whole split."""
+    """Evaluate on the first N batches of the held-out split (of batch.eval_batch_size rows), the same rows
+    whatever the number of processes; None: the whole split."""
 
 
 @dataclass(frozen=True)

@@ -213,6 +213,21 @@ def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, max_gr
     return metrics
 
 
+def eval_batches(accelerator: Accelerator, loader, max_batches: int | None) -> Iterator[tuple[dict, bool]]:
+    """This process's batches of the prepared eval `loader`, each with whether it is among the first
+    `max_batches` batches of the split (all when None), counted as one process would see them.
+
+    Round i gives process p the split's batch i x N + p. The rounds stop once every batch they hold is past
+    the limit; in the last round, a process whose batch is past it still runs its forward (sharded models
+    need every process in every forward) and its rows must weigh nothing. So 1 process and N score the
+    same rows."""
+    for index, batch in enumerate(loader):
+        first = index * accelerator.num_processes
+        if max_batches is not None and first >= max_batches:
+            return
+        yield batch, max_batches is None or first + accelerator.process_index < max_batches
+
+
 def real_rows(accelerator: Accelerator, rows: int) -> int:
     """How many of this process's `rows` in the current evaluation batch are real samples, not padding.
 

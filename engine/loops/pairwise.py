@@ -69,11 +69,10 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         policy.eval()
         means = common.MeanMetrics()
         with torch.no_grad():
-            for index, batch in enumerate(eval_loader):
-                if cfg.eval.max_batches is not None and index >= cfg.eval.max_batches:
-                    break
-                # the repeats that pad the last round weigh nothing (one is scored so every metric key exists)
-                pairs = common.real_rows(accelerator, len(batch["labels"]) // 2)
+            for batch, counted in common.eval_batches(accelerator, eval_loader, cfg.eval.max_batches):
+                # the repeats that pad the last round, and a batch past eval.max_batches, weigh nothing (one
+                # pair is scored so every metric key exists)
+                pairs = common.real_rows(accelerator, len(batch["labels"]) // 2) if counted else 0
                 loss, metrics = loss_on(batch, "eval", max(pairs, 1))
                 means.add({"loss": loss, **metrics}, pairs)
         policy.train()

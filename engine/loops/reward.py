@@ -49,14 +49,15 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         model.eval()
         chosen, rejected, margins = [], [], []
         with torch.no_grad():
-            for index, batch in enumerate(eval_loader):
-                if cfg.eval.max_batches is not None and index >= cfg.eval.max_batches:
-                    break
+            for batch, counted in common.eval_batches(accelerator, eval_loader, cfg.eval.max_batches):
                 c, r = scores(batch)
-                # gathered batch by batch: on the last one gather_for_metrics drops the repeats that pad it
-                chosen.append(accelerator.gather_for_metrics(c))
-                rejected.append(accelerator.gather_for_metrics(r))
-                margins.append(accelerator.gather_for_metrics(batch["margin"] if "margin" in batch else torch.zeros_like(c)))
+                # gathered batch by batch, keeping only the rows that count: not the repeats that pad the
+                # last round, nor a batch past eval.max_batches
+                rows = common.real_rows(accelerator, len(c)) if counted else 0
+                keep = accelerator.gather((torch.arange(len(c), device=c.device) < rows).int()).bool()
+                chosen.append(accelerator.gather(c)[keep])
+                rejected.append(accelerator.gather(r)[keep])
+                margins.append(accelerator.gather(batch["margin"] if "margin" in batch else torch.zeros_like(c))[keep])
         model.train()
         chosen, rejected, margin = (torch.cat(x) for x in (chosen, rejected, margins))
         loss, metrics = loss_fn(chosen, rejected, margin=margin)

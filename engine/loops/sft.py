@@ -48,12 +48,11 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         policy.eval()
         sums = torch.zeros(3, device=accelerator.device)  # summed NLL, correct argmax tokens, tokens
         with torch.no_grad():
-            for index, batch in enumerate(eval_loader):
-                if cfg.eval.max_batches is not None and index >= cfg.eval.max_batches:
-                    break
+            for batch, counted in common.eval_batches(accelerator, eval_loader, cfg.eval.max_batches):
                 logits, logprobs, mask = forward(batch)
                 correct = torch.zeros_like(mask).masked_scatter(mask, logits.argmax(-1) == batch["labels"][:, 1:][mask])
-                repeats = slice(common.real_rows(accelerator, len(mask)), None)  # the rows padding the last round
+                # the rows padding the last round, or a whole batch past eval.max_batches, count nothing
+                repeats = slice(common.real_rows(accelerator, len(mask)) if counted else 0, None)
                 mask[repeats], correct[repeats] = False, False
                 sums += torch.stack([-(logprobs * mask).sum(), correct.sum(), mask.sum()]).float()
         policy.train()

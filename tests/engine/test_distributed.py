@@ -88,13 +88,29 @@ def test_dpo_two_processes_match_one_with_a_reference_computed_once(tmp_path):
 
 
 def test_reward_model_two_processes_match_one(tmp_path):
-    steps = ["max_steps=2"]
+    """With eval.max_batches=5 one process scores the split's batches 0-4; two processes score batches 0-5 in
+    three rounds and weigh batch 5 (process 1's in the last round) at nothing, so both score the same 15 pairs."""
+    steps = ["max_steps=2", "eval.max_batches=5"]
     single = run("reward.yaml", tmp_path / "one", *SETTINGS, *steps)
     two = launch("reward.yaml", tmp_path / "two", *SETTINGS, *steps, env={"ACCELERATE_USE_CPU": "1"})
     assert values(two, "loss") == pytest.approx(series(single, "loss"), rel=1e-5)
     for key in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"):
         assert len(values(two, key)) == 2  # steps 0 and 2
+        # margins of about 2e-3 are differences of scores of order 1: their float noise is absolute
+        assert values(two, key) == pytest.approx(series(single, key), rel=1e-5, abs=1e-6), key
+
+
+def test_sft_eval_max_batches_counts_batches_of_the_split(tmp_path):
+    """eval.max_batches=3 on two processes: rounds of batches (0, 1) and (2, 3), batch 3 weighing nothing; the
+    eval loss and accuracy equal one process's over batches 0-2, and differ from those of the whole split."""
+    steps = ["max_steps=1", "eval.every_steps=1"]
+    single = run("sft.yaml", tmp_path / "one", *SETTINGS, *steps, "eval.max_batches=3")
+    whole = run("sft.yaml", tmp_path / "whole", *SETTINGS, *steps)
+    two = launch("sft.yaml", tmp_path / "two", *SETTINGS, *steps, "eval.max_batches=3")
+    for key in ("eval/loss", "eval/token_accuracy"):
+        assert len(values(two, key)) == 2  # steps 0 and 1
         assert values(two, key) == pytest.approx(series(single, key), rel=1e-5, abs=1e-7), key
+    assert series(whole, "eval/loss") != pytest.approx(series(single, "eval/loss"), rel=1e-3)
 
 
 def test_ppo_two_processes_match_one(tmp_path):
