@@ -8,6 +8,8 @@ written last, and the directory is renamed into place (one atomic rename, then a
 A run killed at any point of a save (kill -9, a node lost) therefore leaves the previous checkpoints
 intact: only directories named `step_<N>` that hold `trainer_state.json` are ever loaded, and the
 leftover temporary directory is deleted by the next save or resume. The last `keep_last` are kept.
+Resuming from a checkpoint earlier than the newest abandons the later ones: they are renamed
+`step_<N>.abandoned-<time>` (never loaded or deleted), with a line naming them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import time
 import weakref
 from pathlib import Path
 
@@ -56,6 +59,24 @@ def resolve_resume(output_dir: str | Path, resume_from: str) -> Path | None:
             f"use 'latest', 'none', or one of {[str(p) for p in list_checkpoints(output_dir)] or 'the step_<N> dirs'}"
         )
     return path
+
+
+def set_aside_later(output_dir: str | Path, step: int) -> list[Path]:
+    """Rename the checkpoints in output_dir past `step` to `step_<N>.abandoned-<time>`; returns the new paths.
+
+    Resuming from an earlier checkpoint abandons the later ones, but left in place `latest` would pick them up
+    at the next resume, and `keep_last` would count them and delete the new run's instead. The new names are
+    neither loaded nor deleted by anything here. Call on the main process only."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    moved = []
+    for path in list_checkpoints(output_dir):
+        if int(_STEP_DIR.match(path.name).group(1)) > step:
+            target = path.with_name(f"{path.name}.abandoned-{stamp}")
+            os.replace(path, target)
+            moved.append(target)
+    if moved:
+        _fsync_dir(checkpoint_root(output_dir))
+    return moved
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: dict, *, keep_last: int) -> Path:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from data import length_grouped_batches, sequence_lengths
 from engine import signals
-from engine.checkpoint import clean_partial, load_checkpoint, resolve_resume, save_checkpoint
+from engine.checkpoint import clean_partial, load_checkpoint, resolve_resume, save_checkpoint, set_aside_later
 from engine.config import ConfigError, OptimConfig, RunConfig
 from engine.logging import RunLogger
 from engine.validate import check_gradient_flow
@@ -263,14 +263,31 @@ class MeanMetrics:
         return {key: (packed[i] / packed[-1]).item() for i, key in enumerate(keys)}
 
 
-def resume(accelerator: Accelerator, cfg: RunConfig, models: list) -> Position:
-    """Load `checkpoint.resume_from` (models, optimizer, scheduler, RNG states) and return its data position."""
+def load_resume(accelerator: Accelerator, cfg: RunConfig, models: list) -> tuple[Path, dict] | None:
+    """Load `checkpoint.resume_from` (models, optimizer, scheduler, RNG states); its path and saved state, or
+    None for a fresh start. Checkpoints of output_dir past the loaded step belong to the abandoned run: they
+    are renamed aside (`checkpoint.set_aside_later`), with a line naming them."""
     if accelerator.is_main_process:
         clean_partial(cfg.output_dir)
     path = resolve_resume(cfg.output_dir, cfg.checkpoint.resume_from)
     if path is None:
-        return Position()
+        return None
     state = load_checkpoint(accelerator, path, models)
+    accelerator.wait_for_everyone()  # every process has read `path` before anything is renamed
+    if accelerator.is_main_process:
+        moved = set_aside_later(cfg.output_dir, state["step"])
+        if moved:
+            accelerator.print(f"resumed from step {state['step']} ({path}); the later checkpoints of the run it "
+                              f"abandons are set aside, not loaded by 'latest': {', '.join(str(p) for p in moved)}")
+    return path, state
+
+
+def resume(accelerator: Accelerator, cfg: RunConfig, models: list) -> Position:
+    """Load `checkpoint.resume_from` (see `load_resume`) and return its data position."""
+    loaded = load_resume(accelerator, cfg, models)
+    if loaded is None:
+        return Position()
+    path, state = loaded
     position = Position(**state["position"])
     # batches_in_epoch counts one process's micro-batches; a checkpoint written by another number of processes
     # (or micro-batch size) consumed the same samples of the same epoch order, so skip as many samples here.

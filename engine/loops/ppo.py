@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader
 
 from data import build_datasets, make_collator
 from engine import models
-from engine.checkpoint import load_checkpoint, resolve_resume
 from engine.config import ConfigError, RunConfig
 from engine.distributed import finished_everywhere
 from engine.logging import RunLogger
@@ -94,9 +93,9 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     # 3. Resume: adapter or weights with the value head, optimizer, schedule, RNG states, data position,
     # the KL coefficient and the score normaliser.
     position = common.Position()
-    path = resolve_resume(cfg.output_dir, cfg.checkpoint.resume_from)
-    if path is not None:
-        state = load_checkpoint(accelerator, path, [actor_critic])
+    loaded = common.load_resume(accelerator, cfg, [actor_critic])
+    if loaded is not None:
+        state = loaded[1]
         position = common.Position(**state["position"])
         kl_ctl.load_state_dict(state["kl_controller"])
         scorer.load_state_dict(state["scorer"])

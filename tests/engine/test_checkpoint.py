@@ -9,8 +9,8 @@ import torch
 from accelerate import Accelerator
 
 from engine.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from engine.config import OptimConfig
-from engine.loops.common import build_scheduler
+from engine.config import OptimConfig, RunConfig, from_dict
+from engine.loops.common import build_scheduler, resume
 
 
 def _prepared():
@@ -85,3 +85,33 @@ def test_warmup_ratio_is_a_fraction_of_the_run():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     build_scheduler(optimizer, OptimConfig(lr=1.0, scheduler="constant", warmup_ratio=0.5), total=8)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1 / 5)
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
+    """A run saved steps 2, 4, 6; resumed from step_2, steps 4 and 6 belong to the run it abandons. Left in
+    place, `latest` would resume from the abandoned step 6, and keep_last=2 would delete the new run's step 4
+    in favour of it. They are renamed `step_<N>.abandoned-<time>` (nothing deleted) with a line naming them."""
+    accelerator, model, _ = _prepared()
+    for step in (2, 4, 6):
+        save_checkpoint(accelerator, tmp_path, {"step": step, "position": {"step": step}}, keep_last=3)
+    root = tmp_path / "checkpoints"
+    cfg = from_dict(RunConfig, {"output_dir": str(tmp_path), "checkpoint": {"resume_from": str(root / "step_2")}})
+
+    position = resume(accelerator, cfg, [model])
+
+    assert position.step == 2
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2"]
+    aside = sorted(p.name for p in root.iterdir() if ".abandoned-" in p.name)
+    assert [name.split(".")[0] for name in aside] == ["step_4", "step_6"]
+    assert all((root / name / "trainer_state.json").is_file() for name in aside)  # moved whole, not deleted
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in aside)
+    # the resumed run saves its own step 4 and keeps it; `latest` finds it, not the abandoned step 6
+    save_checkpoint(accelerator, tmp_path, {"step": 4, "position": {"step": 4}}, keep_last=2)
+    assert resolve_resume(tmp_path, "latest").name == "step_4"
+    assert sorted(p.name for p in root.iterdir() if ".abandoned-" in p.name) == aside
+
+    # resuming from the newest checkpoint moves nothing
+    resume(accelerator, from_dict(RunConfig, {"output_dir": str(tmp_path), "checkpoint": {"resume_from": "latest"}}),
+           [model])
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2", "step_4"]
