@@ -43,6 +43,7 @@ def check_startup(cfg: RunConfig, objective: Objective, accelerator) -> None:
     if objective.family == "ppo":
         check_turns_end_with_a_stop_token(cfg, tokenizer, stop_tokens(tokenizer, cfg.model.name_or_path))
     check_quantised_distribution(cfg, accelerator)
+    check_export_merge(cfg, accelerator)
     try:
         model_config = load_model_config(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         check_positions(cfg, objective.family, getattr(model_config, "max_position_embeddings", None))
@@ -115,27 +116,44 @@ def check_positions(cfg: RunConfig, family: str, limit: int | None) -> None:
         raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds {where}; set data.max_length={limit} or less")
 
 
+def sharding_mode(accelerator) -> str | None:
+    """"FSDP" or "DeepSpeed ZeRO-3" where each process holds only shards of the weights, else None."""
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "FSDP"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
 def check_quantised_distribution(cfg: RunConfig, accelerator) -> None:
     """bitsandbytes weights with FSDP or DeepSpeed ZeRO-3, which shard parameters: they need the 4-bit
     weights stored in a float dtype (bnb_4bit_quant_storage) that model.quant does not set, and 8-bit weights
     cannot be sharded at all."""
-    from accelerate.utils import DistributedType
-
     bits = cfg.model.quant.bits
-    if bits is None:
-        return
-    kind = accelerator.distributed_type
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if kind == DistributedType.FSDP:
-        mode = "FSDP"
-    elif kind == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3:
-        mode = "DeepSpeed ZeRO-3"
-    else:
+    mode = sharding_mode(accelerator)
+    if bits is None or mode is None:
         return
     raise ConfigError(
         f"model.quant.bits={bits} cannot train under {mode}, which shards the weights: bitsandbytes weights shard "
         "only as 4-bit stored in the compute dtype (bnb_4bit_quant_storage), which model.quant does not set. "
         "Launch with DDP (accelerate launch --multi_gpu) or DeepSpeed ZeRO-2, or set model.quant.bits=null")
+
+
+def check_export_merge(cfg: RunConfig, accelerator) -> None:
+    """export.merge of a LoRA adapter under FSDP or ZeRO-3: the final save gets the gathered state dict,
+    which models.save_final cannot merge (merge_and_unload works on the module, whose weights are shards),
+    so the run would train to the end and then fail without writing its adapter."""
+    mode = sharding_mode(accelerator)
+    if not (cfg.export.merge and cfg.model.lora.enabled and mode is not None):
+        return
+    raise ConfigError(
+        f"export.merge=true cannot merge a LoRA adapter under {mode}, which shards the weights: the final save "
+        "writes the gathered state dict, and merging needs the whole model in one process. Set export.merge=false "
+        "and merge the saved adapter afterwards in one process (PeftModel.from_pretrained(base, "
+        "'<output_dir>/final').merge_and_unload()), or launch with DDP or DeepSpeed ZeRO-2")
 
 
 def checkpoint_bytes(cfg: RunConfig, model_config) -> tuple[int, int]:

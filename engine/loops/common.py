@@ -20,7 +20,7 @@ from engine import signals
 from engine.checkpoint import clean_partial, load_checkpoint, resolve_resume, save_checkpoint, set_aside_later
 from engine.config import ConfigError, OptimConfig, RunConfig
 from engine.logging import RunLogger
-from engine.validate import check_gradient_flow
+from engine.validate import check_gradient_flow, sharding_mode
 
 SKIPPED = "train/skipped"  # 1.0 in optimizer_step's metrics when the update was not applied
 
@@ -366,11 +366,7 @@ def stop_if_needed(accelerator: Accelerator, cfg: RunConfig, logger: RunLogger, 
 
 def shards_weights(accelerator: Accelerator) -> bool:
     """Whether each process holds only shards of the weights: FSDP or DeepSpeed ZeRO-3."""
-    from accelerate.utils import DistributedType
-
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return accelerator.distributed_type == DistributedType.FSDP or (
-        accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3)
+    return sharding_mode(accelerator) is not None
 
 
 def save_final(accelerator: Accelerator, cfg: RunConfig, model, tokenizer, logger: RunLogger, total: int,

@@ -113,14 +113,23 @@ def _accelerator(kind, zero_stage=None):
     (DistributedType.MULTI_GPU, None, None),
     (DistributedType.NO, None, None),
 ])
-def test_4bit_weights_are_refused_under_sharding_modes(kind, stage, refused):
-    cfg = load_config(TINY / "dpo.yaml", ["model.quant.bits=4", "model.lora.enabled=true"])
+@pytest.mark.parametrize("check, overrides, message, fine", [
+    ("check_quantised_distribution", ["model.quant.bits=4", "model.lora.enabled=true"],
+     "bits=4 cannot train under {}.*DDP", []),
+    # models.save_final cannot merge from a gathered state dict, so the run would fail after training; a full
+    # fine-tune has nothing to merge
+    ("check_export_merge", ["export.merge=true", "model.lora.enabled=true"],
+     "export.merge=true cannot merge a LoRA adapter under {}", ["export.merge=true"]),
+])
+def test_sharding_modes_refuse_4bit_weights_and_merging_an_adapter(kind, stage, refused, check, overrides, message,
+                                                                  fine):
+    accelerator = _accelerator(kind, stage)
     if refused is None:
-        validate.check_quantised_distribution(cfg, _accelerator(kind, stage))
+        getattr(validate, check)(load_config(TINY / "dpo.yaml", overrides), accelerator)
         return
-    with pytest.raises(ConfigError, match=f"bits=4 cannot train under {refused}.*DDP"):
-        validate.check_quantised_distribution(cfg, _accelerator(kind, stage))
-    validate.check_quantised_distribution(load_config(TINY / "dpo.yaml"), _accelerator(kind, stage))
+    with pytest.raises(ConfigError, match=message.format(refused)):
+        getattr(validate, check)(load_config(TINY / "dpo.yaml", overrides), accelerator)
+    getattr(validate, check)(load_config(TINY / "dpo.yaml", fine), accelerator)
 
 
 @pytest.mark.parametrize("config, overrides, message", [
