@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--engine-override", action="append", default=[], metavar="KEY=VALUE",
                         help="engine config override (or a prototype, e.g. bench.drop_position_ids=true) for "
                              "the engine side of a peer comparison")
+    parser.add_argument("--peer-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="trainer-config option for the peer side, e.g. optim=adamw_torch_fused (TRL's default "
+                             "optimizer; the benchmark's own setting is adamw_torch, the engine's AdamW)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: the size's)")
@@ -177,7 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
             # with like: both off (default), or both on (--peer-defaults). TRL's PPOTrainer leaves it off.
             engine_on = (("model.gradient_checkpointing=true",) if args.peer_defaults else ()) \
                 + tuple(args.engine_override)
-            peer_on = () if args.peer_defaults or objective == "ppo" else ("gradient_checkpointing=false",)
+            peer_on = (() if args.peer_defaults or objective == "ppo" else ("gradient_checkpointing=false",)) \
+                + tuple(args.peer_override)
             engine_runs, peer_runs = alternate(("engine", objective, engine_on), ("trl", objective, peer_on),
                                                args.repeats, args.size, args.threads, args.steps, log)
             groups.append(({"objective": objective}, {"engine": engine_runs, "peer": peer_runs}))

@@ -67,6 +67,9 @@ def run_trl(objective: str, size: str, *, steps: int | None = None, options: dic
     model = counter.watch(auto.from_pretrained(model_dir(size, kind), dtype=torch.float32))
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
         common = _common_args(size, out, steps)
+        # an option that is one of the shared settings (e.g. optim) replaces it
+        common |= {k: v for k, v in options.items() if k in common}
+        options = {k: v for k, v in options.items() if k not in common}
         if objective == "sft":
             from trl import SFTConfig, SFTTrainer
 
