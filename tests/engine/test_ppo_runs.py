@@ -125,7 +125,9 @@ def sampled_judge_score(model_dir: Path, n: int = 200) -> float:
 
 def test_ppo_on_the_judge_raises_the_judge_score(tmp_path, sft_policy):
     before = sampled_judge_score(sft_policy)
-    result = run_ppo(tmp_path / "ppo", f"model.name_or_path={sft_policy}", "max_steps=12")
+    # 20 iterations: at 12 the gain (0.025-0.075 sampled over seeds 0-3, whichever minibatch shuffle) was too
+    # close to the 0.03 asked for
+    result = run_ppo(tmp_path / "ppo", f"model.name_or_path={sft_policy}", "max_steps=20")
     after = sampled_judge_score(result.final_dir)
     judged = [r["objective/score/judge"] for r in result.history]
     print(f"judge score, sampled on 200 held-out prompts: {before:.3f} -> {after:.3f}; "
