@@ -20,9 +20,15 @@ import torch
 from benchmarks.harness import FlopCounter, StepClock
 from benchmarks.workloads import SIZES, engine_args, model_dir
 
-PROTOTYPES = ("bench.drop_position_ids",)
+PROTOTYPES = ("bench.drop_position_ids", "bench.fused_adamw")
 """Engine changes prototyped here, switched like config keys: `bench.drop_position_ids=true` calls every
-model without `position_ids` when the batch has an attention mask (right padding: they are 0..T-1 anyway)."""
+model without `position_ids` when the batch has an attention mask (right padding: they are 0..T-1 anyway);
+`bench.fused_adamw=true` builds the loop's AdamW with `fused=True` (TRL's default optimizer)."""
+
+
+class _FusedAdamW(torch.optim.AdamW):
+    def __init__(self, params, **kwargs):
+        super().__init__(params, fused=True, **kwargs)
 
 
 def _without_position_ids(model: torch.nn.Module) -> torch.nn.Module:
@@ -69,6 +75,8 @@ def run_engine(objective: str, size: str, *, steps: int | None = None, overrides
         stack.enter_context(mock.patch.object(reference, "load_policy", watched(reference.load_policy)))
         stack.enter_context(mock.patch.object(common, "after_step", timed_after_step))
         stack.enter_context(mock.patch.object(common, "save_final", no_final_save))
+        if "bench.fused_adamw" in prototypes:
+            stack.enter_context(mock.patch.object(torch.optim, "AdamW", _FusedAdamW))
         train.main(engine_args(objective, size, out, steps=steps, overrides=overrides))
     return clock
 
