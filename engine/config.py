@@ -110,6 +110,10 @@ class ObjectiveConfig:
 class OptimConfig:
     optimizer: str = "adamw"
     """adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes)."""
+    fused: bool | None = None
+    """torch AdamW's fused kernel (one kernel for every parameter's update; equal to the loop kernel up to
+    rounding): None uses it where torch has it for the parameters' device and dtype, except under FSDP or
+    DeepSpeed (not yet measured there); true always; false never."""
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)

@@ -7,6 +7,7 @@ or after too many non-finite steps, and the final save.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -121,7 +122,9 @@ def total_steps(cfg: RunConfig, accelerator: Accelerator, loader: DataLoader) ->
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors), as nanoGPT."""
+    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors), as nanoGPT;
+    torch's fused kernel unless `optim.fused` is false, the parameters' device has none, or (when unset)
+    the run is under FSDP or DeepSpeed."""
     check_gradient_flow(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -130,7 +133,16 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.O
     ]
     kwargs = {"lr": optim.lr, "betas": optim.betas, "eps": optim.eps}
     if optim.optimizer == "adamw":
-        return torch.optim.AdamW(groups, **kwargs)
+        # auto leaves FSDP and DeepSpeed, which wrap or shard the optimizer, on the loop kernel
+        sharded = any(os.environ.get(f"ACCELERATE_USE_{x}", "").lower() in ("1", "true") for x in ("FSDP", "DEEPSPEED"))
+        if optim.fused is False or (optim.fused is None and sharded):
+            return torch.optim.AdamW(groups, **kwargs)
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except RuntimeError:  # a device or dtype without the fused kernel
+            if optim.fused:
+                raise
+            return torch.optim.AdamW(groups, **kwargs)
     import bitsandbytes as bnb
 
     cls = bnb.optim.AdamW8bit if optim.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
