@@ -15,11 +15,12 @@ samples with; beam search uses transformers' `generate`. One JSON line per promp
 `--pairs-by package.module:function` turns the K samples into on-policy preference pairs: each response is
 scored by that reward function (the same `fn(prompts, responses, **fields)` PPO's `ppo.rewards` take, the
 prompt rows' other fields passed as `fields`), the best becomes `chosen`, the worst `rejected`, and prompts
-whose samples all score the same are left out. The output is a preference file any DPO/ORPO/reward config
-reads with `data.path` (the quickstart's DPO and ORPO train on such pairs from the SFT model: pairs of the
-policy's own samples teach it about the mistakes it makes, as in Xiong et al. 2024, "Iterative Preference
-Learning from Human Feedback", and Guo et al. 2024, "Direct Language Model Alignment from Online AI
-Feedback"). `--prompts synthetic` reads the sorting task's training prompts (`--num-prompts`, `--data-seed`);
+whose samples all score the same are left out; with `--min-chosen-score S` so are those whose best scores
+below S, so that every chosen response is a good one (rejection sampling). The output is a preference file
+any DPO/ORPO/reward config reads with `data.path`. The quickstart's DPO and ORPO train on such pairs from the
+SFT model: the policy's own samples show it the mistakes it makes, as in Xiong et al. 2024, "Iterative
+Preference Learning from Human Feedback", and Guo et al. 2024, "Direct Language Model Alignment from Online
+AI Feedback". `--prompts synthetic` reads the sorting task's training prompts (`--num-prompts`, `--data-seed`);
 evaluation uses its held-out split.
 """
 
@@ -158,8 +159,10 @@ def answer(model, tokenizer, encoder: PromptEncoder, prompts: Sequence[str], sam
     return responses
 
 
-def preference_pairs(rows: Sequence[dict], samples: Sequence[Sequence[str]], score_fn: Callable) -> list[dict]:
-    """Best against worst of each row's samples under `score_fn`; rows whose samples all tie are left out.
+def preference_pairs(rows: Sequence[dict], samples: Sequence[Sequence[str]], score_fn: Callable, *,
+                     min_chosen_score: float | None = None) -> list[dict]:
+    """Best against worst of each row's samples under `score_fn`; rows whose samples all tie are left out,
+    and with `min_chosen_score` the rows whose best sample scores below it.
 
     Args:
         rows: prompt rows ({"prompt": ..., other fields}), one per prompt.
@@ -179,7 +182,7 @@ def preference_pairs(rows: Sequence[dict], samples: Sequence[Sequence[str]], sco
         start += len(responses)
         best = max(range(len(own)), key=lambda i: (own[i], -i))
         worst = min(range(len(own)), key=lambda i: (own[i], i))
-        if own[best] > own[worst]:
+        if own[best] > own[worst] and (min_chosen_score is None or own[best] >= min_chosen_score):
             pairs.append({"prompt": row["prompt"], "chosen": responses[best], "rejected": responses[worst],
                           "chosen_score": own[best], "rejected_score": own[worst]})
     return pairs
@@ -195,6 +198,8 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=1, help="responses sampled per prompt")
     parser.add_argument("--pairs-by", default=None, metavar="package.module:function",
                         help="write best-vs-worst preference pairs of the samples under this reward function")
+    parser.add_argument("--min-chosen-score", type=float, default=None,
+                        help="with --pairs-by: keep only pairs whose chosen response scores at least this")
     parser.add_argument("--output", default="-", help="JSON lines out; '-' for stdout")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--min-new-tokens", type=int, default=1)
@@ -238,8 +243,9 @@ def main(argv: Iterable[str] | None = None) -> list[dict]:
                   seed=args.seed, num_beams=args.num_beams, batch_size=args.batch_size)
     samples = [flat[i * k:(i + 1) * k] for i in range(len(rows))]
     if score_fn is not None:
-        out = preference_pairs(rows, samples, score_fn)
-        print(f"{len(out)} pairs from {len(rows)} prompts x {k} samples (the rest tied)", file=sys.stderr)
+        out = preference_pairs(rows, samples, score_fn, min_chosen_score=args.min_chosen_score)
+        why = "tied" if args.min_chosen_score is None else f"tied or best below {args.min_chosen_score:g}"
+        print(f"{len(out)} pairs from {len(rows)} prompts x {k} samples (the rest {why})", file=sys.stderr)
     elif k == 1:
         out = [{"prompt": row["prompt"], "response": xs[0]} for row, xs in zip(rows, samples)]
     else:

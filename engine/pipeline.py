@@ -4,8 +4,8 @@
 
 1. build the tiny Llama and its tokenizer (engine.tiny, cached);
 2. SFT on the synthetic sorting task (data/synthetic.py);
-3. on-policy preference pairs: four samples of the SFT model per training prompt, the judge's best against
-   its worst (engine/generate.py --pairs-by), into <out>/pairs.jsonl;
+3. on-policy preference pairs: four samples of the SFT model per training prompt, a correct one (judge 1.0)
+   against the worst (engine/generate.py --pairs-by --min-chosen-score), into <out>/pairs.jsonl;
 4. a reward model on the task's preference pairs, starting from the SFT model;
 5. DPO and 6. ORPO on the on-policy pairs, and 7. PPO (rewarded by the task's judge; configs/quickstart/ppo.yaml
    shows how to reward it with the reward model instead), each starting from the SFT model;
@@ -45,9 +45,9 @@ CI_OVERRIDES = {"sft": ["max_steps=200"], "reward": ["max_steps=40"], "dpo": ["m
                 "orpo": ["max_steps=30"], "ppo": ["max_steps=10"]}
 PAIRS = "pairs.jsonl"
 SAMPLING = ["--prompts", "synthetic", "--num-samples", "4", "--max-new-tokens", "16",
-            "--pairs-by", "data.synthetic:judge_reward", "--batch-size", "128"]
-PAIRS_ARGS = [*SAMPLING, "--num-prompts", "2000"]
-CI_PAIRS = [*SAMPLING, "--num-prompts", "1000"]
+            "--pairs-by", "data.synthetic:judge_reward", "--min-chosen-score", "1", "--batch-size", "128"]
+PAIRS_ARGS = [*SAMPLING, "--num-prompts", "4000"]
+CI_PAIRS = [*SAMPLING, "--num-prompts", "2000"]
 EVALUATION = ["--num-prompts", "500", "--num-pairs", "500"]
 CI_EVALUATION = ["--num-prompts", "200", "--num-pairs", "200"]
 
@@ -99,7 +99,7 @@ def plan(out: Path, seed: int, ci: bool, with_ppo: bool) -> list[Step]:
             needs = ("sft", "pairs")
         steps.append(Step(stage, argv, needs, out / stage / "done.json", out / stage / "train.log"))
         if stage == "sft":
-            # on-policy preference pairs for DPO and ORPO: the SFT model's samples, best against worst by the judge
+            # on-policy preference pairs for DPO and ORPO: the SFT model's samples, a correct one against the worst
             argv = ["-m", "engine.generate", "--model", str(sft_final), "--output", str(out / PAIRS),
                     "--seed", str(seed), "--data-seed", str(seed), *(CI_PAIRS if ci else PAIRS_ARGS)]
             steps.append(Step("pairs", argv, ("sft",), out / PAIRS, out / "pairs.log", training=False))

@@ -114,6 +114,8 @@ def test_preference_pairs_take_the_best_against_the_worst_and_drop_ties():
         {"prompt": "p1", "chosen": "ccc", "rejected": "a", "chosen_score": 3.0, "rejected_score": 1.0},
         {"prompt": "p3", "chosen": "hh", "rejected": "g", "chosen_score": 2.0, "rejected_score": 1.0},
     ]
+    # rejection sampling: p3's best (2.0) is below 3, so only p1 is kept
+    assert gen.preference_pairs(rows, samples, length_score, min_chosen_score=3) == pairs[:1]
 
 
 def test_on_policy_pairs_from_the_command_line_train_as_preference_data(tiny_dir, tmp_path):
