@@ -20,15 +20,29 @@ import torch
 from benchmarks.harness import FlopCounter, StepClock
 from benchmarks.workloads import SIZES, engine_args, model_dir
 
-PROTOTYPES = ("bench.drop_position_ids", "bench.fused_adamw")
+PROTOTYPES = ("bench.drop_position_ids",)
 """Engine changes prototyped here, switched like config keys: `bench.drop_position_ids=true` calls every
-model without `position_ids` when the batch has an attention mask (right padding: they are 0..T-1 anyway);
-`bench.fused_adamw=true` builds the loop's AdamW with `fused=True` (TRL's default optimizer)."""
+model without `position_ids` when the batch has an attention mask (right padding: they are 0..T-1 anyway)."""
+
+RETIRED = {"bench.fused_adamw": "the engine builds torch's fused AdamW by default; `optim.fused=true/false` "
+                                "is its switch"}
 
 
-class _FusedAdamW(torch.optim.AdamW):
-    def __init__(self, params, **kwargs):
-        super().__init__(params, fused=True, **kwargs)
+def _check_retired(overrides: tuple[str, ...]) -> None:
+    for o in overrides:
+        key = o.partition("=")[0]
+        if key in RETIRED:
+            raise ValueError(f"{key} is retired: {RETIRED[key]}")
+
+
+def _recording_optimizer(build, record: dict):
+    """`common.build_optimizer`, noting which AdamW kernel the loop got (torch's `fused` default is None)."""
+    def build_and_record(*args, **kwargs):
+        optimizer = build(*args, **kwargs)
+        record["optimizer"] = type(optimizer).__name__
+        record["adamw_fused"] = bool(optimizer.defaults.get("fused"))
+        return optimizer
+    return build_and_record
 
 
 def _without_position_ids(model: torch.nn.Module) -> torch.nn.Module:
@@ -42,6 +56,7 @@ def _without_position_ids(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def run_engine(objective: str, size: str, *, steps: int | None = None, overrides: tuple[str, ...] = ()) -> StepClock:
+    _check_retired(overrides)
     if objective == "ppo":
         return run_engine_ppo(size, steps=steps, overrides=overrides)
     from engine import models, reference, train
@@ -75,8 +90,8 @@ def run_engine(objective: str, size: str, *, steps: int | None = None, overrides
         stack.enter_context(mock.patch.object(reference, "load_policy", watched(reference.load_policy)))
         stack.enter_context(mock.patch.object(common, "after_step", timed_after_step))
         stack.enter_context(mock.patch.object(common, "save_final", no_final_save))
-        if "bench.fused_adamw" in prototypes:
-            stack.enter_context(mock.patch.object(torch.optim, "AdamW", _FusedAdamW))
+        stack.enter_context(mock.patch.object(common, "build_optimizer",
+                                              _recording_optimizer(common.build_optimizer, clock.info)))
         train.main(engine_args(objective, size, out, steps=steps, overrides=overrides))
     return clock
 
@@ -156,7 +171,7 @@ def run_engine_ppo(size: str, *, steps: int | None = None, overrides: tuple[str,
                                   temperature=cfg.ppo.temperature, micro_batch_size=cfg.ppo.rollout_micro_batch_size)
         loader = DataLoader(data.train, batch_size=cfg.ppo.rollout_batch_size, shuffle=True, drop_last=True,
                             collate_fn=make_collator("prompt", tokenizer), generator=torch.Generator().manual_seed(0))
-        optimizer = common.build_optimizer(actor_critic, cfg.optim)
+        optimizer = _recording_optimizer(common.build_optimizer, clock.info)(actor_critic, cfg.optim)
         actor_critic, optimizer = accelerator.prepare(actor_critic, optimizer)
         scheduler = common.build_scheduler(optimizer, cfg.optim, 10**6)
         kl_ctl = FixedKLController(cfg.ppo.kl_coef)

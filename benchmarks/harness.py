@@ -245,6 +245,8 @@ class StepClock:
     _last: tuple | None = None
     _seen: int = 0
     rss_at_start: float = 0.0
+    info: dict = field(default_factory=dict)
+    """What the run was set up with (e.g. the optimizer it built), copied into the summary as it is."""
 
     def tick(self, **extra) -> None:
         now = (time.perf_counter(), *self.counter.snapshot())
@@ -277,6 +279,7 @@ class StepClock:
             "mfu": sum(s["flops"] for s in self.steps) / total_time / peak_flops,
             "peak_rss_mib": peak_rss_mib(),
             "rss_at_start_mib": self.rss_at_start,
+            **self.info,
         }
         phases = sorted({k for s in self.steps for k in s if k.startswith("time/")})
         for key in phases:

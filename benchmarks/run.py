@@ -92,6 +92,9 @@ def summarise(runs: list[dict]) -> dict:
     ok = [r for r in runs if "error" not in r]
     out = {key: median(r.get(key) for r in ok) for key in SUMMARY_KEYS if any(key in r for r in ok)}
     out["repeats"] = len(ok)
+    kernels = {r.get("adamw_fused") for r in ok}
+    if len(kernels) == 1:
+        out["adamw_fused"] = kernels.pop()  # None: the runner did not say
     if len(ok) < len(runs):
         out["errors"] = [r["error"] for r in runs if "error" in r]
     return out
@@ -135,8 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="engine config override (or a prototype, e.g. bench.drop_position_ids=true) for "
                              "the engine side of a peer comparison")
     parser.add_argument("--peer-override", action="append", default=[], metavar="KEY=VALUE",
-                        help="trainer-config option for the peer side, e.g. optim=adamw_torch_fused (TRL's default "
-                             "optimizer; the benchmark's own setting is adamw_torch, the engine's AdamW)")
+                        help="trainer-config option for the peer side, e.g. gradient_checkpointing=true")
+    parser.add_argument("--adamw", choices=("fused", "non-fused"), default="fused",
+                        help="the AdamW kernel on both sides: fused (default: the engine's optim.fused default, "
+                             "TRL's default optim adamw_torch_fused) or non-fused (engine optim.fused=false, TRL "
+                             "optim=adamw_torch); with --techniques, on both variants")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: the size's)")
@@ -159,11 +165,15 @@ def main(argv: list[str] | None = None) -> dict:
                      "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
                      "size": args.size, "threads": args.threads, "repeats": args.repeats, "machine": machine(),
                      "rows": []}
+    # Both sides run their own defaults, fused AdamW; --adamw non-fused switches both to the loop kernel.
+    engine_adamw = ("optim.fused=false",) if args.adamw == "non-fused" else ()
+    peer_adamw = ("optim=adamw_torch",) if args.adamw == "non-fused" else ()
     groups = []  # (row fields, {side: runs})
     if args.techniques:
         for objective, name, off, on in TECHNIQUES:
             if objective not in args.objectives or (args.only and args.only not in name):
                 continue
+            on, off = engine_adamw + on, engine_adamw + off
             log(f"{name} ({objective})")
             with_runs, without_runs = alternate(("engine", objective, on), ("engine", objective, off),
                                                 args.repeats, args.size, args.threads, args.steps, log)
@@ -172,16 +182,16 @@ def main(argv: list[str] | None = None) -> dict:
         for objective in args.objectives:
             log(objective)
             if args.peer == "none":
-                runs = [spawn("engine", objective, args.size, args.threads, (), args.steps)
+                runs = [spawn("engine", objective, args.size, args.threads, engine_adamw, args.steps)
                         for _ in range(args.repeats)]
                 groups.append(({"objective": objective}, {"engine": runs}))
                 continue
             # TRL >= 0.20 turns gradient checkpointing on by default; the engine leaves it off. Compare like
             # with like: both off (default), or both on (--peer-defaults). TRL's PPOTrainer leaves it off.
             engine_on = (("model.gradient_checkpointing=true",) if args.peer_defaults else ()) \
-                + tuple(args.engine_override)
+                + engine_adamw + tuple(args.engine_override)
             peer_on = (() if args.peer_defaults or objective == "ppo" else ("gradient_checkpointing=false",)) \
-                + tuple(args.peer_override)
+                + peer_adamw + tuple(args.peer_override)
             engine_runs, peer_runs = alternate(("engine", objective, engine_on), ("trl", objective, peer_on),
                                                args.repeats, args.size, args.threads, args.steps, log)
             groups.append(({"objective": objective}, {"engine": engine_runs, "peer": peer_runs}))

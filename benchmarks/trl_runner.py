@@ -1,8 +1,11 @@
 """The peer's side: the same work through TRL's trainers, timed at each optimizer step by a callback.
 
 Same model files, same tokenised rows (the engine's data layer builds them, and TRL gets them already
-tokenised, so both train on identical token ids), same batch, float32, AdamW (torch, not fused) with the same
-betas, eps, no weight decay, clipping at 1.0 and a constant learning rate. SFT, reward, DPO and ORPO use the
+tokenised, so both train on identical token ids), same batch, float32, AdamW with the same betas, eps, no
+weight decay, clipping at 1.0 and a constant learning rate. The AdamW is the trainer's default (`optim`:
+adamw_torch_fused with transformers >= 5 and torch >= 2.8), as the engine's is torch's fused one by default;
+`optim=adamw_torch` (with the engine's `optim.fused=false`) compares the non-fused kernels. Each measurement
+records the optimizer the trainer built (`optimizer`, `adamw_fused`). SFT, reward, DPO and ORPO use the
 installed TRL (the `bench` extra, trl>=1.0); PPO needs trl<=1.12 (the last release with
 `trl.experimental.ppo.PPOTrainer`), run from its own virtual environment.
 """
@@ -36,12 +39,20 @@ def _prompt_length(labels: list[int]) -> int:
     return next(i for i, label in enumerate(labels) if label != -100)
 
 
+def _record_optimizer(clock: StepClock, optimizer) -> None:
+    """Note which optimizer the trainer built (Accelerate wraps it: the wrapped one is `.optimizer`)."""
+    if optimizer is not None and "optimizer" not in clock.info:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        clock.info["optimizer"] = type(inner).__name__
+        clock.info["adamw_fused"] = bool(getattr(inner, "defaults", {}).get("fused"))
+
+
 def _common_args(size: str, out: str, steps: int | None) -> dict:
     spec = SIZES[size]
     return dict(output_dir=out, per_device_train_batch_size=spec.batch, gradient_accumulation_steps=1,
                 max_steps=spec.warmup + (steps or spec.steps), learning_rate=1e-4, lr_scheduler_type="constant",
                 warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-                max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none",
+                max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none",
                 disable_tqdm=True, use_cpu=True, seed=0, dataloader_num_workers=0, bf16=False, fp16=False,
                 eval_strategy="no")
 
@@ -49,7 +60,7 @@ def _common_args(size: str, out: str, steps: int | None) -> dict:
 def run_trl(objective: str, size: str, *, steps: int | None = None, options: dict | None = None) -> StepClock:
     """`options` go to the trainer's config (e.g. gradient_checkpointing=False, TRL's default being True)."""
     if objective == "ppo":
-        return run_trl_ppo(size, steps=steps)
+        return run_trl_ppo(size, steps=steps, options=options)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
     options = options or {}
@@ -58,7 +69,8 @@ def run_trl(objective: str, size: str, *, steps: int | None = None, options: dic
     clock = StepClock(counter, warmup=spec.warmup, rows_per_step=spec.batch)
 
     class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            _record_optimizer(clock, optimizer)
             clock.tick()
 
     rows, tokenizer, cfg = _engine_rows(objective, size)
@@ -132,10 +144,11 @@ def run_trl(objective: str, size: str, *, steps: int | None = None, options: dic
     return clock
 
 
-def run_trl_ppo(size: str, *, steps: int | None = None) -> StepClock:
+def run_trl_ppo(size: str, *, steps: int | None = None, options: dict | None = None) -> StepClock:
     """TRL's PPOTrainer on the engine's PPO settings: separate value model, reward model, frozen reference,
     `response_length` new tokens, the same minibatches and epochs. Generation and reward-model time are read
-    by wrapping the trainer module's own `batch_generation` and `get_reward`."""
+    by wrapping the trainer module's own `batch_generation` and `get_reward`. `options` go to PPOConfig
+    (e.g. optim=adamw_torch) and replace the settings above."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -171,7 +184,8 @@ def run_trl_ppo(size: str, *, steps: int | None = None) -> StepClock:
         return out
 
     class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            _record_optimizer(clock, optimizer)
             generated = spec.rollout_batch * spec.max_new_tokens
             clock.tick(**phases, generated_tokens=generated)
             phases.update({k: 0.0 for k in phases})
@@ -186,15 +200,16 @@ def run_trl_ppo(size: str, *, steps: int | None = None) -> StepClock:
         # every gradient_accumulation_steps micro-batches, so with these sizes it takes half the engine's
         # optimizer steps over the same forward and backward work.
         minibatches = spec.rollout_batch // spec.minibatch
-        args = PPOConfig(output_dir=out, per_device_train_batch_size=spec.minibatch,
-                         gradient_accumulation_steps=minibatches, num_mini_batches=minibatches,
-                         num_ppo_epochs=spec.ppo_epochs,
-                         local_rollout_forward_batch_size=spec.rollout_batch, response_length=spec.max_new_tokens,
-                         total_episodes=spec.rollout_batch * iterations, temperature=1.0, kl_coef=0.05,
-                         vf_coef=0.1, cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95,
-                         learning_rate=1e-4, lr_scheduler_type="constant", optim="adamw_torch", max_grad_norm=1.0,
-                         num_sample_generations=0, save_strategy="no", report_to="none", disable_tqdm=True,
-                         use_cpu=True, seed=0, logging_steps=1, stop_token="eos")
+        settings = dict(output_dir=out, per_device_train_batch_size=spec.minibatch,
+                      gradient_accumulation_steps=minibatches, num_mini_batches=minibatches,
+                      num_ppo_epochs=spec.ppo_epochs,
+                      local_rollout_forward_batch_size=spec.rollout_batch, response_length=spec.max_new_tokens,
+                      total_episodes=spec.rollout_batch * iterations, temperature=1.0, kl_coef=0.05,
+                      vf_coef=0.1, cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95,
+                      learning_rate=1e-4, lr_scheduler_type="constant", max_grad_norm=1.0,
+                      num_sample_generations=0, save_strategy="no", report_to="none", disable_tqdm=True,
+                      use_cpu=True, seed=0, logging_steps=1, stop_token="eos")
+        args = PPOConfig(**(settings | (options or {})))
         with mock.patch.object(trl_ppo, "batch_generation", timed_generation), \
                 mock.patch.object(trl_ppo, "get_reward", timed_reward):
             trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref,
