@@ -221,6 +221,7 @@ class RunConfig:
             "batch.eval_batch_size": self.batch.eval_batch_size,
             "checkpoint.keep_last": self.checkpoint.keep_last,
             "logging.every_steps": self.logging.every_steps,
+            "eval.max_batches": self.eval.max_batches,
         }
         for key, value in positive.items():
             if value is not None and value <= 0:

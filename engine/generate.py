@@ -20,8 +20,8 @@ below S, so that every chosen response is a good one (rejection sampling). The o
 any DPO/ORPO/reward config reads with `data.path`. The quickstart's DPO and ORPO train on such pairs from the
 SFT model: the policy's own samples show it the mistakes it makes, as in Xiong et al. 2024, "Iterative
 Preference Learning from Human Feedback", and Guo et al. 2024, "Direct Language Model Alignment from Online
-AI Feedback". `--prompts synthetic` reads the sorting task's training prompts (`--num-prompts`, `--data-seed`);
-evaluation uses its held-out split.
+AI Feedback". `--prompts synthetic` draws prompts of the sorting task with `--data-seed` (`--num-prompts` of
+them), never from the held-out split evaluation uses.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ class PromptEncoder:
 
 
 def synthetic_prompts(n: int, seed: int = 0) -> list[dict]:
-    """The first `n` training prompts of the sorting task (data.synthetic), with their `answer` fields."""
+    """The first `n` prompts the sorting task (data.synthetic) draws with `seed`, with their `answer` fields;
+    evaluation's held-out prompts come from a different seed."""
     from data.synthetic import generate as synthetic_rows
 
     return synthetic_rows("prompt", n, seed=seed)
@@ -193,7 +194,8 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="a final/ directory (full, adapter or merged), or a hub id")
     parser.add_argument("--prompts", default="-",
                         help="a .txt (one prompt a line) or .jsonl file; '-' for stdin; 'synthetic': the task's training prompts")
-    parser.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (all by default)")
+    parser.add_argument("--num-prompts", type=int, default=None,
+                        help="use the first N prompts (default: all of a file, 1000 synthetic ones)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic prompts")
     parser.add_argument("--num-samples", type=int, default=1, help="responses sampled per prompt")
     parser.add_argument("--pairs-by", default=None, metavar="package.module:function",
@@ -230,6 +232,10 @@ def main(argv: Iterable[str] | None = None) -> list[dict]:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               micro_batch_size=args.batch_size)
+    if args.min_chosen_score is not None and not args.pairs_by:
+        raise SystemExit("--min-chosen-score filters pairs: it needs --pairs-by")
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise SystemExit(f"--num-prompts must be at least 1, got {args.num_prompts}")
     if args.num_samples < 1 or (args.pairs_by and args.num_samples < 2):
         raise SystemExit(f"--num-samples must be at least {2 if args.pairs_by else 1}, got {args.num_samples}")
     if args.num_samples > 1 and (args.num_beams > 1 or args.temperature == 0):
@@ -246,6 +252,9 @@ def main(argv: Iterable[str] | None = None) -> list[dict]:
         out = preference_pairs(rows, samples, score_fn, min_chosen_score=args.min_chosen_score)
         why = "tied" if args.min_chosen_score is None else f"tied or best below {args.min_chosen_score:g}"
         print(f"{len(out)} pairs from {len(rows)} prompts x {k} samples (the rest {why})", file=sys.stderr)
+        if not out:  # an empty file would pass for a finished step and fail every run that reads it
+            raise SystemExit(f"no preference pairs: every prompt's samples were {why}; sample more (--num-samples, "
+                             "--num-prompts, --temperature) or lower --min-chosen-score")
     elif k == 1:
         out = [{"prompt": row["prompt"], "response": xs[0]} for row, xs in zip(rows, samples)]
     else:

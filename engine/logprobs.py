@@ -33,7 +33,9 @@ def label_logprobs(
         logprobs (B, T-1) fp32 with 0 where the mask is False, mask (B, T-1) bool, and with
         `return_logits=True` the (K, V) logits of the K masked positions in row-major order.
 
-    A model that ignores a boolean `logits_to_keep` (full (B, T, V) logits back) is handled the slow way.
+    A model that ignores a boolean `logits_to_keep` (full (B, T, V) logits back), has no such argument, or
+    reads it as column indices (transformers releases before boolean masks; some remote-code models) is
+    handled the slow way.
     """
     if is_shared(batch):
         return shared_label_logprobs(model, batch, ignore_index=ignore_index, return_logits=return_logits)
@@ -41,13 +43,8 @@ def label_logprobs(
     mask = labels[:, 1:] != ignore_index
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = mask
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-        logits_to_keep=keep,
-    ).logits
+    logits = _logits(model, {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
+                              "position_ids": batch.get("position_ids"), "use_cache": False}, keep)
     if logits.dim() == 3:  # the whole sequence came back
         logprobs, mask = token_logprobs(logits, labels, ignore_index=ignore_index)
         return (logprobs, mask, logits[:, :-1][mask]) if return_logits else (logprobs, mask)
@@ -76,13 +73,8 @@ def shared_label_logprobs(
     flat = (rows[:, None] * width + batch["token_positions"][:, :-1])[mask]
     keep = torch.zeros(n_rows * width, dtype=torch.bool, device=labels.device)
     keep[flat] = True
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=model_attention_mask(model, batch),
-        position_ids=batch["position_ids"],
-        use_cache=False,
-        logits_to_keep=keep.view(n_rows, width),
-    ).logits
+    logits = _logits(model, {"input_ids": batch["input_ids"], "attention_mask": model_attention_mask(model, batch),
+                              "position_ids": batch["position_ids"], "use_cache": False}, keep.view(n_rows, width))
     if logits.dim() == 3:  # the whole sequence came back
         logits = logits.flatten(0, 1)[keep]
     slot = (keep.cumsum(0) - 1)[flat]  # (N,) each label's row of the (K, V) logits
@@ -98,3 +90,11 @@ def shared_label_logprobs(
     logprobs = torch.zeros(mask.shape, dtype=selected.dtype, device=selected.device)
     logprobs = logprobs.masked_scatter(mask, selected)
     return (logprobs, mask, logits[slot]) if return_logits else (logprobs, mask)
+
+
+def _logits(model, inputs: dict, keep: Tensor) -> Tensor:
+    """(K, V) logits at the kept positions, or (B, T, V) from a model that cannot keep a boolean selection."""
+    try:
+        return model(**inputs, logits_to_keep=keep).logits
+    except (TypeError, IndexError):  # no `logits_to_keep`, or one that indexes (B, T) booleans as columns
+        return model(**inputs).logits

@@ -124,7 +124,7 @@ def total_steps(cfg: RunConfig, accelerator: Accelerator, loader: DataLoader) ->
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors), as nanoGPT;
     torch's fused kernel unless `optim.fused` is false, the parameters' device has none, or (when unset)
-    the run is under FSDP or DeepSpeed."""
+    the run is under FSDP or DeepSpeed. Built before `accelerator.prepare`: on CPU or CUDA parameters."""
     check_gradient_flow(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -135,18 +135,26 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.O
     if optim.optimizer == "adamw":
         # auto leaves FSDP and DeepSpeed, which wrap or shard the optimizer, on the loop kernel
         sharded = any(os.environ.get(f"ACCELERATE_USE_{x}", "").lower() in ("1", "true") for x in ("FSDP", "DEEPSPEED"))
-        if optim.fused is False or (optim.fused is None and sharded):
-            return torch.optim.AdamW(groups, **kwargs)
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except RuntimeError:  # a device or dtype without the fused kernel
-            if optim.fused:
-                raise
-            return torch.optim.AdamW(groups, **kwargs)
+        fused = optim.fused if optim.fused is not None else not sharded and has_fused_adamw(params)
+        return torch.optim.AdamW(groups, fused=fused, **kwargs)
     import bitsandbytes as bnb
 
     cls = bnb.optim.AdamW8bit if optim.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
     return cls(groups, **kwargs)
+
+
+def has_fused_adamw(params: list[torch.Tensor]) -> bool:
+    """Whether torch has a fused AdamW kernel for every parameter (floating point, on a supported device).
+
+    torch checks only at the first `step()`, so the engine asks beforehand; the device list is private
+    torch API, and without it the answer is no."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except (ImportError, AttributeError):
+        return False
+    return all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total: int):

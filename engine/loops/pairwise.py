@@ -8,7 +8,7 @@ from accelerate import Accelerator
 
 from data import build_datasets, make_collator
 from engine import models
-from engine.config import RunConfig, to_dict
+from engine.config import ConfigError, RunConfig, to_dict
 from engine.logging import RunLogger
 from engine.logprobs import label_logprobs
 from engine.loops import common
@@ -43,6 +43,12 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     reference = None
     if objective.needs_reference:
         reference = make_reference(cfg.reference, cfg.model, policy)
+        own_model = getattr(reference, "model", None)
+        if share and own_model is not None and own_model is not policy:  # a frozen copy, maybe of another model
+            why: list[str] = []
+            if not use_shared_prompt(cfg.data, own_model, log=why.append):
+                raise ConfigError(f"the reference model cannot read shared-prompt batches: {why[0]}; "
+                                  "set data.share_prompt=false")
         splits = {"train": train_rows} | ({"eval": eval_rows} if eval_loader is not None else {})
         for split, rows in splits.items():
             reference.precompute(rows, collate, batch_size=cfg.batch.eval_batch_size or cfg.batch.micro_batch_size,

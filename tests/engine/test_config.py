@@ -73,6 +73,7 @@ def test_the_config_is_frozen():
         (["max_step=8"], "did you mean 'max_steps'?"),
         (["mixed_precision=no"], "YAML reads no/yes/off/on as booleans"),
         (["max_steps=0"], "max_steps must be positive"),
+        (["eval.max_batches=0"], "eval.max_batches must be positive"),
         (["optim.betas=[0.9]"], "optim.betas must have 2 items"),
         (["reference.mode=frozen"], "reference.mode='frozen' is not one of"),
         (["optim"], "must look like section.key=value"),

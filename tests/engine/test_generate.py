@@ -140,5 +140,12 @@ def test_on_policy_pairs_from_the_command_line_train_as_preference_data(tiny_dir
     assert [len(r["responses"]) for r in samples] == [3, 3]
     with pytest.raises(SystemExit, match="needs sampling"):
         gen.main(["--model", tiny_dir, "--prompts", "synthetic", "--num-samples", "2", "--temperature", "0"])
+    with pytest.raises(SystemExit, match="needs --pairs-by"):
+        gen.main(["--model", tiny_dir, "--prompts", "synthetic", "--num-samples", "2", "--min-chosen-score", "1"])
+    with pytest.raises(SystemExit, match="no preference pairs"):  # nothing an untrained model says is correct
+        gen.main(["--model", tiny_dir, "--prompts", "synthetic", "--num-prompts", "2", "--num-samples", "2",
+                  "--max-new-tokens", "4", "--pairs-by", "data.synthetic:judge_reward", "--min-chosen-score", "1",
+                  "--output", str(tmp_path / "none.jsonl")])
+    assert not (tmp_path / "none.jsonl").exists()
     with pytest.raises(ValueError, match="cannot import module"):
         gen.main(["--model", tiny_dir, "--prompts", "synthetic", "--num-samples", "2", "--pairs-by", "nowhere:fn"])

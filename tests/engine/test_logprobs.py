@@ -61,6 +61,28 @@ def test_no_labelled_position_gives_an_empty_selection(tokenizer):
     assert logits.shape[0] == 0 and not mask.any() and (logprobs == 0).all()
 
 
+@pytest.mark.parametrize("error", [TypeError, IndexError])
+def test_a_model_that_cannot_take_a_boolean_selection_is_called_without_it(tokenizer, error):
+    """No `logits_to_keep` argument (TypeError), or one that indexes (B, T) booleans as columns (IndexError)."""
+    model = load_policy(TINY).eval()
+    calls = []
+
+    class Old(torch.nn.Module):
+        def forward(self, **kwargs):
+            calls.append(sorted(kwargs))
+            if "logits_to_keep" in kwargs:
+                raise error("logits_to_keep")
+            return model(**kwargs)
+
+    batch = make_collator("sft", tokenizer)(_rows(tokenizer, 3))
+    with torch.no_grad():
+        expected = label_logprobs(model, batch)
+        got = label_logprobs(Old(), batch)
+    assert ["logits_to_keep" in c for c in calls] == [True, False]
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_a_model_that_returns_full_logits_is_handled(tokenizer):
     """A model that ignores the boolean `logits_to_keep` still gives the right log-probs and (K, V) logits."""
     model = load_policy(TINY).eval()
