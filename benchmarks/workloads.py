@@ -4,10 +4,6 @@ models built once from a config (no download) into the cache, shared by the engi
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,45 +59,11 @@ def model_dir(size: str, kind: str) -> Path:
 
 
 def build_model(out_dir: Path, *, kind: str, config_path: Path, seed: int = 0) -> Path:
-    """`engine.tiny.build_tiny_model`, except that a `vocab_size` in the config sets the model's vocabulary.
-
-    The tiny tokenizer's ids (< 652) are then the first ids of a larger vocabulary, as a real model's tokenizer
-    may be smaller than its embedding (Llama-3, Qwen2 pad theirs): the head projects onto every one of the
-    `vocab_size` rows, and that is the cost being measured."""
-    spec = json.loads(config_path.read_text())
-    if "vocab_size" not in spec:
-        return build_tiny_model(out_dir, kind=kind, seed=seed, config_path=config_path)
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from data.tiny_tokenizer import build_tokenizer
-
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(out_dir)
-    spec = {k: v for k, v in spec.items() if not k.startswith("_")}
-    tokenizer = build_tokenizer()
-    if spec["vocab_size"] < len(tokenizer):
-        raise ValueError(f"{config_path}: vocab_size {spec['vocab_size']} < the tokenizer's {len(tokenizer)}")
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec, bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                  num_labels=1)
-    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = auto.from_config(config, dtype=torch.float32)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if not (out_dir / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    """The seeded build of a benchmark config (`engine.tiny.build_tiny_model`). A `vocab_size` in the config
+    sets the model's vocabulary: the tiny tokenizer's ids (< 652) are then the first ids of a larger one, as a
+    real model's tokenizer may be smaller than its embedding (Llama-3, Qwen2 pad theirs), and the head
+    projects onto every one of the `vocab_size` rows, which is the cost being measured."""
+    return build_tiny_model(out_dir, kind=kind, seed=seed, config_path=config_path)
 
 
 def engine_args(objective: str, size: str, output_dir: str | Path, *, steps: int | None = None,

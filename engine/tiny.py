@@ -53,10 +53,15 @@ def build_tiny_model(
     spec = _read_model_json(Path(config_path) if config_path else TINY_CONFIG)
 
     tokenizer = build_tokenizer()
+    # a config may give a larger vocabulary (as real models pad theirs): the tokenizer's ids come first
+    vocab_size = spec.pop("vocab_size", len(tokenizer))
+    if vocab_size < len(tokenizer):
+        raise ValueError(f"{config_path or TINY_CONFIG}: vocab_size {vocab_size} is smaller than the tokenizer's "
+                         f"{len(tokenizer)}")
     config = AutoConfig.for_model(
         spec.pop("model_type"),
         **spec,
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

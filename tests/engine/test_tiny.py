@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -118,3 +119,15 @@ def test_racing_builds_leave_one_complete_model(tmp_path, monkeypatch, fast_toke
     assert len(results) == 2 and results[0] == results[1]
     assert [p.name for p in (tmp_path / "tiny").iterdir()] == [Path(results[0]).name]
     AutoModelForCausalLM.from_pretrained(results[0])
+
+
+def test_a_config_vocab_size_pads_the_vocabulary_past_the_tokenizer(tmp_path, fast_tokenizer):
+    spec = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2}
+    (tmp_path / "big.json").write_text(json.dumps(spec | {"vocab_size": 1000}))
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "big", config_path=tmp_path / "big.json"))
+    tokenizer_size = len(fast_tokenizer)
+    assert model.config.vocab_size == 1000 > tokenizer_size  # the tokenizer's ids are the first 652 of 1000
+    (tmp_path / "small.json").write_text(json.dumps(spec | {"vocab_size": tokenizer_size - 1}))
+    with pytest.raises(ValueError, match="smaller than the tokenizer's"):
+        build_tiny_model(tmp_path / "small", config_path=tmp_path / "small.json")
