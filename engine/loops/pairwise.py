@@ -1,5 +1,6 @@
 """Pairwise preference objectives (DPO and its variants, ORPO, your own): chosen and rejected responses scored
-by the policy in one concatenated forward, against a frozen reference when the objective needs one."""
+by the policy in one forward (one row per pair when the prompt is shared, data.share_prompt), against a frozen
+reference when the objective needs one."""
 
 from __future__ import annotations
 
