@@ -39,6 +39,7 @@ from data.config import DataConfig
 from data.formats import canonical, detect_format
 from data.tokenize import Formatter
 from engine.config import ModelConfig
+from engine.hostmem import keep_freed_memory
 from rollout.generation import SamplingConfig, generate
 from rollout.scoring import load_reward_function
 
@@ -222,6 +223,7 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
 def main(argv: Iterable[str] | None = None) -> list[dict]:
     from transformers.utils import logging as hf_logging
 
+    keep_freed_memory()  # large CPU tensors reuse freed pages instead of faulting in fresh ones every batch
     args = parse_args(argv)
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model would bury the answers
     model = load_model(args.model, dtype=args.dtype)

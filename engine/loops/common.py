@@ -214,8 +214,7 @@ def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, max_gr
     processes, and the flag is reduced too, so every process skips the same steps. Under fp16 the gradient
     scaler skips the optimizer step itself (and lowers its scale); the schedule waits in the same way."""
     metrics = {"lr": optimizer.param_groups[0]["lr"]}
-    # an infinite max_norm measures the norm and scales the gradients by exactly 1
-    norm = accelerator.clip_grad_norm_(model.parameters(), math.inf if max_grad_norm is None else max_grad_norm)
+    norm = clip_gradients(accelerator, model.parameters(), max_grad_norm)
     bad = torch.zeros(1, device=accelerator.device)
     if norm is not None:
         metrics["grad_norm"] = norm
@@ -231,6 +230,35 @@ def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, max_gr
     optimizer.zero_grad(set_to_none=True)
     metrics[SKIPPED] = float(skipped)
     return metrics
+
+
+# Launches after which every process holds whole gradients as plain tensors (synced by DDP in backward):
+# one process, or data parallelism on any device. FSDP, DeepSpeed, XLA and Megatron-LM clip their own way.
+PLAIN_DATA_PARALLEL = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
+                       "MULTI_XPU", "MULTI_HPU", "MULTI_NEURON")
+
+
+def clip_gradients(accelerator: Accelerator, parameters, max_norm: float | None) -> torch.Tensor | None:
+    """Scale the gradients down to a total norm of `max_norm` where it is above (None: only measure); the norm
+    before clipping, as `accelerator.clip_grad_norm_` returns it.
+
+    torch's clip multiplies every gradient by min(1, max_norm / (norm + 1e-6)), a full pass over all of them
+    even when that factor is 1. With plain gradients (PLAIN_DATA_PARALLEL, no device mesh) this takes the steps
+    accelerate takes (unscale fp16 gradients, norm, clip) with torch's arithmetic, but multiplies only when the
+    factor is below 1. Reading that comparison on the host is a sync, which optimizer_step's skip check makes
+    anyway."""
+    plain = (accelerator.distributed_type.value in PLAIN_DATA_PARALLEL
+             and getattr(accelerator, "parallelism_config", None) is None  # tensor or context parallel: DTensors
+             and hasattr(torch.nn.utils, "clip_grads_with_norm_"))  # torch >= 2.6
+    if not plain:
+        # an infinite max_norm measures the norm and scales the gradients by exactly 1
+        return accelerator.clip_grad_norm_(parameters, math.inf if max_norm is None else max_norm)
+    accelerator.unscale_gradients()
+    parameters = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    if max_norm is not None and (max_norm / (norm + 1e-6) < 1).item():
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
 
 
 def eval_batches(accelerator: Accelerator, loader, max_batches: int | None) -> Iterator[tuple[dict, bool]]:
