@@ -86,6 +86,9 @@ def make_experience(generation: Generation, scores: torch.Tensor, *, actor_criti
                     valid: torch.Tensor | None = None) -> Experience:
     """Log-probs of the rollout policy and of the reference, and values, `micro_batch_size` rows at a time.
 
+    The rollout policy's log-probs come from `generation.logprobs` when the sampling pass kept them (and the
+    values of a value head on the policy from `generation.hidden`); otherwise from a forward of the policy.
+
     Args:
         generation: output of `rollout.generation.generate`.
         scores: (B,) final sequence scores (see `rollout.scoring.Scorer`).
@@ -105,10 +108,15 @@ def make_experience(generation: Generation, scores: torch.Tensor, *, actor_criti
         for i in range(0, responses.shape[0], micro_batch_size):
             rows = slice(i, i + micro_batch_size)
             seq, mask, act = generation.sequences[rows], generation.attention_mask[rows].long(), action_mask[rows]
-            logits, v = actor_critic(seq, mask, R)
-            old.append(response_logprobs(logits, responses[rows], act, temperature))
+            if generation.logprobs is None:
+                logits, v = actor_critic(seq, mask, R)
+                old.append(response_logprobs(logits, responses[rows], act, temperature))
+                del logits
+            else:  # kept from the sampling pass: only the values may need a forward
+                old.append(generation.logprobs[rows] * act)
+                shared_trunk = actor_critic.critic is None and generation.hidden is not None
+                v = actor_critic.value_head(generation.hidden[rows]) if shared_trunk else actor_critic.values(seq, mask, R)
             values.append(v * act)
-            del logits
             if reference is None:
                 with _adapter_disabled(actor_critic.policy):
                     ref_logits = _response_logits(actor_critic.policy, seq, mask, R)

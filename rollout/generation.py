@@ -60,6 +60,10 @@ class Generation:
     action_mask: torch.Tensor  # (B, R) bool: response tokens the policy produced, first EOS included
     no_eos: torch.Tensor  # (B,) bool: the response stopped at its length budget without an EOS
     prompt_length: int  # P
+    logprobs: torch.Tensor | None = None  # (B, R) float32, with `with_logprobs`: log-prob of each sampled
+    #                                       token under logits / temperature; 0 outside action_mask
+    hidden: torch.Tensor | None = None  # (B, R, H), with `with_hidden`: the final hidden state at the
+    #                                     position each response token was chosen from; 0 outside action_mask
 
     @property
     def responses(self) -> torch.Tensor:
@@ -91,10 +95,17 @@ def sample_response_lengths(cfg: SamplingConfig, batch_size: int, generator: tor
 
 def sample_next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None
                       ) -> torch.Tensor:
-    """Draw one token per row from (B, V) logits with temperature, top-k and top-p; returns (B,) long."""
+    """Draw one token per row from (B, V) logits with temperature, top-k and top-p; returns (B,) long.
+
+    Inverse-CDF sampling: one uniform number per row, placed on the cumulative probabilities (float64, so no
+    token's share is lost to rounding). It draws from the same distribution as `torch.multinomial`, which on
+    the CPU draws an exponential variate for every vocabulary entry: 9 ms of a 54 ms decoding step for 16
+    rows at a 32k vocabulary, against well under 1 ms for 16 uniforms and a cumulative sum."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / cfg.temperature
+    logits = logits.float()
+    if cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
     if cfg.top_k > 0:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -104,7 +115,18 @@ def sample_next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torc
         # a token is dropped when the tokens before it already reach top_p, so the first always stays
         drop = probs.cumsum(-1) - probs >= cfg.top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return sample_from_probs(logits.softmax(-1), generator)
+
+
+def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,) long: one draw per row of (B, V) probabilities (each row's sum need not be exactly 1).
+
+    Row b takes the first token whose cumulative probability reaches u_b x total, u_b uniform on (0, 1]:
+    u_b > 0 means a token of probability 0 at the start of the row is never taken, and u_b x total is at
+    most the last cumulative sum, so the index stays in range."""
+    cdf = probs.double().cumsum(-1)
+    u = 1.0 - torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -117,25 +139,42 @@ def finished_locally(done: torch.Tensor) -> bool:
     return bool(done.all())
 
 
+@dataclass
+class _Decoded:
+    tokens: torch.Tensor  # (b, r) long
+    logprobs: torch.Tensor | None  # (b, r) float32
+    hidden: torch.Tensor | None  # (b, r, H)
+
+
 @torch.no_grad()
-def _decode(model, input_ids, attention_mask, budgets, cfg, eos, pad_token_id, generator, finished) -> torch.Tensor:
-    """Sample one micro-batch's responses; (b, r) long, pad after a row finishes.
+def _decode(model, input_ids, attention_mask, budgets, cfg, eos, pad_token_id, generator, finished,
+            with_logprobs: bool, with_hidden: bool) -> _Decoded:
+    """Sample one micro-batch's responses; tokens (b, r), pad after a row finishes.
 
     The loop's bound is `cfg.max_new_tokens`, the same on every process, and it stops when `finished(done)`;
-    a row past its EOS or budget keeps producing pad tokens while other rows (or processes) go on."""
+    a row past its EOS or budget keeps producing pad tokens while other rows (or processes) go on.
+    `with_logprobs` keeps each sampled token's log-prob under logits / temperature (before top-k, top-p and
+    the min_new_tokens EOS ban, as `rollout.experience.response_logprobs` computes it from a full forward);
+    `with_hidden` keeps the final hidden state each token was chosen from (what a value head reads)."""
     eos = torch.tensor(eos, device=input_ids.device)
     budgets = budgets.to(input_ids.device)
     attention_mask = attention_mask.long()
     position_ids = position_ids_from_mask(attention_mask)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+                past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1,
+                output_hidden_states=with_hidden)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    tokens = []
+    tokens, logprobs, hidden = [], [], []
     for step in range(cfg.max_new_tokens):
         logits = out.logits[:, -1].float()
+        if with_hidden:
+            hidden.append(out.hidden_states[-1][:, -1])
+        scaled = logits / cfg.temperature if cfg.temperature not in (0.0, 1.0) else logits
         if step < cfg.min_new_tokens:
-            logits[:, eos] = float("-inf")
+            logits = logits.index_fill(1, eos, float("-inf"))
         token = sample_next_token(logits, cfg, generator).masked_fill(done, pad_token_id)
+        if with_logprobs:
+            logprobs.append(scaled.gather(1, token[:, None]).squeeze(1) - scaled.logsumexp(-1))
         tokens.append(token)
         done |= torch.isin(token, eos) | (step + 1 >= budgets)
         if finished(done):
@@ -143,15 +182,17 @@ def _decode(model, input_ids, attention_mask, budgets, cfg, eos, pad_token_id, g
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
         position_ids = position_ids[:, -1:] + 1
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=out.past_key_values, use_cache=True)
-    return torch.stack(tokens, 1)
+                    past_key_values=out.past_key_values, use_cache=True, output_hidden_states=with_hidden)
+    return _Decoded(torch.stack(tokens, 1), torch.stack(logprobs, 1) if with_logprobs else None,
+                    torch.stack(hidden, 1) if with_hidden else None)
 
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: SamplingConfig, *,
              eos_token_id: int | Sequence[int] | None, pad_token_id: int,
              generator: torch.Generator | None = None,
-             finished: Callable[[torch.Tensor], bool] = finished_locally) -> Generation:
+             finished: Callable[[torch.Tensor], bool] = finished_locally,
+             with_logprobs: bool = False, with_hidden: bool = False) -> Generation:
     """Sample a response for each left-padded prompt, `cfg.micro_batch_size` rows at a time.
 
     `model` is the unwrapped causal LM (`accelerator.unwrap_model`, a peft model is fine). It runs in
@@ -163,6 +204,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: 
         eos_token_id: one id or several (chat models often end turns with their own token).
         finished: given the (b,) bool rows done so far, whether to stop decoding; under FSDP or ZeRO-3 pass
             `engine.distributed.finished_everywhere`, so every process runs the same number of forwards.
+        with_logprobs, with_hidden: keep the sampled tokens' log-probs and the final hidden states from the
+            decoding pass (`Generation.logprobs`, `Generation.hidden`), so PPO need not run the policy again
+            over the finished sequences. They equal a fresh forward's to rounding: about 1e-6 in float32; in
+            bf16 the cached pass and a full forward differ more (see `ppo.rollout_logprobs`).
     Returns:
         Generation with sequences (B, P + R), R the longest response (or more under `finished`, in pad
         columns); every token after a row's first EOS is `pad_token_id` and outside `action_mask`.
@@ -182,14 +227,20 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: 
     model.eval()
     try:
         chunks = [_decode(model, input_ids[i:i + cfg.micro_batch_size], attention_mask[i:i + cfg.micro_batch_size],
-                          budgets[i:i + cfg.micro_batch_size], cfg, eos, pad_token_id, generator, finished)
+                          budgets[i:i + cfg.micro_batch_size], cfg, eos, pad_token_id, generator, finished,
+                          with_logprobs, with_hidden)
                   for i in range(0, batch_size, cfg.micro_batch_size)]
     finally:
         model.train(was_training)
 
-    width = max(chunk.shape[1] for chunk in chunks)
-    responses = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_token_id)
-                           for c in chunks])
+    width = max(chunk.tokens.shape[1] for chunk in chunks)
+
+    def columns(parts: list[torch.Tensor], value) -> torch.Tensor:
+        """The chunks' (b, r, ...) tensors padded to `width` response columns and stacked."""
+        return torch.cat([torch.nn.functional.pad(t.movedim(1, -1), (0, width - t.shape[1]), value=value).movedim(-1, 1)
+                          for t in parts])
+
+    responses = columns([c.tokens for c in chunks], pad_token_id)
     is_eos = torch.isin(responses, torch.tensor(eos, device=responses.device))
     # a token is an action if no EOS came strictly before it, and it lies within the row's budget
     eos_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
@@ -201,4 +252,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: 
         action_mask=action_mask,
         no_eos=~(is_eos & action_mask).any(-1),
         prompt_length=prompt_length,
+        logprobs=columns([c.logprobs for c in chunks], 0.0) * action_mask if with_logprobs else None,
+        hidden=columns([c.hidden for c in chunks], 0.0) * action_mask[..., None] if with_hidden else None,
     )

@@ -75,13 +75,17 @@ class ActorCritic(nn.Module):
         if not with_values:
             return logits, None
         if shared:
-            hidden = out.hidden_states[-1]
-        else:
-            extra = {"logits_to_keep": 1} if self._critic_logits_to_keep else {}
-            hidden = self.critic(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
-                                 output_hidden_states=True, use_cache=False, **extra).hidden_states[-1]
-        values = self.value_head(hidden[:, -response_length - 1:-1])
-        return logits, values
+            return logits, self.value_head(out.hidden_states[-1][:, -response_length - 1:-1])
+        return logits, self.values(sequences, attention_mask, response_length)
+
+    def values(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> torch.Tensor:
+        """(B, R) values alone: the critic's forward, or the policy's trunk with its LM head at one position."""
+        backbone = self.critic if self.critic is not None else self.policy
+        keep = self._critic_logits_to_keep if self.critic is not None else True
+        hidden = backbone(input_ids=sequences, attention_mask=attention_mask,
+                          position_ids=position_ids_from_mask(attention_mask), output_hidden_states=True,
+                          use_cache=False, **({"logits_to_keep": 1} if keep else {})).hidden_states[-1]
+        return self.value_head(hidden[:, -response_length - 1:-1])
 
 
 def save_value_head(head: ValueHead, out_dir: str | Path, state_dict: dict | None = None) -> Path:

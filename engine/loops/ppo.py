@@ -152,10 +152,13 @@ def rollout(batch: dict, *, actor_critic: ActorCritic, reference, scorer: Scorer
     of the whole rollout batch."""
     ppo, rows = cfg.ppo, len(batch["prompt"])
     timer = time.perf_counter()
-    # 1. Sample with the unwrapped policy and its KV cache.
+    # 1. Sample with the unwrapped policy and its KV cache; keep the log-probs (and the hidden states a value
+    # head on the policy reads) when they stand for the rollout policy's.
+    keep = logprobs_from_sampling(cfg, actor_critic.policy)
     gen = generate(actor_critic.policy, batch["input_ids"], batch["attention_mask"], sampling,
                    eos_token_id=eos_token_id if eos_token_id is not None else tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id, finished=finished)
+                   pad_token_id=tokenizer.pad_token_id, finished=finished,
+                   with_logprobs=keep, with_hidden=keep and actor_critic.critic is None)
     responses = tokenizer.batch_decode(gen.responses.masked_fill(~gen.action_mask, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
     generation_time, timer = time.perf_counter() - timer, time.perf_counter()
@@ -265,6 +268,17 @@ def save_final(accelerator: Accelerator, cfg: RunConfig, actor_critic, tokenizer
             unwrapped.critic.save_pretrained(result.final_dir / CRITIC_DIR, state_dict=parts["critic"])
     accelerator.wait_for_everyone()
     return result
+
+
+def logprobs_from_sampling(cfg: RunConfig, policy) -> bool:
+    """`ppo.rollout_logprobs` resolved: "auto" keeps the sampling pass's log-probs when the policy computes in
+    float32 (no mixed precision, every floating parameter float32, no 4/8-bit weights)."""
+    choice = cfg.ppo.rollout_logprobs
+    if choice != "auto":
+        return choice == "sampling"
+    quantised = getattr(policy, "is_loaded_in_4bit", False) or getattr(policy, "is_loaded_in_8bit", False)
+    return (cfg.mixed_precision == "no" and not quantised
+            and all(p.dtype == torch.float32 for p in policy.parameters() if p.is_floating_point()))
 
 
 def global_moments(values: torch.Tensor, mask: torch.Tensor,

@@ -281,3 +281,40 @@ def test_sizes_and_reference_mode_are_checked_before_any_model_loads():
         check_sizes(run_config({"batch": {"global_batch_size": 8}, "ppo": {"rollout_batch_size": 12}}), 1)
     with pytest.raises(ConfigError, match="precomputed cannot serve PPO"):
         check_sizes(run_config({"reference": {"mode": "precomputed"}}), 1)
+
+
+def test_rollout_logprobs_come_from_sampling_only_where_they_equal_a_forward():
+    from engine.config import ConfigError
+    from engine.loops.ppo import logprobs_from_sampling
+
+    tokenizer = build_tokenizer()
+    policy = small_llama(tokenizer, 0)
+    assert logprobs_from_sampling(run_config({}), policy)  # auto, float32
+    assert not logprobs_from_sampling(run_config({"mixed_precision": "bf16"}), policy)
+    assert not logprobs_from_sampling(run_config({}), small_llama(tokenizer, 0).to(torch.bfloat16))
+    assert not logprobs_from_sampling(run_config({"ppo": {"rollout_logprobs": "recompute"}}), policy)
+    assert logprobs_from_sampling(run_config({"mixed_precision": "bf16", "ppo": {"rollout_logprobs": "sampling"}}), policy)
+    with pytest.raises(ConfigError, match="rollout_logprobs='cached' is not one of"):
+        run_config({"ppo": {"rollout_logprobs": "cached"}})
+
+
+def test_rollout_logprobs_source_does_not_change_the_iteration():
+    """The experience of one rollout is the same (within float32 rounding) whichever source the old log-probs
+    and the shared-trunk values come from; the sampled tokens are the same draws."""
+    tokenizer = build_tokenizer()
+    data = build_datasets("prompt", DataConfig(path="synthetic", max_samples=6), tokenizer, log=None)
+    batch = make_collator("prompt", tokenizer)([data.train[i] for i in range(6)])
+    results = {}
+    for choice in ("sampling", "recompute"):
+        cfg = run_config({"ppo": {"rollout_batch_size": 6, "max_new_tokens": 5, "rollout_logprobs": choice}})
+        actor_critic = ActorCritic(small_llama(tokenizer, 0))
+        torch.nn.init.normal_(actor_critic.value_head.summary.weight, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        results[choice] = rollout(batch, actor_critic=actor_critic, reference=small_llama(tokenizer, 1).eval(),
+                                  scorer=Scorer([RewardFunction("judge", judge_scores)]), tokenizer=tokenizer,
+                                  sampling=SamplingConfig(max_new_tokens=5), cfg=cfg, kl_coef=0.05)[0]
+    fast, slow = results["sampling"], results["recompute"]
+    assert torch.equal(fast.sequences, slow.sequences)
+    for name in ("old_logprobs", "values", "rewards", "advantages", "returns"):
+        torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=0, atol=2e-5, msg=name)
+    assert fast.values.abs().max() > 1e-3

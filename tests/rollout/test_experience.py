@@ -109,3 +109,24 @@ def test_skipped_rows_leave_training_but_keep_their_place():
     assert not exp.old_logprobs[1].any() and exp.sequences.shape[0] == 2
     sub = exp.select(torch.tensor([1]))
     assert sub.sequences.shape[0] == 1 and sub.rewards is None
+
+
+@pytest.mark.parametrize("critic", [False, True])
+def test_experience_from_the_sampling_pass_equals_the_recomputed_one(critic):
+    """Log-probs (and a shared-trunk head's values) kept while sampling give the experience a policy forward
+    would: old log-probs, values and reference log-probs within 1e-5, the same masks; a skipped row stays 0."""
+    policy = tiny_causal_lm(seed=0)
+    actor_critic = ActorCritic(policy, random_head(), critic=tiny_causal_lm(seed=7) if critic else None)
+    ids, mask = left_pad([[1, 10, 11, 12, 13, 14], [1, 20], [1, 30, 31, 32], [1, 5]], PAD)
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0.8)
+    kept = generate(policy, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(3),
+                    with_logprobs=True, with_hidden=not critic)
+    plain = Generation(**{**kept.__dict__, "logprobs": None, "hidden": None})
+    scores, valid = torch.tensor([0.5, -1.0, 2.0, 1.0]), torch.tensor([True, True, True, False])
+    reference = tiny_causal_lm(seed=5)
+    args = dict(actor_critic=actor_critic, reference=reference, temperature=0.8, micro_batch_size=3, valid=valid)
+    fast, slow = make_experience(kept, scores, **args), make_experience(plain, scores, **args)
+    assert torch.equal(fast.action_mask, slow.action_mask) and not fast.action_mask[3].any()
+    for name in ("old_logprobs", "values", "ref_logprobs"):
+        torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=0, atol=1e-5)
+    assert fast.values.abs().max() > 0.1 and not fast.old_logprobs[3].any() and not fast.values[3].any()

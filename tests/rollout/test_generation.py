@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rollout.generation import SamplingConfig, generate, sample_next_token
+from rollout.generation import SamplingConfig, generate, position_ids_from_mask, sample_from_probs, sample_next_token
 from tests.rollout.conftest import left_pad, tiny_causal_lm
 
 PAD, EOS = 3, 2
@@ -90,6 +90,44 @@ def test_sampling_filters():
     hot = sample_next_token(logits, SamplingConfig(temperature=100.0), g)
     assert abs(float((hot == 3).float().mean()) - 0.25) < 0.05
     assert torch.equal(sample_next_token(logits[:3], SamplingConfig(temperature=0.0)), torch.zeros(3, dtype=torch.long))
+
+
+def test_inverse_cdf_draws_follow_the_probabilities_and_never_take_a_zero():
+    # row 0 starts and ends with zero-probability tokens; row 1 is unnormalised (sums to 2)
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_from_probs(probs, g) for _ in range(20000)])  # (N, 2)
+    assert set(draws[:, 0].tolist()) == {1, 3, 4} and set(draws[:, 1].tolist()) == {2, 5}
+    for token, p in [(1, 0.5), (3, 0.3), (4, 0.2)]:
+        assert abs(float((draws[:, 0] == token).float().mean()) - p) < 0.015  # 4.5 standard errors at 0.5
+    assert abs(float((draws[:, 1] == 5).float().mean()) - 0.5) < 0.015
+    # a one-hot row always gives its token, also at the first and last index
+    one_hot = torch.eye(4)
+    assert sample_from_probs(one_hot, g).tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 5)])
+def test_sampling_pass_keeps_logprobs_and_hidden_states_of_a_full_forward(temperature, top_k):
+    """The sampled tokens' log-probs under logits / temperature (before top-k and the EOS ban) and the final
+    hidden states, kept while decoding, equal those of one forward over the finished sequences."""
+    model = eos_prone_model()
+    ids, mask = left_pad(PROMPTS * 4, PAD)
+    cfg = SamplingConfig(max_new_tokens=10, min_new_tokens=2, temperature=temperature, top_k=top_k, micro_batch_size=8)
+    gen = generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(0),
+                   with_logprobs=True, with_hidden=True)
+    assert (~gen.no_eos).any() and (gen.response_length < gen.responses.shape[1]).any()  # some rows end early
+    full_mask = gen.attention_mask.long()
+    with torch.no_grad():
+        out = model(input_ids=gen.sequences, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask),
+                    output_hidden_states=True)
+    P, R = gen.prompt_length, gen.responses.shape[1]
+    logprobs = (out.logits[:, P - 1:P + R - 1] / temperature).log_softmax(-1).gather(-1, gen.responses[..., None])[..., 0]
+    hidden = out.hidden_states[-1][:, P - 1:P + R - 1]
+    act = gen.action_mask
+    torch.testing.assert_close(gen.logprobs[act], logprobs[act], rtol=0, atol=1e-5)
+    torch.testing.assert_close(gen.hidden[act], hidden[act], rtol=0, atol=1e-5)
+    assert not gen.logprobs[~act].any() and not gen.hidden[~act].any()
+    assert gen.logprobs[act].max() < 0 and gen.logprobs.shape == act.shape
 
 
 def test_bad_inputs_are_clear_errors():
