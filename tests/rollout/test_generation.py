@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from rollout.generation import SamplingConfig, generate, position_ids_from_mask, sample_from_probs, sample_next_token
+from rollout.generation import (
+    SamplingConfig,
+    generate,
+    position_ids_from_mask,
+    sample_from_probs,
+    sample_next_token,
+)
 from tests.rollout.conftest import left_pad, tiny_causal_lm
 
 PAD, EOS = 3, 2
