@@ -137,11 +137,13 @@ def run_engine_ppo(size: str, *, steps: int | None = None, overrides: tuple[str,
 
     from data import build_datasets, make_collator
     from engine import models
+    from engine.hostmem import keep_freed_memory
     from engine.loops import common, ppo
     from losses import FixedKLController, bind_objective
     from rollout.generation import SamplingConfig
     from rollout.value_head import ActorCritic
 
+    keep_freed_memory()  # as engine/train.py's main does before any model loads
     spec = SIZES[size]
     counter = FlopCounter()
     clock = StepClock(counter, warmup=1, rows_per_step=spec.rollout_batch)

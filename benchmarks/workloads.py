@@ -29,6 +29,10 @@ class Size:
     minibatch: int  # PPO rollouts per optimizer step
     peak_repeats: int  # timings of the matmul peak, before and after the measurement
     ppo_steps: int  # timed PPO iterations (after one warmup iteration)
+    letters: tuple[int, int] | None = None  # the sorting task at this many letters (about a token each) instead
+    #                                         of the data layer's own synthetic rows (4-10 letters)
+    max_length: int = 64  # data.max_length
+    max_prompt_length: int = 32  # data.max_prompt_length
 
 
 SIZES = {
@@ -40,6 +44,12 @@ SIZES = {
     # the earlier `small`: the tiny tokenizer's vocabulary of 652, so the LM head is 1% of the FLOPs
     "small-v652": Size("small-v652", CONFIGS / "small-v652.json", batch=16, steps=6, warmup=2,
                        synthetic_size=400, rollout_batch=16, max_new_tokens=16, ppo_epochs=2, minibatch=8, peak_repeats=5, ppo_steps=2),
+    # the `small` model on rows of realistic length: 200-240 letters, prompts of about 220 tokens and responses of
+    # about 215 (SFT rows ~435 tokens, shared-prompt preference rows ~650); where the per-step fixed costs
+    # (optimizer, clipping, the embedding's gradient) no longer dominate
+    "small-long": Size("small-long", CONFIGS / "small.json", batch=8, steps=3, warmup=1,
+                       synthetic_size=64, rollout_batch=16, max_new_tokens=16, ppo_epochs=2, minibatch=8, peak_repeats=5,
+                       ppo_steps=2, letters=(200, 240), max_length=512, max_prompt_length=256),
 }
 
 
@@ -73,10 +83,25 @@ def engine_args(objective: str, size: str, output_dir: str | Path, *, steps: int
     spec = SIZES[size]
     kind = "reward" if objective == "reward" else "causal"
     total = spec.warmup + (steps or spec.steps)
+    data = [f"data.synthetic_size={spec.synthetic_size}"] if spec.letters is None else \
+        [f"data.path={long_rows(spec, FAMILY[objective])}"]
     return ["--config", str(REPO_ROOT / "configs" / "tiny" / f"{objective}.yaml"),
             f"output_dir={output_dir}", f"model.name_or_path={model_dir(size, kind)}", f"max_steps={total}",
-            f"data.synthetic_size={spec.synthetic_size}", "data.max_length=64",
-            "data.max_prompt_length=32", f"batch.global_batch_size={spec.batch}",
+            *data, f"data.max_length={spec.max_length}",
+            f"data.max_prompt_length={spec.max_prompt_length}", f"batch.global_batch_size={spec.batch}",
             f"batch.micro_batch_size={spec.batch}", "eval.every_steps=0", "checkpoint.every_steps=0",
             "logging.every_steps=1", "logging.progress_bar=false", "optim.scheduler=constant",
             "optim.warmup_steps=0", "optim.weight_decay=0.0", "optim.lr=1.0e-4", *overrides]
+
+
+def long_rows(spec: Size, family: str) -> Path:
+    """The JSONL training rows of `family` for a size with `letters`: the sorting task at that length, seeded,
+    written once into the cache."""
+    from data.synthetic import write_synthetic
+
+    low, high = spec.letters
+    out = cache_root() / "benchmarks" / f"data-{low}-{high}-{spec.synthetic_size}"
+    path = out / f"{family}_train.jsonl"
+    if not path.exists():
+        write_synthetic(out, n_train=spec.synthetic_size, n_test=8, min_letters=low, max_letters=high)
+    return path

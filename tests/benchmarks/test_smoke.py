@@ -176,3 +176,18 @@ def test_the_table_names_every_row(tiny_run):
     for column in ("samples/s", "tokens/s", "peak RSS MiB", "MFU", "gen tok/s"):
         assert column in header
     assert sum(line.startswith("| ") for line in text.splitlines()) == 1 + 3
+
+
+def test_the_long_rows_size_reads_its_own_file_of_long_rows(tmp_path, monkeypatch):
+    from benchmarks import workloads
+    from benchmarks.workloads import SIZES, engine_args
+
+    monkeypatch.setenv("RLHF_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.setattr(workloads, "model_dir", lambda size, kind: tmp_path / f"{size}-{kind}")  # no build
+    args = engine_args("dpo", "small-long", tmp_path / "out")
+    data = dict(a.split("=", 1) for a in args[2:] if a.startswith("data."))
+    assert data["data.max_length"] == "512" and "data.synthetic_size" not in data
+    rows = [json.loads(line) for line in open(data["data.path"])]
+    assert len(rows) == SIZES["small-long"].synthetic_size and set(rows[0]) == {"prompt", "chosen", "rejected"}
+    low, high = SIZES["small-long"].letters
+    assert all(low <= len(r["chosen"].split()) <= high for r in rows)
