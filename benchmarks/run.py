@@ -25,6 +25,7 @@ from benchmarks.workloads import OBJECTIVES, SIZES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRL_OLD_PYTHON = os.environ.get("BENCH_TRL_OLD_PYTHON", "/tmp/trl-old/bin/python")
+PEER_MALLOC_TUNING = "BENCH_PEER_MALLOC_TUNING"
 
 # (objective, technique, engine overrides without it, with it)
 TECHNIQUES = (
@@ -48,7 +49,11 @@ def measure_one(runner: str, objective: str, size: str, threads: int, overrides:
 
     torch.set_num_threads(threads)
     from benchmarks.harness import matmul_peak_flops
+    from engine.hostmem import keep_freed_memory
 
+    # engine/train.py's main tunes malloc itself (RLHF_ENGINE_MALLOC_TUNING=0 switches it off); the peer only
+    # with --peer-malloc-tuning. Tuned here before anything large is allocated, and recorded.
+    tuned = keep_freed_memory() if runner == "engine" or os.environ.get(PEER_MALLOC_TUNING) == "1" else False
     peak_before = matmul_peak_flops(repeats=SIZES[size].peak_repeats)
     if runner == "engine":
         from benchmarks.engine_runner import run_engine
@@ -64,7 +69,7 @@ def measure_one(runner: str, objective: str, size: str, threads: int, overrides:
     peak_after = matmul_peak_flops(repeats=SIZES[size].peak_repeats)
     peak = max(peak_before, peak_after)
     return {"runner": runner, "objective": objective, "size": size, "overrides": list(overrides),
-            "matmul_peak_gflops": peak / 1e9, **clock.summary(peak), "machine": machine()}
+            "matmul_peak_gflops": peak / 1e9, **clock.summary(peak), "machine": machine(), "malloc_tuning": tuned}
 
 
 def spawn(runner: str, objective: str, size: str, threads: int, overrides: tuple[str, ...] = (),
@@ -143,6 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the AdamW kernel on both sides: fused (default: the engine's optim.fused default, "
                              "TRL's default optim adamw_torch_fused) or non-fused (engine optim.fused=false, TRL "
                              "optim=adamw_torch); with --techniques, on both variants")
+    parser.add_argument("--peer-malloc-tuning", action="store_true",
+                        help="give the peer's processes the malloc tuning that engine/train.py applies to the "
+                             "engine's (engine/hostmem.py); the engine's is switched off with the environment "
+                             "variable RLHF_ENGINE_MALLOC_TUNING=0")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: the size's)")
@@ -157,6 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
         result = measure_one(runner, objective, args.size, args.threads, tuple(args.override), args.steps)
         write_json(args.out, result)
         return result
+
+    if args.peer_malloc_tuning:
+        os.environ[PEER_MALLOC_TUNING] = "1"  # the worker processes inherit it
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -148,6 +148,10 @@ def test_the_json_has_every_field_with_sane_values(tiny_run):
             assert math.isfinite(engine[key]) and engine[key] > 0, (objective, key)
         assert 0 < engine["mfu"] < 1, objective
         assert engine["train_tokens_per_step"] > 0
+        # each measurement records whether its process had the malloc tuning engine/train.py applies
+        # (in this process, the call is a repeat and gives the same answer)
+        from engine.hostmem import keep_freed_memory
+        assert row["runs"]["engine"][0]["malloc_tuning"] is keep_freed_memory()
 
 
 def test_the_reference_sees_the_same_tokens_as_the_policy(tiny_run):
