@@ -17,6 +17,8 @@ exactly what it sees in its own sequence: the outputs equal the ordinary layout'
 
 from __future__ import annotations
 
+import heapq
+
 import random
 from collections.abc import Sequence
 from functools import partial
@@ -38,6 +40,7 @@ def make_collator(
     pad_to_multiple_of: int | None = None,
     allow_pad_as_eos: bool = False,
     share_prompt: bool = False,
+    share_row_tokens: int = 0,
 ):
     """A picklable `collate_fn` for a DataLoader over `build_datasets(family, ...)` rows.
 
@@ -51,7 +54,8 @@ def make_collator(
     prompt     -> input_ids, attention_mask (B, P) left-padded; prompt list[str]; extras list[dict]
     packing    -> (1, N) input_ids, labels, position_ids; attention_mask None; seq_lens (S,) the length
                   of each packed sequence in order (the padding tail, if any, is not counted)
-    share_prompt (preference, without packing) -> one row per pair, see `share_prompt_batch`
+    share_prompt (preference, without packing) -> each prompt once, pairs sharing a row up to
+                  `share_row_tokens` tokens, see `share_prompt_batch`
     """
     if family not in ("sft", "preference", "prompt"):
         raise DataError(f"unknown data family {family!r}; expected 'sft', 'preference' or 'prompt'.")
@@ -59,11 +63,11 @@ def make_collator(
     if packing and family == "prompt":
         raise DataError("packing is for training batches (sft, preference); prompts for generation are left-padded.")
     shared = share_prompt and family == "preference" and not packing
-    return partial(_collate, family, tokenizer.pad_token_id, packing, pad_to_multiple_of or 1, shared)
+    return partial(_collate, family, tokenizer.pad_token_id, packing, pad_to_multiple_of or 1, shared, share_row_tokens)
 
 
 def _collate(
-    family: str, pad_id: int, packing: bool, multiple: int, shared: bool, rows: list[dict[str, Any]]
+    family: str, pad_id: int, packing: bool, multiple: int, shared: bool, row_tokens: int, rows: list[dict[str, Any]]
 ) -> dict[str, Any]:
     if family == "prompt":
         return _left_pad(rows, pad_id, multiple)
@@ -73,7 +77,7 @@ def _collate(
         sequences = [(r["chosen_input_ids"], r["chosen_labels"]) for r in rows]
         sequences += [(r["rejected_input_ids"], r["rejected_labels"]) for r in rows]
     if shared:
-        batch = share_prompt_batch(sequences, pad_id, multiple)
+        batch = share_prompt_batch(sequences, pad_id, multiple, row_tokens)
     elif packing:
         batch = _pack(sequences, pad_id, multiple)
     else:
@@ -102,47 +106,79 @@ def _right_pad(sequences: list[tuple[list[int], list[int]]], pad_id: int, multip
 
 
 def share_prompt_batch(
-    sequences: list[tuple[list[int], list[int]]], pad_id: int, multiple: int = 1
+    sequences: list[tuple[list[int], list[int]]], pad_id: int, multiple: int = 1, row_tokens: int = 0
 ) -> dict[str, Any]:
-    """B pairs, given as 2B sequences [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}], as B rows that
-    hold each prompt once: `chosen + rejected[p:]`, p the length of the prefix the two have in common (the
-    prompt, and any first response tokens they share). Right-padded to T.
+    """B pairs, given as 2B sequences [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}], in rows that hold
+    each prompt once: pair i is `chosen + rejected[p:]`, p the length of the prefix the two have in common
+    (the prompt, and any first response tokens they share). With `row_tokens` > 0, short pairs share rows
+    of about `row_tokens` tokens (see `_fill_rows`), which trades padding for longer attention rows; else
+    one pair per row, in order. Right-padded to T.
 
-    input_ids, position_ids (B, T): the rejected part's positions restart at p; padding has position 0.
-    attention_mask (B, 1, T, T) bool, True = the query (dim 2) attends to the key (dim 3): causal, except
-        that rejected tokens never see chosen[p:]; a padding position sees itself only (no row is empty).
+    input_ids, position_ids (R, T): positions restart at 0 for each pair, and at p for its rejected part;
+        padding has position 0.
+    attention_mask (R, 1, T, T) bool, True = the query (dim 2) attends to the key (dim 3): causal within each
+        pair, except that rejected tokens never see chosen[p:]; nothing across pairs; a padding position sees
+        itself only (no row is empty).
     labels (2B, T'): the labels of the ordinary `_right_pad` layout of the same sequences, unchanged.
-    token_positions (2B, T'): where token t of ordinary row r sits in shared row r % B; -1 on padding.
+    token_rows (2B,): the row that holds ordinary row r's sequence.
+    token_positions (2B, T'): where token t of ordinary row r sits in row token_rows[r]; -1 on padding.
     """
     ordinary = _right_pad(sequences, pad_id, multiple)
     n_pairs = len(sequences) // 2
     pairs = [(chosen, rejected)
              for (chosen, _), (rejected, _) in zip(sequences[:n_pairs], sequences[n_pairs:])]
     prefixes = [_common_prefix(chosen, rejected) for chosen, rejected in pairs]
-    T = _round_up(max(len(c) + len(r) - p for (c, r), p in zip(pairs, prefixes)), multiple)
-    input_ids = torch.full((n_pairs, T), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((n_pairs, T), dtype=torch.long)
-    attention_mask = torch.zeros((n_pairs, 1, T, T), dtype=torch.bool)
+    lengths = [len(c) + len(r) - p for (c, r), p in zip(pairs, prefixes)]
+    place = _fill_rows(lengths, row_tokens)  # pair i -> (row, offset)
+    n_rows = 1 + max(row for row, _ in place)
+    T = _round_up(max(offset + n for (_, offset), n in zip(place, lengths)), multiple)
+    input_ids = torch.full((n_rows, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, T), dtype=torch.long)
+    attention_mask = torch.eye(T, dtype=torch.bool).repeat(n_rows, 1, 1, 1)  # padding sees itself
+    token_rows = torch.tensor([row for row, _ in place] * 2, dtype=torch.long)
     token_positions = torch.full_like(ordinary["labels"], -1)
-    query, key = torch.arange(T)[:, None], torch.arange(T)[None, :]
-    for i, ((chosen, rejected), p) in enumerate(zip(pairs, prefixes)):
-        c, n = len(chosen), len(chosen) + len(rejected) - p  # chosen ends at c, rejected at n
-        input_ids[i, :n] = torch.tensor(chosen + rejected[p:], dtype=torch.long)
-        position_ids[i, :c] = torch.arange(c)
-        position_ids[i, c:n] = torch.arange(p, len(rejected))
-        token_positions[i, :c] = torch.arange(c)
-        token_positions[n_pairs + i, :p] = torch.arange(p)
-        token_positions[n_pairs + i, p : len(rejected)] = torch.arange(c, n)
-        real = (query < n) & (key < n)
+    for i, ((chosen, rejected), p, n, (row, o)) in enumerate(zip(pairs, prefixes, lengths, place)):
+        c = len(chosen)  # chosen ends at o + c, rejected at o + n
+        input_ids[row, o:o + n] = torch.tensor(chosen + rejected[p:], dtype=torch.long)
+        position_ids[row, o:o + c] = torch.arange(c)
+        position_ids[row, o + c:o + n] = torch.arange(p, len(rejected))
+        token_positions[i, :c] = torch.arange(o, o + c)
+        token_positions[n_pairs + i, :p] = torch.arange(o, o + p)
+        token_positions[n_pairs + i, p:len(rejected)] = torch.arange(o + c, o + n)
+        query, key = torch.arange(n)[:, None], torch.arange(n)[None, :]
         rejected_sees_chosen = (query >= c) & (key >= p) & (key < c)
-        attention_mask[i, 0] = ((key <= query) & real & ~rejected_sees_chosen) | ((query == key) & ~real)
+        attention_mask[row, 0, o:o + n, o:o + n] = (key <= query) & ~rejected_sees_chosen
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
         "labels": ordinary["labels"],
+        "token_rows": token_rows,
         "token_positions": token_positions,
     }
+
+
+def _fill_rows(lengths: list[int], row_tokens: int) -> list[tuple[int, int]]:
+    """(row, offset) of each item: the fewest padded positions (rows x longest row) over the row counts whose
+    rows stay within `row_tokens` (or the longest item), each filled longest item first into the row holding the fewest
+    tokens so far. Kept only if that saves at least 10% of the positions of one item per row padded to the
+    longest item (the longer rows cost attention); otherwise, and for `row_tokens` <= 0, one item per row."""
+    n = len(lengths)
+    alone = [(i, 0) for i in range(n)]
+    best, best_positions = alone, 0.9 * n * max(lengths, default=0)
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    limit = max([row_tokens, *lengths])  # an item longer than row_tokens still gets a row
+    for rows in range(max(1, -(-sum(lengths) // limit)), n if row_tokens > 0 else 0):
+        heap = [(0, row) for row in range(rows)]  # (tokens so far, row)
+        place = list(alone)
+        for i in order:
+            used, row = heapq.heappop(heap)
+            place[i] = (row, used)
+            heapq.heappush(heap, (used + lengths[i], row))
+        longest = max(used for used, _ in heap)
+        if longest <= limit and rows * longest <= best_positions:
+            best, best_positions = place, rows * longest
+    return best
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

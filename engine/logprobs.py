@@ -57,9 +57,9 @@ def shared_label_logprobs(
     model, batch: Mapping[str, Tensor], *, ignore_index: int = -100, return_logits: bool = False
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """`label_logprobs` of a shared-prompt batch (data.collators.share_prompt_batch): what the ordinary layout
-    of the same pairs gives, (2B, T'-1) chosen rows then rejected rows, from one forward over its B rows.
+    of the same pairs gives, (2B, T'-1) chosen rows then rejected rows, from one forward over its rows.
 
-    Token t of ordinary row r sits at position token_positions[r, t] of shared row r % B, and the logits
+    Token t of ordinary row r sits at position token_positions[r, t] of shared row token_rows[r], and the logits
     there predict labels[r, t + 1]. The head runs once at each of the K shared positions some label needs;
     the last prompt position predicts both responses' first tokens, so its logits are read twice (as are
     the prompt's when the loss is on the prompt). With `return_logits=True`, the (N, V) logits of the N
@@ -68,7 +68,7 @@ def shared_label_logprobs(
     labels = batch["labels"]  # (2B, T')
     mask = labels[:, 1:] != ignore_index
     n_rows, width = batch["input_ids"].shape
-    rows = torch.arange(len(labels), device=labels.device) % n_rows
+    rows = batch["token_rows"]
     # (N,) for each label, where its logits are in the flattened (B * T) shared batch
     flat = (rows[:, None] * width + batch["token_positions"][:, :-1])[mask]
     keep = torch.zeros(n_rows * width, dtype=torch.bool, device=labels.device)

@@ -1,9 +1,10 @@
 """Shared-prompt preference batches (`data.share_prompt`): whether a run can use them, the attention mask
 a model takes, and a reward model's scores at the end of each response.
 
-A shared batch (data.collators.share_prompt_batch) holds B pairs as B rows, prompt + chosen + rejected,
-with a (B, 1, T, T) boolean attention mask, and keeps the ordinary (2B, T') `labels` with a
-`token_positions` map from the ordinary layout into its rows; per-sequence results computed from it
+A shared batch (data.collators.share_prompt_batch) holds B pairs, each as prompt + chosen + rejected, in
+R <= B rows (short pairs share a row, `data.share_prompt_row_tokens`) with an (R, 1, T, T) boolean attention
+mask, and keeps the ordinary (2B, T') `labels` with `token_rows` and `token_positions` maps from the ordinary
+layout into its rows; per-sequence results computed from it
 (engine.logprobs.label_logprobs, `pair_scores` here) come back in the ordinary order, chosen then rejected.
 """
 
@@ -99,8 +100,7 @@ def pair_scores(model, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
               position_ids=batch["position_ids"], use_cache=False)
     finally:
         handle.remove()
-    scores = captured[-1].squeeze(-1)  # (B, T)
+    scores = captured[-1].squeeze(-1)  # (R, T)
     positions = batch["token_positions"]  # (2B, T'), -1 on padding
     last = positions.gather(1, (positions >= 0).sum(-1, keepdim=True) - 1).squeeze(1)
-    rows = torch.arange(len(positions), device=positions.device) % len(scores)
-    return scores[rows, last].chunk(2)
+    return scores[batch["token_rows"], last].chunk(2)

@@ -29,7 +29,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     # Labels mark every response token, EOS included, so a pad token equal to EOS is harmless here. With
     # data.share_prompt a batch holds each prompt once (one row per pair); its labels keep the 2B-row layout.
     share = use_shared_prompt(cfg.data, policy, log=accelerator.print)
-    collate = with_row_index(make_collator("preference", tokenizer, allow_pad_as_eos=True, share_prompt=share))
+    collate = with_row_index(make_collator("preference", tokenizer, allow_pad_as_eos=True, share_prompt=share,
+                                           share_row_tokens=cfg.data.share_prompt_row_tokens))
 
     # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
     train_loader = common.train_loader(train_rows, collate, cfg, "preference")

@@ -22,7 +22,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                           report_dir=cfg.output_dir if accelerator.is_main_process else None)
     # With data.share_prompt a batch holds each prompt once (one row per pair); its labels keep the 2B rows.
     share = use_shared_prompt(cfg.data, model, scores=True, log=accelerator.print)
-    collate = make_collator("preference", tokenizer, share_prompt=share)
+    collate = make_collator("preference", tokenizer, share_prompt=share, share_row_tokens=cfg.data.share_prompt_row_tokens)
 
     # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
     train_loader = common.train_loader(data.train, collate, cfg, "preference")

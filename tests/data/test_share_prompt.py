@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from data import make_collator
-from data.collators import share_prompt_batch
+from data.collators import _fill_rows, share_prompt_batch
 
 M = -100
 
@@ -39,6 +40,39 @@ def test_mask_positions_and_maps_of_two_small_pairs():
     # the ordinary layout's labels, rows chosen_0, chosen_1, rejected_0, rejected_1, and where each token sits
     assert batch["labels"].tolist() == [[M, M, 7, 8], [M, 6, M, M], [M, M, 9, M], [M, 7, M, M]]
     assert batch["token_positions"].tolist() == [[0, 1, 2, 3], [0, 1, -1, -1], [0, 1, 4, -1], [0, 2, -1, -1]]
+    assert batch["token_rows"].tolist() == [0, 1, 0, 1]
+
+
+def test_two_pairs_in_one_row_see_nothing_of_each_other():
+    """The same two pairs with rows of up to 8 tokens: pair 0 (5 tokens) at offset 0, pair 1 (3 tokens) at
+    offset 5, positions restarting at 0; the mask is the two pairs' own masks on its diagonal."""
+    chosen = [([5, 6, 7, 8], [M, M, 7, 8]), ([5, 6], [M, 6])]
+    rejected = [([5, 6, 9], [M, M, 9]), ([5, 7], [M, 7])]
+    alone = share_prompt_batch(chosen + rejected, pad_id=0)
+    batch = share_prompt_batch(chosen + rejected, pad_id=0, row_tokens=8)
+
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 5, 6, 7]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1, 1]]
+    mask = batch["attention_mask"][0, 0]
+    assert torch.equal(mask[:5, :5], alone["attention_mask"][0, 0])
+    assert torch.equal(mask[5:, 5:], alone["attention_mask"][1, 0, :3, :3])
+    assert not mask[:5, 5:].any() and not mask[5:, :5].any()
+    assert batch["token_rows"].tolist() == [0, 0, 0, 0]
+    assert batch["token_positions"].tolist() == [[0, 1, 2, 3], [5, 6, -1, -1], [0, 1, 4, -1], [5, 7, -1, -1]]
+    assert torch.equal(batch["labels"], alone["labels"])
+    # a limit the two shortest pairs do not fit in keeps one pair per row
+    assert torch.equal(share_prompt_batch(chosen + rejected, pad_id=0, row_tokens=7)["input_ids"], alone["input_ids"])
+
+
+def test_rows_are_filled_to_the_fewest_padded_positions():
+    # 150 tokens in rows of up to 60: 3 rows, longest first into the emptiest row (50 | 40 + 10 | 30 + 20),
+    # 3 x 50 = 150 positions against 4 x 50 = 200 with 4 rows and 5 x 50 = 250 with one item per row
+    assert _fill_rows([30, 50, 20, 40, 10], 60) == [(2, 0), (0, 0), (2, 30), (1, 0), (1, 40)]
+    # an item longer than the limit still gets a row, and the others fill theirs
+    assert _fill_rows([70, 20, 30], 60) == [(0, 0), (1, 30), (1, 0)]
+    # equal lengths: no row count saves 10% of the positions, so one item per row, in order; likewise a limit of 0
+    assert _fill_rows([40] * 4, 128) == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    assert _fill_rows([30, 50, 20], 0) == [(0, 0), (1, 0), (2, 0)]
 
 
 def _pairs(n: int) -> list[dict]:
@@ -60,13 +94,17 @@ def _pairs(n: int) -> list[dict]:
     return rows
 
 
-def test_every_token_keeps_its_id_position_and_visible_tokens(tok_bos):
+@pytest.mark.parametrize("row_tokens, n_rows", [(0, 4), (40, 3), (1000, 1)])
+def test_every_token_keeps_its_id_position_and_visible_tokens(tok_bos, row_tokens, n_rows):
     rows = _pairs(4)
     ordinary = make_collator("preference", tok_bos, pad_to_multiple_of=4)(rows)
-    shared = make_collator("preference", tok_bos, pad_to_multiple_of=4, share_prompt=True)(rows)
+    shared = make_collator("preference", tok_bos, pad_to_multiple_of=4, share_prompt=True,
+                           share_row_tokens=row_tokens)(rows)
 
     B = len(rows)
-    assert shared["input_ids"].shape[0] == B and shared["input_ids"].shape[1] % 4 == 0
+    assert shared["input_ids"].shape[0] == n_rows and shared["input_ids"].shape[1] % 4 == 0
+    row_of = shared["token_rows"]
+    assert torch.equal(row_of[:B], row_of[B:]) and set(row_of.tolist()) == set(range(n_rows))
     assert torch.equal(shared["labels"], ordinary["labels"])
     assert torch.equal(shared["margin"], ordinary["margin"])
     assert shared["input_ids"].numel() < ordinary["input_ids"].numel()
@@ -74,13 +112,13 @@ def test_every_token_keeps_its_id_position_and_visible_tokens(tok_bos):
         length = int(ordinary["attention_mask"][r].sum())
         where = shared["token_positions"][r]
         assert (where[:length] >= 0).all() and (where[length:] == -1).all()
-        where = where[:length]
-        assert torch.equal(shared["input_ids"][r % B, where], ordinary["input_ids"][r, :length])
-        assert torch.equal(shared["position_ids"][r % B, where], torch.arange(length))
-        # token t sees exactly the tokens 0..t of its own sequence
-        visible = shared["attention_mask"][r % B, 0][where][:, where]
+        where, row = where[:length], int(row_of[r])
+        assert torch.equal(shared["input_ids"][row, where], ordinary["input_ids"][r, :length])
+        assert torch.equal(shared["position_ids"][row, where], torch.arange(length))
+        # token t sees exactly the tokens 0..t of its own sequence, nothing of another pair in the row
+        visible = shared["attention_mask"][row, 0][where][:, where]
         assert torch.equal(visible, torch.ones(length, length, dtype=torch.bool).tril())
-        assert int(shared["attention_mask"][r % B, 0][where].sum()) == length * (length + 1) // 2
+        assert int(shared["attention_mask"][row, 0][where].sum()) == length * (length + 1) // 2
 
 
 def test_packing_keeps_the_packed_layout(tok_bos):
