@@ -18,7 +18,6 @@ exactly what it sees in its own sequence: the outputs equal the ordinary layout'
 from __future__ import annotations
 
 import heapq
-
 import random
 from collections.abc import Sequence
 from functools import partial
