@@ -7,12 +7,13 @@ the position ids, for sdpa, eager and flash attention alike. It does so only whe
 so call the model with `use_cache=False` (the default `use_cache=True` creates an empty cache and the
 sequences attend to each other).
 
-Shared-prompt preference batches (`share_prompt=True`) hold one row per pair: the prefix that chosen and
+Shared-prompt preference batches (`share_prompt=True`) hold each pair as the prefix that chosen and
 rejected have in common (the prompt), then the rest of chosen, then the rest of rejected, so the prompt
 is run once instead of twice (Wang et al., 2024, "Accelerating Direct Preference Optimization with Prefix
-Sharing", arXiv:2410.20305). A (B, 1, T, T) boolean attention mask keeps rejected tokens from seeing the
-chosen ones, and the rejected part's position ids restart where the prompt ends, so every token sees
-exactly what it sees in its own sequence: the outputs equal the ordinary layout's.
+Sharing", arXiv:2410.20305); short pairs may share a row. An (R, 1, T, T) boolean attention mask keeps
+rejected tokens from seeing the chosen ones and every pair from seeing another, and position ids restart
+for each pair and, for its rejected part, where the prompt ends, so every token sees exactly what it sees
+in its own sequence: the outputs equal the ordinary layout's.
 """
 
 from __future__ import annotations
@@ -158,10 +159,11 @@ def share_prompt_batch(
 
 
 def _fill_rows(lengths: list[int], row_tokens: int) -> list[tuple[int, int]]:
-    """(row, offset) of each item: the fewest padded positions (rows x longest row) over the row counts whose
-    rows stay within `row_tokens` (or the longest item), each filled longest item first into the row holding the fewest
-    tokens so far. Kept only if that saves at least 10% of the positions of one item per row padded to the
-    longest item (the longer rows cost attention); otherwise, and for `row_tokens` <= 0, one item per row."""
+    """(row, offset) of each item: of the row counts whose rows stay within `row_tokens` (or the longest item),
+    each filled longest item first into the row holding the fewest tokens so far, the one with the fewest
+    padded positions (rows x longest row). Kept only if that saves at least 10% of the positions of one item
+    per row padded to the longest item (longer rows cost attention); else, and for `row_tokens` <= 0, one
+    item per row, in order."""
     n = len(lengths)
     alone = [(i, 0) for i in range(n)]
     best, best_positions = alone, 0.9 * n * max(lengths, default=0)
