@@ -69,7 +69,8 @@ def measure_one(runner: str, objective: str, size: str, threads: int, overrides:
     peak_after = matmul_peak_flops(repeats=SIZES[size].peak_repeats)
     peak = max(peak_before, peak_after)
     return {"runner": runner, "objective": objective, "size": size, "overrides": list(overrides),
-            "matmul_peak_gflops": peak / 1e9, **clock.summary(peak), "machine": machine(), "malloc_tuning": tuned}
+            "matmul_peak_gflops": peak / 1e9, **clock.summary(peak), "machine": machine(),
+            "malloc_tuning": tuned}
 
 
 def spawn(runner: str, objective: str, size: str, threads: int, overrides: tuple[str, ...] = (),

@@ -29,8 +29,8 @@ class Size:
     minibatch: int  # PPO rollouts per optimizer step
     peak_repeats: int  # timings of the matmul peak, before and after the measurement
     ppo_steps: int  # timed PPO iterations (after one warmup iteration)
-    letters: tuple[int, int] | None = None  # the sorting task at this many letters (about a token each) instead
-    #                                         of the data layer's own synthetic rows (4-10 letters)
+    letters: tuple[int, int] | None = None  # the sorting task at this many letters (about a token each)
+    #                                         instead of the data layer's own synthetic rows (4-10 letters)
     max_length: int = 64  # data.max_length
     max_prompt_length: int = 32  # data.max_prompt_length
 
@@ -44,12 +44,12 @@ SIZES = {
     # the earlier `small`: the tiny tokenizer's vocabulary of 652, so the LM head is 1% of the FLOPs
     "small-v652": Size("small-v652", CONFIGS / "small-v652.json", batch=16, steps=6, warmup=2,
                        synthetic_size=400, rollout_batch=16, max_new_tokens=16, ppo_epochs=2, minibatch=8, peak_repeats=5, ppo_steps=2),
-    # the `small` model on rows of realistic length: 200-240 letters, prompts of about 220 tokens and responses of
-    # about 215 (SFT rows ~435 tokens, shared-prompt preference rows ~650); where the per-step fixed costs
-    # (optimizer, clipping, the embedding's gradient) no longer dominate
+    # the `small` model on rows of realistic length: 200-240 letters, prompts of about 220 tokens and
+    # responses of about 215 (SFT rows ~435 tokens, shared-prompt preference rows ~650); where the per-step
+    # fixed costs (optimizer, clipping, the embedding's gradient) no longer dominate
     "small-long": Size("small-long", CONFIGS / "small.json", batch=8, steps=3, warmup=1,
-                       synthetic_size=64, rollout_batch=16, max_new_tokens=16, ppo_epochs=2, minibatch=8, peak_repeats=5,
-                       ppo_steps=2, letters=(200, 240), max_length=512, max_prompt_length=256),
+                       synthetic_size=64, rollout_batch=16, max_new_tokens=16, ppo_epochs=2, minibatch=8,
+                       peak_repeats=5, ppo_steps=2, letters=(200, 240), max_length=512, max_prompt_length=256),
 }
 
 

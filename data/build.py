@@ -25,7 +25,8 @@ from data.tokenize import Formatter, Tokenise, check_tokenizer
 FORMAT_VERSION = 2  # bumped whenever tokenised rows or the report change, to invalidate caches
 STAT_COLUMNS = ("_prompt_len", "_response_len", "_prompt_truncated", "_response_truncated", "_drop")
 # config fields that do not change the tokenised rows
-_NOT_IN_FINGERPRINT = ("num_proc", "packing", "share_prompt", "share_prompt_row_tokens", "group_by_length", "cache_dir")
+_NOT_IN_FINGERPRINT = ("num_proc", "packing", "share_prompt", "share_prompt_row_tokens", "group_by_length",
+                       "cache_dir")
 
 
 @dataclass

@@ -63,11 +63,13 @@ def make_collator(
     if packing and family == "prompt":
         raise DataError("packing is for training batches (sft, preference); prompts for generation are left-padded.")
     shared = share_prompt and family == "preference" and not packing
-    return partial(_collate, family, tokenizer.pad_token_id, packing, pad_to_multiple_of or 1, shared, share_row_tokens)
+    return partial(_collate, family, tokenizer.pad_token_id, packing, pad_to_multiple_of or 1, shared,
+                   share_row_tokens)
 
 
 def _collate(
-    family: str, pad_id: int, packing: bool, multiple: int, shared: bool, row_tokens: int, rows: list[dict[str, Any]]
+    family: str, pad_id: int, packing: bool, multiple: int, shared: bool, row_tokens: int,
+    rows: list[dict[str, Any]],
 ) -> dict[str, Any]:
     if family == "prompt":
         return _left_pad(rows, pad_id, multiple)
@@ -129,7 +131,7 @@ def share_prompt_batch(
              for (chosen, _), (rejected, _) in zip(sequences[:n_pairs], sequences[n_pairs:])]
     prefixes = [_common_prefix(chosen, rejected) for chosen, rejected in pairs]
     lengths = [len(c) + len(r) - p for (c, r), p in zip(pairs, prefixes)]
-    place = _fill_rows(lengths, row_tokens)  # pair i -> (row, offset)
+    place = _fill_rows(lengths, row_tokens, multiple)  # pair i -> (row, offset)
     n_rows = 1 + max(row for row, _ in place)
     T = _round_up(max(offset + n for (_, offset), n in zip(place, lengths)), multiple)
     input_ids = torch.full((n_rows, T), pad_id, dtype=torch.long)
@@ -158,15 +160,15 @@ def share_prompt_batch(
     }
 
 
-def _fill_rows(lengths: list[int], row_tokens: int) -> list[tuple[int, int]]:
+def _fill_rows(lengths: list[int], row_tokens: int, multiple: int = 1) -> list[tuple[int, int]]:
     """(row, offset) of each item: of the row counts whose rows stay within `row_tokens` (or the longest item),
     each filled longest item first into the row holding the fewest tokens so far, the one with the fewest
-    padded positions (rows x longest row). Kept only if that saves at least 10% of the positions of one item
-    per row padded to the longest item (longer rows cost attention); else, and for `row_tokens` <= 0, one
-    item per row, in order."""
+    padded positions (rows x longest row, rounded up to `multiple`). Kept only if that saves at least 10% of
+    the positions of one item per row padded to the longest item (longer rows cost attention); else, and for
+    `row_tokens` <= 0, one item per row, in order."""
     n = len(lengths)
     alone = [(i, 0) for i in range(n)]
-    best, best_positions = alone, 0.9 * n * max(lengths, default=0)
+    best, best_positions = alone, 0.9 * n * _round_up(max(lengths, default=0), multiple)
     order = sorted(range(n), key=lambda i: -lengths[i])
     limit = max([row_tokens, *lengths])  # an item longer than row_tokens still gets a row
     for rows in range(max(1, -(-sum(lengths) // limit)), n if row_tokens > 0 else 0):
@@ -177,8 +179,8 @@ def _fill_rows(lengths: list[int], row_tokens: int) -> list[tuple[int, int]]:
             place[i] = (row, used)
             heapq.heappush(heap, (used + lengths[i], row))
         longest = max(used for used, _ in heap)
-        if longest <= limit and rows * longest <= best_positions:
-            best, best_positions = place, rows * longest
+        if longest <= limit and rows * _round_up(longest, multiple) <= best_positions:
+            best, best_positions = place, rows * _round_up(longest, multiple)
     return best
 
 

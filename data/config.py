@@ -47,14 +47,15 @@ class DataConfig:
     packing: bool = False
     """Padding-free batches: sequences concatenated into one row, position ids restarting per sequence."""
     share_prompt: bool = True
-    """Preference batches hold each prompt once: one row per pair, prompt + chosen + rejected response, with
-    an attention mask that hides chosen from rejected and rejected position ids restarting after the prompt.
+    """Preference batches hold each prompt once: each pair as prompt + chosen + rejected response, with an
+    attention mask that hides chosen from rejected and rejected position ids restarting after the prompt.
     Exact (the same log-probs and rewards) and about a third fewer tokens on short prompts. Where it cannot
     be used (attention other than sdpa or eager, packing, a sliding attention window shorter than max_length,
     a reward model without a `score` head) batches keep the ordinary layout, saying so in one log line."""
     share_prompt_row_tokens: int = 128
-    """With share_prompt: short pairs share rows of about this many tokens, filled to even lengths, where that
-    saves at least 10% of the padded positions (the attention rows grow with it); 0: one pair per row."""
+    """With share_prompt: short pairs share rows of up to this many tokens (or the batch's longest pair), filled
+    to even lengths, where that saves at least 10% of the padded positions (longer rows cost attention); 0: one
+    pair per row. See data.collators.share_prompt_batch."""
     group_by_length: bool = False
     """Batch rows of similar length together (less padding); see data.collators.length_grouped_indices."""
     cache_dir: str | None = None

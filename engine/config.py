@@ -226,6 +226,9 @@ class RunConfig:
         for key, value in positive.items():
             if value is not None and value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
+        if self.data.share_prompt_row_tokens < 0:
+            raise ConfigError(f"data.share_prompt_row_tokens must be 0 (one pair per row) or more, got "
+                              f"{self.data.share_prompt_row_tokens}")
         if self.optim.max_bad_steps < 0:
             raise ConfigError(f"optim.max_bad_steps must be 0 (never stop) or more, got {self.optim.max_bad_steps}")
         if not 0.0 <= self.optim.warmup_ratio < 1.0:

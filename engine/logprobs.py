@@ -10,7 +10,7 @@ most of the head's cost. The result has the layout of `losses.token_logprobs` ((
 mask is False), so everything downstream is unchanged.
 
 A shared-prompt preference batch (data.share_prompt) is handled by `shared_label_logprobs`, which returns
-the ordinary layout's (2B, T'-1) log-probs from its B rows.
+the ordinary layout's (2B, T'-1) log-probs from its rows.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def shared_label_logprobs(
     """`label_logprobs` of a shared-prompt batch (data.collators.share_prompt_batch): what the ordinary layout
     of the same pairs gives, (2B, T'-1) chosen rows then rejected rows, from one forward over its rows.
 
-    Token t of ordinary row r sits at position token_positions[r, t] of shared row token_rows[r], and the logits
-    there predict labels[r, t + 1]. The head runs once at each of the K shared positions some label needs;
+    Token t of ordinary row r sits at position token_positions[r, t] of shared row token_rows[r], and the
+    logits there predict labels[r, t + 1]. The head runs once at each of the K shared positions some label needs;
     the last prompt position predicts both responses' first tokens, so its logits are read twice (as are
     the prompt's when the loss is on the prompt). With `return_logits=True`, the (N, V) logits of the N
     masked positions in the ordinary row-major order (rows read twice are copied).
@@ -69,7 +69,7 @@ def shared_label_logprobs(
     mask = labels[:, 1:] != ignore_index
     n_rows, width = batch["input_ids"].shape
     rows = batch["token_rows"]
-    # (N,) for each label, where its logits are in the flattened (B * T) shared batch
+    # (N,) for each label, where its logits are in the flattened (R * T) shared batch
     flat = (rows[:, None] * width + batch["token_positions"][:, :-1])[mask]
     keep = torch.zeros(n_rows * width, dtype=torch.bool, device=labels.device)
     keep[flat] = True

@@ -271,14 +271,15 @@ def save_final(model, tokenizer, out_dir, *, merge: bool = False, state_dict: di
         if state_dict is not None:
             raise ValueError("export.merge with sharded weights (FSDP, DeepSpeed ZeRO-3) is not supported: "
                              "save the adapter (export.merge=false) and merge it in one process afterwards")
-        model = _quantised_base_merged(model) if _is_quantised(model) else model.merge_and_unload()
+        model = _quantised_base_merged(model) if is_quantised(model) else model.merge_and_unload()
         model.config.use_cache = True  # switched off for gradient checkpointing; generation wants it back
     model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
 
-def _is_quantised(model) -> bool:
+def is_quantised(model) -> bool:
+    """Loaded in 4 or 8 bits by bitsandbytes (a peft model answers for its base)."""
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 

@@ -90,7 +90,7 @@ class PPOConfig:
     rollout_logprobs: str = "auto"
     """Where the rollout policy's log-probs (and a value head on the policy: the values) come from.
     "sampling": kept from the decoding pass, so the experience pass skips one policy forward (TRL's PPOTrainer
-    does the same); they equal a fresh forward's within float32 rounding (about 1e-6). "recompute": a forward
+    does the same); they equal a fresh forward's within float32 rounding (1e-5, tested). "recompute": a forward
     of the policy over the finished sequences, as the training forward sees them. "auto": "sampling" when the
     policy computes in float32 (no mixed precision, no quantised weights), else "recompute": in bf16 the cached
     decoding pass and a full forward round differently, and the first update's ratio would not start at 1."""
@@ -101,7 +101,8 @@ class PPOConfig:
         if self.kl_estimator not in KL_ESTIMATORS:
             raise PPOConfigError(f"ppo.kl_estimator={self.kl_estimator!r} is not one of {list(KL_ESTIMATORS)}")
         if self.rollout_logprobs not in ROLLOUT_LOGPROBS:
-            raise PPOConfigError(f"ppo.rollout_logprobs={self.rollout_logprobs!r} is not one of {list(ROLLOUT_LOGPROBS)}")
+            raise PPOConfigError(f"ppo.rollout_logprobs={self.rollout_logprobs!r} is not one of "
+                                 f"{list(ROLLOUT_LOGPROBS)}")
         for key in ("rollout_batch_size", "rollout_micro_batch_size", "max_new_tokens", "epochs"):
             if getattr(self, key) <= 0:
                 raise PPOConfigError(f"ppo.{key} must be positive, got {getattr(self, key)}")

@@ -91,7 +91,7 @@ def pair_scores(model, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Rewards of a shared batch: (chosen (B,), rejected (B,)), each the score at its response's last token.
 
     The model runs its own forward (wrappers, hooks and peft untouched); a forward hook on the score head
-    reads the (B, T, 1) scores of every position, where the model itself pools only each row's last one.
+    reads the (R, T, 1) scores of every position, where the model itself pools only each row's last one.
     """
     captured = []
     handle = score_head(model).register_forward_hook(lambda module, args, output: captured.append(output))

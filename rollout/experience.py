@@ -87,7 +87,8 @@ def make_experience(generation: Generation, scores: torch.Tensor, *, actor_criti
     """Log-probs of the rollout policy and of the reference, and values, `micro_batch_size` rows at a time.
 
     The rollout policy's log-probs come from `generation.logprobs` when the sampling pass kept them (and the
-    values of a value head on the policy from `generation.hidden`); otherwise from a forward of the policy.
+    values of a value head on the policy from `generation.values`); otherwise from a forward of the policy.
+    Kept log-probs must have been sampled at `temperature`.
 
     Args:
         generation: output of `rollout.generation.generate`.
@@ -114,8 +115,8 @@ def make_experience(generation: Generation, scores: torch.Tensor, *, actor_criti
                 del logits
             else:  # kept from the sampling pass: only the values may need a forward
                 old.append(generation.logprobs[rows] * act)
-                shared_trunk = actor_critic.critic is None and generation.hidden is not None
-                v = actor_critic.value_head(generation.hidden[rows]) if shared_trunk else actor_critic.values(seq, mask, R)
+                kept = actor_critic.critic is None and generation.values is not None
+                v = generation.values[rows] if kept else actor_critic.values(seq, mask, R)
             values.append(v * act)
             if reference is None:
                 with _adapter_disabled(actor_critic.policy):

@@ -62,8 +62,8 @@ class Generation:
     prompt_length: int  # P
     logprobs: torch.Tensor | None = None  # (B, R) float32, with `with_logprobs`: log-prob of each sampled
     #                                       token under logits / temperature; 0 outside action_mask
-    hidden: torch.Tensor | None = None  # (B, R, H), with `with_hidden`: the final hidden state at the
-    #                                     position each response token was chosen from; 0 outside action_mask
+    values: torch.Tensor | None = None  # (B, R), with `value_head`: its value of the final hidden state each
+    #                                     response token was chosen from; 0 outside action_mask
 
     @property
     def responses(self) -> torch.Tensor:
@@ -125,6 +125,9 @@ def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = N
     u_b > 0 means a token of probability 0 at the start of the row is never taken, and u_b x total is at
     most the last cumulative sum, so the index stays in range."""
     cdf = probs.double().cumsum(-1)
+    if not ((cdf[:, -1] > 0) & cdf[:, -1].isfinite()).all():
+        raise ValueError("cannot sample: a row of probabilities is NaN, infinite or all zero (NaN or inf "
+                         "logits?)")
     u = 1.0 - torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
@@ -143,32 +146,32 @@ def finished_locally(done: torch.Tensor) -> bool:
 class _Decoded:
     tokens: torch.Tensor  # (b, r) long
     logprobs: torch.Tensor | None  # (b, r) float32
-    hidden: torch.Tensor | None  # (b, r, H)
+    values: torch.Tensor | None  # (b, r)
 
 
 @torch.no_grad()
 def _decode(model, input_ids, attention_mask, budgets, cfg, eos, pad_token_id, generator, finished,
-            with_logprobs: bool, with_hidden: bool) -> _Decoded:
+            with_logprobs: bool, value_head: Callable[[torch.Tensor], torch.Tensor] | None) -> _Decoded:
     """Sample one micro-batch's responses; tokens (b, r), pad after a row finishes.
 
     The loop's bound is `cfg.max_new_tokens`, the same on every process, and it stops when `finished(done)`;
     a row past its EOS or budget keeps producing pad tokens while other rows (or processes) go on.
     `with_logprobs` keeps each sampled token's log-prob under logits / temperature (before top-k, top-p and
     the min_new_tokens EOS ban, as `rollout.experience.response_logprobs` computes it from a full forward);
-    `with_hidden` keeps the final hidden state each token was chosen from (what a value head reads)."""
+    `value_head` maps the final hidden state each token was chosen from, (b, H), to its (b,) values."""
     eos = torch.tensor(eos, device=input_ids.device)
     budgets = budgets.to(input_ids.device)
     attention_mask = attention_mask.long()
     position_ids = position_ids_from_mask(attention_mask)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1,
-                output_hidden_states=with_hidden)
+                output_hidden_states=value_head is not None)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    tokens, logprobs, hidden = [], [], []
+    tokens, logprobs, values = [], [], []
     for step in range(cfg.max_new_tokens):
         logits = out.logits[:, -1].float()
-        if with_hidden:
-            hidden.append(out.hidden_states[-1][:, -1])
+        if value_head is not None:
+            values.append(value_head(out.hidden_states[-1][:, -1]))
         scaled = logits / cfg.temperature if cfg.temperature not in (0.0, 1.0) else logits
         if step < cfg.min_new_tokens:
             logits = logits.index_fill(1, eos, float("-inf"))
@@ -182,9 +185,10 @@ def _decode(model, input_ids, attention_mask, budgets, cfg, eos, pad_token_id, g
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
         position_ids = position_ids[:, -1:] + 1
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=out.past_key_values, use_cache=True, output_hidden_states=with_hidden)
+                    past_key_values=out.past_key_values, use_cache=True,
+                    output_hidden_states=value_head is not None)
     return _Decoded(torch.stack(tokens, 1), torch.stack(logprobs, 1) if with_logprobs else None,
-                    torch.stack(hidden, 1) if with_hidden else None)
+                    torch.stack(values, 1) if value_head is not None else None)
 
 
 @torch.no_grad()
@@ -192,7 +196,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: 
              eos_token_id: int | Sequence[int] | None, pad_token_id: int,
              generator: torch.Generator | None = None,
              finished: Callable[[torch.Tensor], bool] = finished_locally,
-             with_logprobs: bool = False, with_hidden: bool = False) -> Generation:
+             with_logprobs: bool = False,
+             value_head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Generation:
     """Sample a response for each left-padded prompt, `cfg.micro_batch_size` rows at a time.
 
     `model` is the unwrapped causal LM (`accelerator.unwrap_model`, a peft model is fine). It runs in
@@ -204,10 +209,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: 
         eos_token_id: one id or several (chat models often end turns with their own token).
         finished: given the (b,) bool rows done so far, whether to stop decoding; under FSDP or ZeRO-3 pass
             `engine.distributed.finished_everywhere`, so every process runs the same number of forwards.
-        with_logprobs, with_hidden: keep the sampled tokens' log-probs and the final hidden states from the
-            decoding pass (`Generation.logprobs`, `Generation.hidden`), so PPO need not run the policy again
-            over the finished sequences. They equal a fresh forward's to rounding: about 1e-6 in float32; in
-            bf16 the cached pass and a full forward differ more (see `ppo.rollout_logprobs`).
+        with_logprobs: keep the sampled tokens' log-probs (`Generation.logprobs`) from the decoding pass.
+        value_head: a value head on this model's final hidden state, (b, H) -> (b,): its values are kept
+            (`Generation.values`). Both spare PPO a forward of the policy over the finished sequences; they
+            equal a fresh forward's within 1e-5 in float32 (tested), where in bf16 the cached pass and a full
+            forward round differently (see `ppo.rollout_logprobs`).
     Returns:
         Generation with sequences (B, P + R), R the longest response (or more under `finished`, in pad
         columns); every token after a row's first EOS is `pad_token_id` and outside `action_mask`.
@@ -228,7 +234,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: 
     try:
         chunks = [_decode(model, input_ids[i:i + cfg.micro_batch_size], attention_mask[i:i + cfg.micro_batch_size],
                           budgets[i:i + cfg.micro_batch_size], cfg, eos, pad_token_id, generator, finished,
-                          with_logprobs, with_hidden)
+                          with_logprobs, value_head)
                   for i in range(0, batch_size, cfg.micro_batch_size)]
     finally:
         model.train(was_training)
@@ -236,9 +242,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: 
     width = max(chunk.tokens.shape[1] for chunk in chunks)
 
     def columns(parts: list[torch.Tensor], value) -> torch.Tensor:
-        """The chunks' (b, r, ...) tensors padded to `width` response columns and stacked."""
-        return torch.cat([torch.nn.functional.pad(t.movedim(1, -1), (0, width - t.shape[1]), value=value).movedim(-1, 1)
-                          for t in parts])
+        """The chunks' (b, r) tensors padded to `width` response columns and stacked."""
+        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in parts])
 
     responses = columns([c.tokens for c in chunks], pad_token_id)
     is_eos = torch.isin(responses, torch.tensor(eos, device=responses.device))
@@ -246,12 +251,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: 
     eos_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     in_budget = torch.arange(width, device=responses.device) < budgets.to(responses.device)[:, None]
     action_mask = ~eos_before & in_budget
+
+    def kept(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if parts[0] is None else columns(parts, 0.0).masked_fill(~action_mask, 0.0)
+
     return Generation(
         sequences=torch.cat([input_ids, responses], 1),
         attention_mask=torch.cat([attention_mask.bool(), action_mask], 1),
         action_mask=action_mask,
         no_eos=~(is_eos & action_mask).any(-1),
         prompt_length=prompt_length,
-        logprobs=columns([c.logprobs for c in chunks], 0.0) * action_mask if with_logprobs else None,
-        hidden=columns([c.hidden for c in chunks], 0.0) * action_mask[..., None] if with_hidden else None,
+        logprobs=kept([c.logprobs for c in chunks]),
+        values=kept([c.values for c in chunks]),
     )

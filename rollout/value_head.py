@@ -78,7 +78,8 @@ class ActorCritic(nn.Module):
             return logits, self.value_head(out.hidden_states[-1][:, -response_length - 1:-1])
         return logits, self.values(sequences, attention_mask, response_length)
 
-    def values(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> torch.Tensor:
+    def values(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_length: int
+               ) -> torch.Tensor:
         """(B, R) values alone: the critic's forward, or the policy's trunk with its LM head at one position."""
         backbone = self.critic if self.critic is not None else self.policy
         keep = self._critic_logits_to_keep if self.critic is not None else True

@@ -1,5 +1,5 @@
 """Pairwise preference objectives (DPO and its variants, ORPO, your own): chosen and rejected responses scored
-by the policy in one forward (one row per pair when the prompt is shared, data.share_prompt), against a frozen
+by the policy in one forward (each prompt once when it is shared, data.share_prompt), against a frozen
 reference when the objective needs one."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     train_rows = add_row_index(data.train)
     eval_rows = add_row_index(data.eval) if data.eval is not None and len(data.eval) else None
     # Labels mark every response token, EOS included, so a pad token equal to EOS is harmless here. With
-    # data.share_prompt a batch holds each prompt once (one row per pair); its labels keep the 2B-row layout.
+    # data.share_prompt a batch holds each prompt once (short pairs share a row); its labels keep the 2B rows.
     share = use_shared_prompt(cfg.data, policy, log=accelerator.print)
     collate = with_row_index(make_collator("preference", tokenizer, allow_pad_as_eos=True, share_prompt=share,
                                            share_row_tokens=cfg.data.share_prompt_row_tokens))

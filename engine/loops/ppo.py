@@ -152,13 +152,13 @@ def rollout(batch: dict, *, actor_critic: ActorCritic, reference, scorer: Scorer
     of the whole rollout batch."""
     ppo, rows = cfg.ppo, len(batch["prompt"])
     timer = time.perf_counter()
-    # 1. Sample with the unwrapped policy and its KV cache; keep the log-probs (and the hidden states a value
-    # head on the policy reads) when they stand for the rollout policy's.
-    keep = logprobs_from_sampling(cfg, actor_critic.policy)
+    # 1. Sample with the unwrapped policy and its KV cache; keep the log-probs (and a value head on the policy:
+    # its values) when they stand for those of a forward of the rollout policy.
+    keep = use_sampling_logprobs(cfg, actor_critic.policy)
+    shared_head = actor_critic.value_head if keep and actor_critic.critic is None else None
     gen = generate(actor_critic.policy, batch["input_ids"], batch["attention_mask"], sampling,
                    eos_token_id=eos_token_id if eos_token_id is not None else tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id, finished=finished,
-                   with_logprobs=keep, with_hidden=keep and actor_critic.critic is None)
+                   pad_token_id=tokenizer.pad_token_id, finished=finished, with_logprobs=keep, value_head=shared_head)
     responses = tokenizer.batch_decode(gen.responses.masked_fill(~gen.action_mask, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
     generation_time, timer = time.perf_counter() - timer, time.perf_counter()
@@ -270,14 +270,14 @@ def save_final(accelerator: Accelerator, cfg: RunConfig, actor_critic, tokenizer
     return result
 
 
-def logprobs_from_sampling(cfg: RunConfig, policy) -> bool:
+def use_sampling_logprobs(cfg: RunConfig, policy) -> bool:
     """`ppo.rollout_logprobs` resolved: "auto" keeps the sampling pass's log-probs when the policy computes in
-    float32 (no mixed precision, every floating parameter float32, no 4/8-bit weights)."""
+    float32: no mixed precision, no 4/8-bit weights, every floating parameter float32 (which also catches a
+    DeepSpeed config that casts the model to bf16)."""
     choice = cfg.ppo.rollout_logprobs
     if choice != "auto":
         return choice == "sampling"
-    quantised = getattr(policy, "is_loaded_in_4bit", False) or getattr(policy, "is_loaded_in_8bit", False)
-    return (cfg.mixed_precision == "no" and not quantised
+    return (cfg.mixed_precision == "no" and not models.is_quantised(policy)
             and all(p.dtype == torch.float32 for p in policy.parameters() if p.is_floating_point()))
 
 
@@ -403,6 +403,4 @@ def samples_table(prompts: list[str], responses: list[str], scores: torch.Tensor
 
 def _to_device(model, device):
     """Frozen models that bitsandbytes quantised are already placed; others move to this process's device."""
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        return model
-    return model.to(device)
+    return model if models.is_quantised(model) else model.to(device)

@@ -20,9 +20,10 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     model = models.load_reward_model(cfg.model, num_labels=1, for_training=True)
     data = build_datasets("preference", cfg.data, tokenizer, log=accelerator.print,
                           report_dir=cfg.output_dir if accelerator.is_main_process else None)
-    # With data.share_prompt a batch holds each prompt once (one row per pair); its labels keep the 2B rows.
+    # With data.share_prompt a batch holds each prompt once (short pairs share a row); its labels keep the 2B rows.
     share = use_shared_prompt(cfg.data, model, scores=True, log=accelerator.print)
-    collate = make_collator("preference", tokenizer, share_prompt=share, share_row_tokens=cfg.data.share_prompt_row_tokens)
+    collate = make_collator("preference", tokenizer, share_prompt=share,
+                            share_row_tokens=cfg.data.share_prompt_row_tokens)
 
     # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
     train_loader = common.train_loader(data.train, collate, cfg, "preference")

@@ -73,6 +73,10 @@ def test_rows_are_filled_to_the_fewest_padded_positions():
     # equal lengths: no row count saves 10% of the positions, so one item per row, in order; likewise a limit of 0
     assert _fill_rows([40] * 4, 128) == [(0, 0), (1, 0), (2, 0), (3, 0)]
     assert _fill_rows([30, 50, 20], 0) == [(0, 0), (1, 0), (2, 0)]
+    # positions are counted after rounding to pad_to_multiple_of: 2 rows of 66 are 2 x 66 = 132 positions against
+    # 3 x 64 = 192, but rounded to 64 they are 2 x 128 = 256 against 3 x 64 = 192
+    assert _fill_rows([64, 33, 33], 128) == [(0, 0), (1, 0), (1, 33)]
+    assert _fill_rows([64, 33, 33], 128, multiple=64) == [(0, 0), (1, 0), (2, 0)]
 
 
 def _pairs(n: int) -> list[dict]:
@@ -94,7 +98,9 @@ def _pairs(n: int) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("row_tokens, n_rows", [(0, 4), (40, 3), (1000, 1)])
+# pairs of 6, 13, 20 and 19 tokens, rows rounded up to 4: with rows of up to 40 or 1000 tokens, three rows of
+# 20 (20 | 19 | 13 + 6) tie with one of 60 on positions, and the shorter rows win the tie
+@pytest.mark.parametrize("row_tokens, n_rows", [(0, 4), (40, 3), (1000, 3)])
 def test_every_token_keeps_its_id_position_and_visible_tokens(tok_bos, row_tokens, n_rows):
     rows = _pairs(4)
     ordinary = make_collator("preference", tok_bos, pad_to_multiple_of=4)(rows)

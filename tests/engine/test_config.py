@@ -74,6 +74,8 @@ def test_the_config_is_frozen():
         (["mixed_precision=no"], "YAML reads no/yes/off/on as booleans"),
         (["max_steps=0"], "max_steps must be positive"),
         (["eval.max_batches=0"], "eval.max_batches must be positive"),
+        (["data.share_prompt_row_tokens=-1"], "data.share_prompt_row_tokens must be 0 (one pair per row) or more"),
+        (["ppo.rollout_logprobs=cached"], "ppo.rollout_logprobs='cached' is not one of"),
         (["optim.betas=[0.9]"], "optim.betas must have 2 items"),
         (["reference.mode=frozen"], "reference.mode='frozen' is not one of"),
         (["optim"], "must look like section.key=value"),

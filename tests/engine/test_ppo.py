@@ -285,34 +285,49 @@ def test_sizes_and_reference_mode_are_checked_before_any_model_loads():
 
 def test_rollout_logprobs_come_from_sampling_only_where_they_equal_a_forward():
     from engine.config import ConfigError
-    from engine.loops.ppo import logprobs_from_sampling
+    from engine.loops.ppo import use_sampling_logprobs
 
     tokenizer = build_tokenizer()
     policy = small_llama(tokenizer, 0)
-    assert logprobs_from_sampling(run_config({}), policy)  # auto, float32
-    assert not logprobs_from_sampling(run_config({"mixed_precision": "bf16"}), policy)
-    assert not logprobs_from_sampling(run_config({}), small_llama(tokenizer, 0).to(torch.bfloat16))
-    assert not logprobs_from_sampling(run_config({"ppo": {"rollout_logprobs": "recompute"}}), policy)
-    assert logprobs_from_sampling(run_config({"mixed_precision": "bf16", "ppo": {"rollout_logprobs": "sampling"}}), policy)
+    assert use_sampling_logprobs(run_config({}), policy)  # auto, float32
+    assert not use_sampling_logprobs(run_config({"mixed_precision": "bf16"}), policy)
+    assert not use_sampling_logprobs(run_config({}), small_llama(tokenizer, 0).to(torch.bfloat16))
+    quantised = small_llama(tokenizer, 0)
+    quantised.is_loaded_in_4bit = True  # as bitsandbytes marks a 4-bit model (its LoRA weights stay float32)
+    assert not use_sampling_logprobs(run_config({}), quantised)
+    assert not use_sampling_logprobs(run_config({"ppo": {"rollout_logprobs": "recompute"}}), policy)
+    assert use_sampling_logprobs(run_config({"mixed_precision": "bf16", "ppo": {"rollout_logprobs": "sampling"}}), policy)
     with pytest.raises(ConfigError, match="rollout_logprobs='cached' is not one of"):
         run_config({"ppo": {"rollout_logprobs": "cached"}})
 
 
 def test_rollout_logprobs_source_does_not_change_the_iteration():
     """The experience of one rollout is the same (within float32 rounding) whichever source the old log-probs
-    and the shared-trunk values come from; the sampled tokens are the same draws."""
+    and the shared-trunk values come from; the sampled tokens are the same draws, and "sampling" runs no policy
+    forward beyond the decoding steps (the reference is a separate model)."""
     tokenizer = build_tokenizer()
     data = build_datasets("prompt", DataConfig(path="synthetic", max_samples=6), tokenizer, log=None)
     batch = make_collator("prompt", tokenizer)([data.train[i] for i in range(6)])
-    results = {}
+    results, full_forwards = {}, {}
     for choice in ("sampling", "recompute"):
-        cfg = run_config({"ppo": {"rollout_batch_size": 6, "max_new_tokens": 5, "rollout_logprobs": choice}})
+        cfg = run_config({"ppo": {"rollout_batch_size": 6, "rollout_micro_batch_size": 4, "max_new_tokens": 5,
+                                  "rollout_logprobs": choice}})
         actor_critic = ActorCritic(small_llama(tokenizer, 0))
         torch.nn.init.normal_(actor_critic.value_head.summary.weight, generator=torch.Generator().manual_seed(0))
+        calls = []  # policy forwards over whole sequences (decoding steps pass use_cache=True)
+
+        def count(module, args, kwargs, calls=calls):
+            if kwargs.get("use_cache") is False:
+                calls.append(1)
+
+        actor_critic.policy.register_forward_pre_hook(count, with_kwargs=True)
         torch.manual_seed(0)
         results[choice] = rollout(batch, actor_critic=actor_critic, reference=small_llama(tokenizer, 1).eval(),
                                   scorer=Scorer([RewardFunction("judge", judge_scores)]), tokenizer=tokenizer,
-                                  sampling=SamplingConfig(max_new_tokens=5), cfg=cfg, kl_coef=0.05)[0]
+                                  sampling=SamplingConfig(max_new_tokens=5, micro_batch_size=4), cfg=cfg,
+                                  kl_coef=0.05)[0]
+        full_forwards[choice] = len(calls)
+    assert full_forwards == {"sampling": 0, "recompute": 2}  # 6 rows in micro-batches of 4
     fast, slow = results["sampling"], results["recompute"]
     assert torch.equal(fast.sequences, slow.sequences)
     for name in ("old_logprobs", "values", "rewards", "advantages", "returns"):

@@ -113,19 +113,27 @@ def test_skipped_rows_leave_training_but_keep_their_place():
 
 @pytest.mark.parametrize("critic", [False, True])
 def test_experience_from_the_sampling_pass_equals_the_recomputed_one(critic):
-    """Log-probs (and a shared-trunk head's values) kept while sampling give the experience a policy forward
-    would: old log-probs, values and reference log-probs within 1e-5, the same masks; a skipped row stays 0."""
+    """Log-probs (and a shared-trunk head's values) kept while sampling, in chunks of 2 rows, give the experience
+    a policy forward would: old log-probs, values and reference log-probs within 1e-5, the same masks; a skipped
+    row stays 0. The kept path runs the policy only for the reference log-probs, or not at all with a frozen
+    reference."""
     policy = tiny_causal_lm(seed=0)
     actor_critic = ActorCritic(policy, random_head(), critic=tiny_causal_lm(seed=7) if critic else None)
     ids, mask = left_pad([[1, 10, 11, 12, 13, 14], [1, 20], [1, 30, 31, 32], [1, 5]], PAD)
-    cfg = SamplingConfig(max_new_tokens=6, temperature=0.8)
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0.8, micro_batch_size=2)
     kept = generate(policy, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(3),
-                    with_logprobs=True, with_hidden=not critic)
-    plain = Generation(**{**kept.__dict__, "logprobs": None, "hidden": None})
+                    with_logprobs=True, value_head=None if critic else actor_critic.value_head)
+    plain = Generation(**{**kept.__dict__, "logprobs": None, "values": None})
     scores, valid = torch.tensor([0.5, -1.0, 2.0, 1.0]), torch.tensor([True, True, True, False])
     reference = tiny_causal_lm(seed=5)
     args = dict(actor_critic=actor_critic, reference=reference, temperature=0.8, micro_batch_size=3, valid=valid)
-    fast, slow = make_experience(kept, scores, **args), make_experience(plain, scores, **args)
+    calls = []
+    handle = policy.register_forward_pre_hook(lambda module, args: calls.append(1))
+    fast = make_experience(kept, scores, **args)
+    policy_forwards, calls[:] = len(calls), []
+    slow = make_experience(plain, scores, **args)
+    handle.remove()
+    assert policy_forwards == 0 and len(calls) == 2  # two micro-batches of the policy when nothing was kept
     assert torch.equal(fast.action_mask, slow.action_mask) and not fast.action_mask[3].any()
     for name in ("old_logprobs", "values", "ref_logprobs"):
         torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=0, atol=1e-5)

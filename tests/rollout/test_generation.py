@@ -8,7 +8,7 @@ from rollout.generation import (
     sample_from_probs,
     sample_next_token,
 )
-from tests.rollout.conftest import left_pad, tiny_causal_lm
+from tests.rollout.conftest import left_pad, random_head, tiny_causal_lm
 
 PAD, EOS = 3, 2
 PROMPTS = [[1, 10, 11, 12, 13, 14, 15], [1, 20], [1, 30, 31, 32], [1, 40, 41], [1, 50, 51, 52, 53]]
@@ -113,27 +113,38 @@ def test_inverse_cdf_draws_follow_the_probabilities_and_never_take_a_zero():
 
 
 @pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 5)])
-def test_sampling_pass_keeps_logprobs_and_hidden_states_of_a_full_forward(temperature, top_k):
-    """The sampled tokens' log-probs under logits / temperature (before top-k and the EOS ban) and the final
-    hidden states, kept while decoding, equal those of one forward over the finished sequences."""
+def test_sampling_pass_keeps_logprobs_and_values_of_a_full_forward(temperature, top_k):
+    """The sampled tokens' log-probs under logits / temperature (before top-k and the EOS ban) and a value head's
+    values of the final hidden states, kept while decoding in chunks of different widths, equal those of one
+    forward over the finished sequences."""
     model = eos_prone_model()
+    head = random_head()
     ids, mask = left_pad(PROMPTS * 4, PAD)
-    cfg = SamplingConfig(max_new_tokens=10, min_new_tokens=2, temperature=temperature, top_k=top_k, micro_batch_size=8)
+    cfg = SamplingConfig(max_new_tokens=10, min_new_tokens=2, temperature=temperature, top_k=top_k, micro_batch_size=3)
     gen = generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(0),
-                   with_logprobs=True, with_hidden=True)
+                   with_logprobs=True, value_head=head)
     assert (~gen.no_eos).any() and (gen.response_length < gen.responses.shape[1]).any()  # some rows end early
     full_mask = gen.attention_mask.long()
     with torch.no_grad():
         out = model(input_ids=gen.sequences, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask),
                     output_hidden_states=True)
-    P, R = gen.prompt_length, gen.responses.shape[1]
-    logprobs = (out.logits[:, P - 1:P + R - 1] / temperature).log_softmax(-1).gather(-1, gen.responses[..., None])[..., 0]
-    hidden = out.hidden_states[-1][:, P - 1:P + R - 1]
+        P, R = gen.prompt_length, gen.responses.shape[1]
+        logits = out.logits[:, P - 1:P + R - 1] / temperature
+        logprobs = logits.log_softmax(-1).gather(-1, gen.responses[..., None])[..., 0]
+        values = head(out.hidden_states[-1][:, P - 1:P + R - 1])
     act = gen.action_mask
     torch.testing.assert_close(gen.logprobs[act], logprobs[act], rtol=0, atol=1e-5)
-    torch.testing.assert_close(gen.hidden[act], hidden[act], rtol=0, atol=1e-5)
-    assert not gen.logprobs[~act].any() and not gen.hidden[~act].any()
-    assert gen.logprobs[act].max() < 0 and gen.logprobs.shape == act.shape
+    torch.testing.assert_close(gen.values[act], values[act], rtol=0, atol=1e-5)
+    assert not gen.logprobs[~act].any() and not gen.values[~act].any()
+    assert gen.logprobs[act].max() < 0 and gen.values.shape == act.shape and gen.values[act].abs().max() > 0.1
+
+
+def test_nan_logits_are_an_error_not_a_token():
+    logits = torch.tensor([[0.0, 1.0, float("nan")], [0.0, 1.0, 2.0]])
+    with pytest.raises(ValueError, match="NaN, infinite or all zero"):
+        sample_next_token(logits, SamplingConfig())
+    with pytest.raises(ValueError, match="NaN, infinite or all zero"):
+        sample_from_probs(torch.zeros(1, 4))
 
 
 def test_bad_inputs_are_clear_errors():
