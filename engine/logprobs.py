@@ -60,8 +60,8 @@ def shared_label_logprobs(
     of the same pairs gives, (2B, T'-1) chosen rows then rejected rows, from one forward over its rows.
 
     Token t of ordinary row r sits at position token_positions[r, t] of shared row token_rows[r], and the
-    logits there predict labels[r, t + 1]. The head runs once at each of the K shared positions some label needs;
-    the last prompt position predicts both responses' first tokens, so its logits are read twice (as are
+    logits there predict labels[r, t + 1]. The head runs once at each of the K shared positions some label
+    needs; the last prompt position predicts both responses' first tokens, so its logits are read twice (as are
     the prompt's when the loss is on the prompt). With `return_logits=True`, the (N, V) logits of the N
     masked positions in the ordinary row-major order (rows read twice are copied).
     """

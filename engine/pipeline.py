@@ -13,11 +13,11 @@
 9. report.md and report.html with the table, training curves and samples (engine/report.py).
 
 Every step is an ordinary command, printed as it starts: `python -m engine.train` with a config from
-configs/quickstart/, `python -m engine.generate` or `python -m engine.evaluate`. Steps whose inputs are ready run side by side, `--jobs` at
-a time, each on `--threads` CPU threads (for a model this small one thread per process is fastest). A training
-step is finished when its `final/` directory and `done.json` exist, an evaluation when its JSON exists; a re-run
-skips finished steps, so an interrupted quickstart picks up where it stopped. `--ci` is the test suite's
-shorter variant.
+configs/quickstart/, `python -m engine.generate` or `python -m engine.evaluate`. Steps whose inputs are ready
+run side by side, `--jobs` at a time, each on `--threads` CPU threads (for a model this small one thread per
+process is fastest). A training step is finished when its `final/` directory and `done.json` exist, an
+evaluation when its JSON exists; a re-run skips finished steps, so an interrupted quickstart picks up where it
+stopped. `--ci` is the test suite's shorter variant.
 """
 
 from __future__ import annotations
