@@ -169,11 +169,33 @@ class CheckpointConfig:
     """"none", "latest" (the newest checkpoint in output_dir, or a fresh start if none), or a path."""
 
 
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "all", "none")
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     every_steps: int = 1
-    """Write metrics (TensorBoard, metrics.jsonl, progress bar) every N optimizer steps."""
+    """Write metrics (metrics.jsonl, the trackers, progress bar) every N optimizer steps."""
     progress_bar: bool = True
+    report_to: str | tuple[str, ...] = ("tensorboard",)
+    """Trackers (engine/tracking.py): tensorboard, wandb, mlflow; "all" those installed; "none" only
+    metrics.jsonl. wandb and mlflow need their extra (pip install -e ".[wandb]")."""
+    project: str | None = None
+    """The W&B project and MLflow experiment (WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME win); None: rlhf-engine."""
+    run_name: str | None = None
+    """The tracker run's name (WANDB_NAME wins); None: the output_dir's last part."""
+    tags: tuple[str, ...] = ()
+    """Tags of the tracker run (WANDB_TAGS, MLFLOW_TAGS win)."""
+    entity: str | None = None
+    """The W&B team or user (WANDB_ENTITY wins); None: the account's default."""
+
+    def __post_init__(self):
+        names = (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to)
+        for name in names:
+            _choice("logging.report_to", name, REPORT_TO)
+        if "none" in names and len(names) > 1:
+            raise ConfigError(f"logging.report_to={list(names)} names 'none' with other trackers; give one or the other")
+        object.__setattr__(self, "report_to", names)
 
 
 @dataclass(frozen=True)

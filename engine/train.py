@@ -39,7 +39,7 @@ from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import GradientAccumulationPlugin, parse_flag_from_env, set_seed  # noqa: E402
 
-from engine import signals  # noqa: E402
+from engine import signals, tracking  # noqa: E402
 from engine.checkpoint import resolve_resume  # noqa: E402
 from engine.config import ConfigError, RunConfig, load_config, save_config  # noqa: E402
 from engine.hostmem import keep_freed_memory  # noqa: E402
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> RunResult:
     processes = PartialState(cpu=use_cpu).num_processes
     accumulation = cfg.batch.accumulation_steps(processes)
     check_inputs(cfg, objective)
+    tracking.check(cfg)
 
     # 2. Accelerate: devices, mixed precision, accumulation. One Python process may train several times
     # (the quickstart, tests), so settings left by an earlier run are dropped; the process group stays.
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> RunResult:
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),
         step_scheduler_with_optimizer=False,
+        log_with=tracking.log_with(cfg),
     )
     check_startup(cfg, objective, accelerator)
     # an estimate from the model's config alone, before any weights load
@@ -114,9 +116,21 @@ def main(argv: list[str] | None = None) -> RunResult:
         f" -> {cfg.output_dir}"
     )
 
+    # W&B and MLflow runs (engine/tracking.py), continued from the ids in the checkpoint a resume loads.
+    tracking.start(accelerator, cfg, tracking.saved_run_ids(cfg))
+
     # 3. One loop per family; a signal stops it after a step, with a checkpoint, by raising RunStopped.
-    with signals.graceful_stop():
-        return LOOPS[objective.family](cfg, accelerator, objective, loss_fn)
+    failed = True
+    try:
+        with signals.graceful_stop():
+            result = LOOPS[objective.family](cfg, accelerator, objective, loss_fn)
+        failed = False
+        return result
+    except RunStopped:
+        failed = False  # stopped with a checkpoint: the tracker runs end cleanly, and a resume continues them
+        raise
+    finally:
+        tracking.finish(accelerator, failed=failed)
 
 
 def check_inputs(cfg: RunConfig, objective: Objective) -> None:

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Sampler
 
 from data import length_grouped_batches, sequence_lengths
-from engine import signals
+from engine import signals, tracking
 from engine.checkpoint import clean_partial, load_checkpoint, resolve_resume, save_checkpoint, set_aside_later
 from engine.config import ConfigError, OptimConfig, RunConfig
 from engine.logging import RunLogger
@@ -366,6 +366,7 @@ def after_step(accelerator: Accelerator, cfg: RunConfig, logger: RunLogger, posi
 
     def save() -> Path:
         state = {"step": position.step, "position": asdict(position), **(extra_state or {}),
+                 "trackers": tracking.run_ids(accelerator),  # so a resumed run continues the same tracker runs
                  "data_layout": {"processes": accelerator.num_processes, "micro_batch_size": cfg.batch.micro_batch_size}}
         return save_checkpoint(accelerator, cfg.output_dir, state, keep_last=cfg.checkpoint.keep_last)
 

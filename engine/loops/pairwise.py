@@ -58,8 +58,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
 
     # 4. Resume: weights, optimizer, schedule, RNG states and the data position.
     position = common.resume(accelerator, cfg, [policy])
-    logger = RunLogger(cfg.output_dir, total_steps=total, start_step=position.step,
-                       enabled=accelerator.is_main_process, progress_bar=cfg.logging.progress_bar, desc=objective.name)
+    logger = RunLogger.for_run(cfg, accelerator, total_steps=total, start_step=position.step, desc=objective.name)
 
     def loss_on(batch, split: str, pairs: int | None = None):
         # One forward over the batch; the log-probs' rows [0, B) are the chosen sequences, [B, 2B) the

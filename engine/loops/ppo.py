@@ -99,8 +99,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         position = common.Position(**state["position"])
         kl_ctl.load_state_dict(state["kl_controller"])
         scorer.load_state_dict(state["scorer"])
-    logger = RunLogger(cfg.output_dir, total_steps=iterations, start_step=position.step,
-                       enabled=accelerator.is_main_process, progress_bar=cfg.logging.progress_bar, desc="ppo")
+    logger = RunLogger.for_run(cfg, accelerator, total_steps=iterations, start_step=position.step, desc="ppo")
 
     # Sharded weights are gathered in every forward, so every process decodes until all are done.
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -128,11 +127,12 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         metrics["objective/kl_coef"] = kl_ctl.value
         kl_ctl.update(metrics["objective/kl"], n_steps=ppo.rollout_batch_size)
 
-        # 7. Log (sample generations as text) and checkpoint on their schedules; stop on a signal, or after
+        # 7. Log (sample generations as a table) and checkpoint on their schedules; stop on a signal, or after
         # optim.max_bad_steps iterations in a row whose last update had a non-finite gradient.
         position.step += 1
         if position.step % cfg.logging.every_steps == 0 or position.step == iterations:
-            logger.text("samples", samples_table(batch["prompt"], responses, exp.scores, ppo.log_samples), position.step)
+            rows = [[p, r, float(s)] for p, r, s in list(zip(batch["prompt"], responses, exp.scores))[:ppo.log_samples]]
+            logger.table("samples", ["prompt", "response", "score"], rows, position.step)
         common.after_step(accelerator, cfg, logger, position, iterations, metrics, None,
                           extra_state={"kl_controller": kl_ctl.state_dict(), "scorer": scorer.state_dict()})
 
@@ -390,15 +390,6 @@ def build_scorer(cfg: RunConfig, accelerator: Accelerator) -> Scorer:
     return Scorer(sources, normalize=ppo.normalize_scores, clip=ppo.score_clip,
                   missing_eos_penalty=ppo.missing_eos_penalty,
                   all_gather=lambda t: accelerator.gather(t.to(accelerator.device)).cpu())
-
-
-def samples_table(prompts: list[str], responses: list[str], scores: torch.Tensor, n: int) -> str:
-    """A markdown table of the first `n` generations for TensorBoard's text tab."""
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", "<br>")
-
-    rows = [f"| {cell(p)} | {cell(r)} | {float(s):.3f} |" for p, r, s in list(zip(prompts, responses, scores))[:n]]
-    return "\n".join(["| prompt | response | score |", "| --- | --- | --- |", *rows])
 
 
 def _to_device(model, device):

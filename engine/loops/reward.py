@@ -36,8 +36,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
 
     # 3. Resume: weights, optimizer, schedule, RNG states and the data position.
     position = common.resume(accelerator, cfg, [model])
-    logger = RunLogger(cfg.output_dir, total_steps=total, start_step=position.step,
-                       enabled=accelerator.is_main_process, progress_bar=cfg.logging.progress_bar, desc="reward")
+    logger = RunLogger.for_run(cfg, accelerator, total_steps=total, start_step=position.step, desc="reward")
 
     def scores(batch) -> tuple[torch.Tensor, torch.Tensor]:
         if is_shared(batch):

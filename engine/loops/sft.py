@@ -35,8 +35,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
 
     # 3. Resume: weights, optimizer, schedule, RNG states and the data position.
     position = common.resume(accelerator, cfg, [policy])
-    logger = RunLogger(cfg.output_dir, total_steps=total, start_step=position.step,
-                       enabled=accelerator.is_main_process, progress_bar=cfg.logging.progress_bar, desc="sft")
+    logger = RunLogger.for_run(cfg, accelerator, total_steps=total, start_step=position.step, desc="sft")
 
     def forward(batch):
         # A packed batch has no attention mask: its position ids keep the sequences apart, with no cache.
