@@ -353,7 +353,23 @@ def main(argv: Iterable[str] | None = None) -> dict:
     result = evaluate(cfg, out)
     json.dump(result["metrics"], sys.stdout, indent=2)
     print()
+    if cfg.model is not None:
+        attach_to_training_run(Path(cfg.model).parent, result, out)
     return result
+
+
+def attach_to_training_run(run_dir: Path, result: dict, out: str | None) -> None:
+    """Where the model's training run logged to W&B or MLflow (`<run_dir>/trackers.json`), add the samples as
+    the table `evaluation/samples` and the JSON as an artifact in `evaluation/` of that same run."""
+    from engine import tracking
+
+    with tracking.reopened(run_dir) as trackers:
+        if result["samples"]:
+            columns = list(result["samples"][0])
+            rows = [[sample.get(column) for column in columns] for sample in result["samples"]]
+            tracking.log_table(trackers, "evaluation/samples", columns, rows, step=None)
+        if out is not None:
+            tracking.attach(trackers, [out], "evaluation")
 
 
 if __name__ == "__main__":

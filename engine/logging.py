@@ -105,7 +105,7 @@ class RunLogger:
         if self.accelerator is not None:
             from engine.tracking import log_table
 
-            log_table(self.accelerator, tag, columns, rows, step)
+            log_table(self.accelerator.trackers, tag, columns, rows, step)
 
     def write(self, message: str) -> None:
         """A console line that does not break the progress bar."""

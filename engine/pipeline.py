@@ -80,14 +80,15 @@ def ppo_missing() -> str | None:
     return None
 
 
-def plan(out: Path, seed: int, ci: bool, with_ppo: bool) -> list[Step]:
-    """The steps of the quickstart in dependency order."""
+def plan(out: Path, seed: int, ci: bool, with_ppo: bool, report_to: str | None = None) -> list[Step]:
+    """The steps of the quickstart in dependency order; `report_to` is every training run's logging.report_to."""
     sft_final, reward_final = out / "sft" / "final", out / "reward" / "final"
     steps = []
     for stage, _ in TRAINING:
         if stage == "ppo" and not with_ppo:
             continue
-        overrides = [f"output_dir={out / stage}", f"seed={seed}", "logging.progress_bar=false"]
+        overrides = [f"output_dir={out / stage}", f"seed={seed}", "logging.progress_bar=false",
+                     *([f"logging.report_to={report_to}"] if report_to else [])]
         needs: tuple[str, ...] = ()
         if stage != "sft":
             overrides.append(f"model.name_or_path={sft_final}")
@@ -173,6 +174,8 @@ def main(argv: Iterable[str] | None = None) -> dict:
     parser.add_argument("--ci", action="store_true", help="the CI-sized variant: shorter stages, fewer prompts")
     parser.add_argument("--jobs", type=int, default=2, help="steps run side by side")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of each step")
+    parser.add_argument("--report-to", help="the training runs' logging.report_to, e.g. [tensorboard,wandb]; the "
+                        "report is attached to each of their W&B or MLflow runs")
     args = parser.parse_args(None if argv is None else list(argv))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +187,7 @@ def main(argv: Iterable[str] | None = None) -> dict:
     from engine.tiny import resolve_model_path
 
     missing = ppo_missing()
-    steps = plan(out, args.seed, args.ci, with_ppo=missing is None)
+    steps = plan(out, args.seed, args.ci, with_ppo=missing is None, report_to=args.report_to)
     total = len(steps) + 2
     log(f"[1/{total}] tiny model and tokenizer: {resolve_model_path('tiny')}")
     if missing:
@@ -197,6 +200,11 @@ def main(argv: Iterable[str] | None = None) -> dict:
                if (out / "eval" / f"{m}.json").exists() and m in seconds}
     summary = write_report(out, results, seconds, notes=[f"PPO skipped: {missing}"] if missing else [])
     log(f"[{total}/{total}] report: {out / 'report.md'}, {out / 'report.html'}")
+    from engine import tracking
+
+    for stage in seconds:
+        with tracking.reopened(out / stage) as trackers:
+            tracking.attach(trackers, [out / "report.md", out / "report.html"], "quickstart-report")
     for line in summary["table"]:
         log("    " + line)
     if summary["reward_model_pair_accuracy"] is not None:

@@ -24,9 +24,12 @@ import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from accelerate.tracking import MLflowTracker, WandBTracker
 
 from engine.checkpoint import STATE_FILE, resolve_resume
 from engine.config import ConfigError, RunConfig, to_dict
@@ -104,8 +107,15 @@ def start(accelerator, cfg: RunConfig, saved: dict | None = None) -> None:
         accelerator.trackers.clear()  # what did start ends at exit, through the clients' own atexit hooks
         raise ConfigError(f"logging.report_to={list(log.report_to)}: a tracker could not start "
                           f"({type(error).__name__}: {error})") from error
-    Path(cfg.output_dir, RUNS_FILE).write_text(json.dumps(
-        {"trackers": run_ids(accelerator), "project": project, "tracking_uri": _mlflow_uri()}, indent=2) + "\n")
+    record = {"trackers": run_ids(accelerator), "wandb": {"project": project, **{k: wandb_kwargs.get(k) for k in
+                                                                           ("entity", "dir")}}}
+    for tracker in accelerator.trackers:
+        if tracker.name == "mlflow":
+            import mlflow
+
+            record["mlflow"] = {"tracking_uri": mlflow.get_tracking_uri(),
+                                "experiment": mlflow.get_experiment(tracker.active_run.info.experiment_id).name}
+    Path(cfg.output_dir, RUNS_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _new_params(tracker, values: dict[str, Any]) -> dict[str, Any]:
@@ -146,22 +156,22 @@ def log(accelerator, values: dict[str, float], step: int) -> None:
             tracker.log(values, step=step)
 
 
-def log_table(accelerator, name: str, columns: list[str], rows: list[list], step: int) -> None:
-    """A table of rows at `step`: a W&B Table under `name`; an MLflow artifact `<name>/step_<N>.json` in
-    pandas' "split" layout (`{"columns": [...], "data": [[...], ...]}`, what mlflow.load_table reads)."""
-    for tracker in accelerator.trackers:
+def log_table(trackers, name: str, columns: list[str], rows: list[list], step: int | None) -> None:
+    """A table of rows at `step`: a W&B Table under `name`; an MLflow artifact `<name>/step_<N>.json` (with no
+    step `<name>/<name>.json`) in pandas' "split" layout (`{"columns": [...], "data": [[...], ...]}`)."""
+    for tracker in trackers:
         if tracker.name == "wandb":
             tracker.log_table(name, columns=columns, data=rows, step=step)
         elif tracker.name == "mlflow":
             with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp, f"step_{step}.json")
+                path = Path(tmp, f"step_{step}.json" if step is not None else f"{Path(name).name}.json")
                 path.write_text(json.dumps({"columns": columns, "data": rows}))
                 tracker.log_artifact(str(path), artifact_path=name)
 
 
-def attach(accelerator, paths: Sequence[str | Path], folder: str) -> None:
-    """Files as artifacts of the tracker runs: MLflow under `<folder>/`, W&B as one artifact named `folder`."""
-    for tracker in accelerator.trackers:
+def attach(trackers, paths: Sequence[str | Path], folder: str) -> None:
+    """Files as artifacts of the tracker runs: MLflow under `<folder>/`, W&B as one artifact of type `folder`."""
+    for tracker in trackers:
         if tracker.name == "wandb":
             import wandb
 
@@ -172,6 +182,36 @@ def attach(accelerator, paths: Sequence[str | Path], folder: str) -> None:
         elif tracker.name == "mlflow":
             for path in paths:
                 tracker.log_artifact(str(path), artifact_path=folder)
+
+
+@contextmanager
+def reopened(run_dir: str | Path) -> Iterator[list]:
+    """The tracker runs of the training run in `run_dir` (its trackers.json), continued for more entries (an
+    evaluation of its model, the quickstart report) and ended again; [] when it used none, or when the
+    package of one it used is no longer installed (said in a line)."""
+    path = Path(run_dir, RUNS_FILE)
+    saved = json.loads(path.read_text()) if path.is_file() else {"trackers": {}}
+    trackers = []
+    for name, run_id in saved["trackers"].items():
+        if not installed(name):
+            print(f"{path}: the run also logged to {name}, which is not installed here; not attached there")
+            continue
+        if name == "wandb":
+            options = {k: v for k, v in saved["wandb"].items() if k != "project" and v is not None}
+            trackers.append(WandBTracker(saved["wandb"]["project"], id=run_id, resume="allow", **options))
+        else:
+            if not os.environ.get("MLFLOW_TRACKING_URI"):
+                import mlflow
+
+                mlflow.set_tracking_uri(saved["mlflow"]["tracking_uri"])
+            trackers.append(MLflowTracker(saved["mlflow"]["experiment"], run_id=run_id))
+    for tracker in trackers:
+        tracker.start()
+    try:
+        yield trackers
+    finally:
+        for tracker in trackers:
+            tracker.finish()
 
 
 def finish(accelerator, failed: bool = False) -> None:
@@ -221,11 +261,3 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return commit.stdout.strip() + ("+dirty" if dirty else "")
-
-
-def _mlflow_uri() -> str | None:
-    if importlib.util.find_spec("mlflow") is None:
-        return None
-    import mlflow
-
-    return mlflow.get_tracking_uri()

@@ -233,3 +233,32 @@ def test_report_to_names_are_checked_and_resolved(monkeypatch):
     monkeypatch.setitem(sys.modules, "sqlalchemy", None)
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI is unset.*file:./mlruns"):
         tracking.check(load_config(TINY / "sft.yaml", ["logging.report_to=mlflow"]))
+
+
+def test_an_evaluation_of_a_tracked_run_adds_its_samples_and_json_to_that_run(offline):
+    from engine import evaluate
+
+    out = offline / "run"
+    run("sft.yaml", out, "max_steps=2", BOTH, "logging.project=eval-test")
+    ids = json.loads((out / "trackers.json").read_text())["trackers"]
+    evaluate.main(["--model", str(out / "final"), "--prompts", "synthetic", "--pairs", "none", "--judge", "auto",
+                   "--num-prompts", "4", "--samples", "3", "--max-new-tokens", "4", "--out", str(offline / "eval.json")])
+
+    client = MlflowClient(tracking_uri=(offline / "mlruns").as_uri())
+    (experiment,) = [e for e in client.search_experiments() if e.name == "eval-test"]
+    (found,) = client.search_runs([experiment.experiment_id])
+    assert found.info.run_id == ids["mlflow"]
+    assert [a.path for a in client.list_artifacts(found.info.run_id, "evaluation")] == [
+        "evaluation/eval.json", "evaluation/samples"]
+    local = client.download_artifacts(found.info.run_id, "evaluation/samples/samples.json", str(offline / "dl"))
+    table = json.loads(Path(local).read_text())
+    assert table["columns"][0] == "prompt" and "response" in table["columns"] and len(table["data"]) == 3
+
+    # W&B: a later part of the same run holds the table, and the JSON is in an artifact of type evaluation
+    parts = [(d, wandb_run(d)) for d in sorted((out / "wandb").glob("offline-run-*"))]
+    assert len(parts) == 2 and {part["id"] for _, part in parts} == {ids["wandb"]}
+    later_dir, later = parts[1]
+    (row,) = later["history"].values()
+    assert row["evaluation/samples/_type"] == "table-file" and row["evaluation/samples/nrows"] == 3
+    artifacts = [r.artifact for r in wandb_records(later_dir) if r.WhichOneof("record_type") == "artifact"]
+    assert any(a.type == "evaluation" and any(f.path == "eval.json" for f in a.manifest.contents) for a in artifacts)
