@@ -75,9 +75,9 @@ def check(cfg: RunConfig) -> None:
                               "(file:./mlruns, with MLFLOW_ALLOW_FILE_STORE=true)")
 
 
-def log_with(cfg: RunConfig) -> list[str]:
-    """What `Accelerator(log_with=...)` gets."""
-    return [name for name in resolve(cfg.logging.report_to) if name in EXTERNAL]
+def log_with(cfg: RunConfig) -> list[str] | None:
+    """What `Accelerator(log_with=...)` gets: None rather than an empty list, which Accelerate warns about."""
+    return [name for name in resolve(cfg.logging.report_to) if name in EXTERNAL] or None
 
 
 def start(accelerator, cfg: RunConfig, saved: dict | None = None) -> None:

@@ -81,7 +81,11 @@ def test_dpo_two_processes_match_one_with_a_reference_computed_once(tmp_path):
     # the precomputed reference is the same starting model, read from one cache file per split
     assert values(two, "loss") == pytest.approx(series(single, "loss"), rel=1e-4)
     assert values(two, "eval/loss") == pytest.approx(series(single, "eval/loss"), rel=1e-4)
-    assert values(two, "eval/rewards/accuracies") == pytest.approx(series(single, "eval/rewards/accuracies"), abs=1e-6)
+    # At step 0 the policy is the reference, so every reward is 0 up to the rounding of two forwards of
+    # different batch shapes, and accuracy (strict wins) counts that noise: compare it from the first update.
+    assert values(two, "eval/rewards/margins")[0] == pytest.approx(0.0, abs=1e-5)
+    accuracies = values(two, "eval/rewards/accuracies")
+    assert accuracies[1:] == pytest.approx(series(single, "eval/rewards/accuracies")[1:], abs=1e-6)
     assert len(list(cache.glob("ref-logps-*.safetensors"))) == 2  # train and eval, written by one process
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step_3").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
