@@ -31,7 +31,8 @@ def cache_root() -> Path:
 
 
 def build_tiny_model(
-    out_dir: str | os.PathLike, *, kind: str = "causal", seed: int = 0, config_path: str | os.PathLike | None = None
+    out_dir: str | os.PathLike, *, kind: str = "causal", seed: int = 0, config_path: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32, device: str = "cpu",
 ) -> Path:
     """Build the tiny model and its tokenizer into `out_dir` with `save_pretrained` (safetensors).
 
@@ -39,7 +40,8 @@ def build_tiny_model(
     `AutoModelForSequenceClassification.from_pretrained(out_dir)` a `kind="reward"` one (one output, pad_token_id
     set). The build is written into a temporary directory beside `out_dir` and moved into place with one
     `os.replace`, so a reader never sees half a model; if another process finished the same build first, its
-    copy is kept and this one discarded.
+    copy is kept and this one discarded. `dtype` and `device` are where the random weights are drawn and how
+    they are saved: a model of billions of parameters (benchmarks/gpu_check.py) is drawn on the GPU in bf16.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -68,9 +70,9 @@ def build_tiny_model(
         num_labels=1,
     )
     auto_cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        model = auto_cls.from_config(config, dtype=torch.float32)
+        model = auto_cls.from_config(config, dtype=dtype)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
