@@ -13,7 +13,7 @@ PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 STAMP       := $(VENV)/.installed
 
-.PHONY: setup test lint quickstart clean
+.PHONY: setup test lint quickstart clean gpu-wheels
 
 setup: $(STAMP)
 
@@ -46,6 +46,20 @@ lint: setup
 
 quickstart: setup
 	$(PY) -m engine.pipeline
+
+# The wheels benchmarks/gpu_check.py installs on a GPU machine that reaches no registry (it has torch,
+# transformers, peft and accelerate, Python 3.12): bitsandbytes, datasets with the two needs the image lacks,
+# and trl. About 50 MB into $(GPU_WHEELS) (ignored by git), for the device call to carry.
+GPU_WHEELS      ?= .whl
+GPU_PYTHON      ?= 3.12
+GPU_WHEEL_SPECS ?= bitsandbytes==0.50.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 trl==1.16.0
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+	  -d $(GPU_WHEELS) $(GPU_WHEEL_SPECS)
+	@ls -s $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .cache runs *.egg-info

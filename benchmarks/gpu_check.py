@@ -258,6 +258,9 @@ def measure(run: Run, sizes: Sizes, cache: Path, peak_flops: float | None) -> di
         patch(mock.patch.object(train, "bind_objective", recorded_objective))
         result = train.main(engine_argv(run, sizes, model, cache, out))
     wall = time.perf_counter() - start
+    from accelerate import PartialState
+
+    distributed = str(PartialState().distributed_type).rsplit(".", 1)[-1]  # FSDP, DEEPSPEED, NO, ...
 
     _, _, key, direction = FAMILIES[run.objective]
     losses = [row[key] for row in result.history if key in row]
@@ -268,7 +271,8 @@ def measure(run: Run, sizes: Sizes, cache: Path, peak_flops: float | None) -> di
     summary = clock.summary(peak_flops or (H200_BF16_PEAK if cuda else matmul_peak_flops(repeats=1)))
     first_step = result.history[0] if result.history else {}
     return {
-        "name": run.name, "group": run.group, "wall_s": wall, "metric": key, "losses": losses,
+        "name": run.name, "group": run.group, "wall_s": wall, "distributed_type": distributed, "metric": key,
+        "losses": losses,
         "finite": bool(losses) and all(math.isfinite(v) for v in losses),
         "moved": (bool(losses) and direction * sum(losses) > 0) if run.objective == "ppo" else
                  (len(losses) > 1 and direction * (losses[-1] - losses[0]) > 0),
@@ -299,7 +303,13 @@ def install_wheels(folder: Path | None, site: Path) -> dict:
     sys.path.insert(0, str(site))
     os.environ["PYTHONPATH"] = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
     importlib.invalidate_caches()
-    return {"installed": [w.name for w in wheels], "missing": [n for n in missing if importlib.util.find_spec(n) is None]}
+    broken = {}
+    for name in missing:  # installed without their needs: an import that fails names what the image lacks
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # noqa: BLE001 - recorded in the results, the runs that need it are skipped
+            broken[name] = f"{type(error).__name__}: {error}"
+    return {"installed": [w.name for w in wheels], "missing": sorted(broken), "import_errors": broken}
 
 
 def skip_reason(run: Run, cuda: bool) -> str | None:
@@ -307,11 +317,11 @@ def skip_reason(run: Run, cuda: bool) -> str | None:
         return "measured on CUDA only: on CPU the timings say nothing about the GPU's choice"
     if run.launcher and "zero3" in run.launcher and importlib.util.find_spec("deepspeed") is None:
         return "deepspeed is not installed"
-    if run.launcher and not cuda:
-        return "a sharded launch needs a GPU (the accelerate configs set use_cpu: false)"
     if any(o.startswith("model.quant") for o in run.overrides) or run.config:
         if importlib.util.find_spec("bitsandbytes") is None:
             return "bitsandbytes is not installed (pass --wheels with its wheel)"
+    if importlib.util.find_spec("datasets") is None:
+        return "datasets is not installed (pass --wheels with its wheel)"
     return None
 
 
@@ -464,7 +474,8 @@ def markdown(payload: dict) -> str:
     for group in ("1b", "8b", "sharded"):
         rows = [r for r in payload["runs"] if r["group"] == group and "error" not in r]
         if rows:
-            lines += [f"**{group}**", "", table(rows, columns), ""]
+            extra = [("launched as", "distributed_type", "")] if group == "sharded" else []
+            lines += [f"**{group}**", "", table(rows, columns + extra), ""]
     if payload["techniques"]:
         lines += ["**does it pay** (tokens/s with / without; peak memory with / without)", "",
                   table(payload["techniques"], [("technique", "technique", ""), ("objective", "objective", ""),
