@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -44,7 +45,7 @@ class RunLogger:
                 self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
             kept = []
             if start_step and self.jsonl.exists():
-                kept = [line for line in self.jsonl.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+                kept = [line for line in _whole_lines(self.jsonl) if json.loads(line)["step"] <= start_step]
             self.jsonl.write_text("".join(line + "\n" for line in kept))
         self.bar = tqdm(
             total=total_steps,
@@ -116,6 +117,19 @@ class RunLogger:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _whole_lines(path: Path) -> list[str]:
+    """The lines of metrics.jsonl; a last one torn by a kill mid-write is dropped, with a warning."""
+    lines = path.read_text(errors="replace").splitlines()
+    if lines:
+        try:
+            json.loads(lines[-1])["step"]
+        except (ValueError, KeyError, TypeError):
+            warnings.warn(f"{path}: dropped its last line, torn by an interrupted write: {lines[-1][:80]!r}",
+                          stacklevel=3)
+            lines.pop()
+    return lines
 
 
 def _short(value: float) -> str:

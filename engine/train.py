@@ -40,7 +40,7 @@ from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import GradientAccumulationPlugin, parse_flag_from_env, set_seed  # noqa: E402
 
 from engine import signals, tracking  # noqa: E402
-from engine.checkpoint import resolve_resume  # noqa: E402
+from engine.checkpoint import clean_partial, resolve_resume  # noqa: E402
 from engine.config import ConfigError, RunConfig, load_config, save_config  # noqa: E402
 from engine.hostmem import keep_freed_memory  # noqa: E402
 from engine.loops import pairwise, reward, sft  # noqa: E402
@@ -165,8 +165,12 @@ def check_inputs(cfg: RunConfig, objective: Objective) -> None:
         raise ConfigError(f"output_dir={cfg.output_dir!r} cannot be written ({error.strerror or error}); "
                           "choose another output_dir") from error
 
+    # The engine's own leftovers go before the disk check counts the free space they hold.
+    if PartialState().is_main_process:
+        clean_partial(cfg.output_dir)
+    PartialState().wait_for_everyone()
     try:
-        resolve_resume(cfg.output_dir, cfg.checkpoint.resume_from)
+        resolve_resume(cfg.output_dir, cfg.checkpoint.resume_from)  # an explicit path must verify
     except FileNotFoundError as error:
         raise ConfigError(str(error)) from error
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,17 @@ from torch.utils.data import DataLoader, Sampler
 
 from data import length_grouped_batches, sequence_lengths
 from engine import signals, tracking
-from engine.checkpoint import clean_partial, load_checkpoint, resolve_resume, save_checkpoint, set_aside_later
+from engine.checkpoint import (
+    FINAL_TMP,
+    clean_partial,
+    disk_full_error,
+    is_disk_full,
+    load_checkpoint,
+    publish,
+    resolve_resume,
+    save_checkpoint,
+    set_aside_later,
+)
 from engine.config import ConfigError, OptimConfig, RunConfig
 from engine.logging import RunLogger
 from engine.validate import check_gradient_flow, sharding_mode
@@ -313,11 +324,15 @@ class MeanMetrics:
 
 def load_resume(accelerator: Accelerator, cfg: RunConfig, models: list) -> tuple[Path, dict] | None:
     """Load `checkpoint.resume_from` (models, optimizer, scheduler, RNG states); its path and saved state, or
-    None for a fresh start. Checkpoints of output_dir past the loaded step belong to the abandoned run: they
-    are renamed aside (`checkpoint.set_aside_later`), with a line naming them."""
+    None for a fresh start. `latest` skips the newer checkpoints that fail verification, with a line each.
+    Checkpoints of output_dir past the loaded step belong to the abandoned run: they are renamed aside
+    (`checkpoint.set_aside_later`), with a line naming them."""
     if accelerator.is_main_process:
         clean_partial(cfg.output_dir)
-    path = resolve_resume(cfg.output_dir, cfg.checkpoint.resume_from)
+    path, skipped = resolve_resume(cfg.output_dir, cfg.checkpoint.resume_from)
+    for bad, problem in skipped:
+        accelerator.print(f"checkpoint {bad} skipped, it fails verification: {problem}; "
+                          f"{'resuming from ' + str(path) if path else 'none left, starting fresh'}")
     if path is None:
         return None
     state = load_checkpoint(accelerator, path, models)
@@ -419,20 +434,33 @@ def shards_weights(accelerator: Accelerator) -> bool:
 
 
 def save_final(accelerator: Accelerator, cfg: RunConfig, model, tokenizer, logger: RunLogger, total: int,
-               state_dict: dict | None = None) -> RunResult:
+               state_dict: dict | None = None, also=None) -> RunResult:
     """`<output_dir>/final/`: the model (or adapter, or merged model) and tokenizer, from the main process.
 
     With sharded weights the full state dict is gathered first, on every process (a collective), unless the
-    caller passes it as `state_dict`; the main process writes it once."""
+    caller passes it as `state_dict`; the main process writes it once, with `also(directory)` if given (more
+    parts beside it), into `.tmp_final` renamed into place: a run killed mid-export leaves no `final/`
+    that looks like a model, and a full disk leaves nothing half written."""
     from engine import models
 
     final_dir = Path(cfg.output_dir) / "final"
+    tmp = final_dir.with_name(FINAL_TMP)
     accelerator.wait_for_everyone()
     if state_dict is None and shards_weights(accelerator):
         state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        models.save_final(accelerator.unwrap_model(model), tokenizer, final_dir, merge=cfg.export.merge,
-                          state_dict=state_dict)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            models.save_final(accelerator.unwrap_model(model), tokenizer, tmp, merge=cfg.export.merge,
+                              state_dict=state_dict)
+            if also is not None:
+                also(tmp)
+        except Exception as error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(error):
+                raise disk_full_error("final/", final_dir.parent) from None
+            raise
+        publish(tmp, final_dir)
     accelerator.wait_for_everyone()
     logger.close()
     return RunResult(Path(cfg.output_dir), final_dir, total, logger.history)

@@ -260,14 +260,14 @@ def save_final(accelerator: Accelerator, cfg: RunConfig, actor_critic, tokenizer
         parts = {name: {key.removeprefix(f"{name}."): value for key, value in full.items()
                         if key.startswith(f"{name}.")} for name in parts}
     unwrapped = accelerator.unwrap_model(actor_critic)
-    result = common.save_final(accelerator, cfg, unwrapped.policy, tokenizer, logger, iterations,
-                               state_dict=parts["policy"])
-    if accelerator.is_main_process:
-        save_value_head(unwrapped.value_head, result.final_dir, state_dict=parts["value_head"])
+
+    def value_parts(directory: Path) -> None:  # into final/ before it is renamed into place
+        save_value_head(unwrapped.value_head, directory, state_dict=parts["value_head"])
         if unwrapped.critic is not None:
-            unwrapped.critic.save_pretrained(result.final_dir / CRITIC_DIR, state_dict=parts["critic"])
-    accelerator.wait_for_everyone()
-    return result
+            unwrapped.critic.save_pretrained(directory / CRITIC_DIR, state_dict=parts["critic"])
+
+    return common.save_final(accelerator, cfg, unwrapped.policy, tokenizer, logger, iterations,
+                             state_dict=parts["policy"], also=value_parts)
 
 
 def use_sampling_logprobs(cfg: RunConfig, policy) -> bool:

@@ -30,9 +30,11 @@ def test_only_the_last_k_complete_checkpoints_are_kept_and_found(tmp_path):
     # An interrupted save: a temporary directory, and a step directory without its state file.
     (tmp_path / "checkpoints" / ".tmp_step_8").mkdir()
     (tmp_path / "checkpoints" / "step_10").mkdir()
-    assert resolve_resume(tmp_path, "latest").name == "step_6"
-    assert resolve_resume(tmp_path, "none") is None
-    assert resolve_resume(tmp_path / "fresh", "latest") is None
+    latest, skipped = resolve_resume(tmp_path, "latest")
+    assert latest.name == "step_6" and [(p.name, "trainer_state.json is missing" in why) for p, why in skipped] == [
+        ("step_10", True)]
+    assert resolve_resume(tmp_path, "none") == (None, [])
+    assert resolve_resume(tmp_path / "fresh", "latest") == (None, [])
     with pytest.raises(FileNotFoundError, match="step_10"):
         resolve_resume(tmp_path, str(tmp_path / "checkpoints" / "step_10"))
 
@@ -108,7 +110,7 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path,
     assert all(name in printed for name in aside)
     # the resumed run saves its own step 4 and keeps it; `latest` finds it, not the abandoned step 6
     save_checkpoint(accelerator, tmp_path, {"step": 4, "position": {"step": 4}}, keep_last=2)
-    assert resolve_resume(tmp_path, "latest").name == "step_4"
+    assert resolve_resume(tmp_path, "latest")[0].name == "step_4"
     assert sorted(p.name for p in root.iterdir() if ".abandoned-" in p.name) == aside
 
     # resuming from the newest checkpoint moves nothing
