@@ -168,17 +168,44 @@ def checkpoint_bytes(cfg: RunConfig, model_config) -> tuple[int, int]:
     return trainable * (weight + OPTIMIZER_STATE_BYTES[cfg.optim.optimizer]), trainable
 
 
+def final_bytes(cfg: RunConfig, model_config) -> int:
+    """Bytes of `final/`: the adapter (float32), or the whole model in its dtype (full fine-tuning or merged)."""
+    from engine.memory import DTYPE_BYTES, model_shape
+
+    lora = cfg.model.lora
+    shape = model_shape(model_config, lora.r if lora.enabled else 0, lora.target_modules)
+    if lora.enabled and not cfg.export.merge:
+        return shape.lora_params * 4
+    return shape.params * DTYPE_BYTES[cfg.model.dtype]
+
+
 def check_disk(cfg: RunConfig, model_config) -> None:
-    """Room under output_dir for a checkpoint (a stop on a signal writes one even when checkpoint.every_steps
-    is 0), so a run does not fail hours in, at its first save."""
-    need, trainable = checkpoint_bytes(cfg, model_config)
+    """Room under output_dir for what the run will add to it, so that it does not fail hours in: during a save
+    `checkpoint.keep_last` checkpoints plus the one being written (one only when checkpoint.every_steps is 0:
+    a stop on a signal writes it), and at the end the kept ones plus `final/`. Checkpoints already in
+    output_dir (a resumed run) hold their space already."""
+    from engine.checkpoint import list_checkpoints
+
+    one, trainable = checkpoint_bytes(cfg, model_config)
+    final = final_bytes(cfg, model_config)
+    keep = cfg.checkpoint.keep_last
+    if not cfg.checkpoint.every_steps:
+        kept = 0
+    elif keep:
+        kept = keep
+    else:  # 0 keeps every checkpoint
+        kept = cfg.max_steps // cfg.checkpoint.every_steps if cfg.max_steps else 1
+    present = min(len(list_checkpoints(cfg.output_dir)), kept)
+    need = (kept - present) * one + max(one, final)
     free = shutil.disk_usage(Path(cfg.output_dir)).free
     if free < need:
         gib = 1024**3
         raise ConfigError(
-            f"output_dir={cfg.output_dir!r} has {free / gib:.2f} GiB free, less than one checkpoint needs "
-            f"(~{need / gib:.2f} GiB: {trainable:,} trainable parameters x weight and "
-            f"{cfg.optim.optimizer} state). Free some space or choose another output_dir; LoRA "
+            f"output_dir={cfg.output_dir!r} has {free / gib:.2f} GiB free, less than the run will write "
+            f"(~{need / gib:.2f} GiB: {kept} kept checkpoint(s) (checkpoint.keep_last={keep}) of which {present} "
+            f"exist, plus one being saved or final/ (~{max(one, final) / gib:.2f} GiB); one checkpoint is "
+            f"~{one / gib:.2f} GiB: {trainable:,} trainable parameters x weight and {cfg.optim.optimizer} state). "
+            "Free some space, choose another output_dir, or lower checkpoint.keep_last; LoRA "
             "(model.lora.enabled=true) or optim.optimizer=adamw_8bit make checkpoints smaller")
 
 

@@ -153,5 +153,43 @@ def test_too_little_disk_for_a_checkpoint_is_refused_and_the_estimate_matches_a_
 
     real_usage = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=need - 1))
-    with pytest.raises(ConfigError, match=r"has 0.0\d GiB free, less than one checkpoint needs.*adamw_8bit"):
+    with pytest.raises(ConfigError, match=r"has 0.0\d GiB free, less than the run will write.*adamw_8bit"):
         run("sft.yaml", tmp_path / "full")
+
+
+def test_the_disk_check_budgets_the_kept_checkpoints_plus_the_one_being_saved_and_final(tmp_path, monkeypatch):
+    """keep_last=2 with checkpoints every 2 steps: during a save 2 kept + 1 being written exist; at the end
+    2 kept + final/ (weights alone, smaller). Room for two checkpoints is not enough; for three it is, and a
+    resumed run whose 2 checkpoints are already on disk needs room for one."""
+    settings = ["checkpoint.every_steps=2", "checkpoint.keep_last=2"]
+    cfg = load_config(TINY / "sft.yaml", [f"output_dir={tmp_path}", *settings])
+    model_config = load_model_config("tiny")
+    one, _ = validate.checkpoint_bytes(cfg, model_config)
+    assert validate.final_bytes(cfg, model_config) < one
+    free = {"bytes": 3 * one - 1}
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=free["bytes"]))
+    with pytest.raises(ConfigError, match=r"2 kept checkpoint\(s\) \(checkpoint.keep_last=2\) of which 0 exist"):
+        validate.check_disk(cfg, model_config)
+    free["bytes"] = 3 * one
+    validate.check_disk(cfg, model_config)
+
+    for step in (2, 4):
+        (tmp_path / "checkpoints" / f"step_{step}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step_{step}" / "trainer_state.json").write_text("{}")
+    free["bytes"] = one
+    validate.check_disk(cfg, model_config)
+
+
+def test_the_engines_own_leftovers_are_deleted_before_the_disk_check(tmp_path, monkeypatch, no_model_load):
+    """A save that died of a full disk (or a kill) leaves `.tmp_step_N`; its space must count as free, or
+    the same command is refused for ever."""
+    leftover = tmp_path / "checkpoints" / ".tmp_step_4"
+    leftover.mkdir(parents=True)
+    (leftover / "optimizer.bin").write_bytes(b"x" * 1000)
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(
+        free=1000 if leftover.exists() else 1 << 40))
+    with pytest.raises(AssertionError, match="a model was loaded"):  # past every start-up check
+        run("sft.yaml", tmp_path, "checkpoint.resume_from=latest")
+    assert not leftover.exists()
