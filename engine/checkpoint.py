@@ -117,6 +117,12 @@ def _verify(path: Path) -> str | None:
     if not (path / MANIFEST).is_file():
         if not (path / STATE_FILE).is_file():
             return f"{path / STATE_FILE} is missing"
+        try:
+            written_with_one = json.loads((path / STATE_FILE).read_text()).get(MANIFEST, False)
+        except (ValueError, UnicodeDecodeError) as error:
+            return f"{path / STATE_FILE} is unreadable ({error})"
+        if written_with_one:
+            return f"{path / MANIFEST} is missing"
         warnings.warn(f"{path} has no {MANIFEST} (saved before checkpoints carried one): loaded unverified",
                       stacklevel=3)
         return None
@@ -202,7 +208,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: dic
         full = True
     if accelerator.is_main_process and not full:
         try:
-            state = {**state, "trainable_only": any(tmp.glob(".trainable_only_*"))}
+            state = {**state, "trainable_only": any(tmp.glob(".trainable_only_*")), MANIFEST: True}
             _fsync_tree(tmp)
             _write_synced(tmp / STATE_FILE, json.dumps(state, indent=2))
             _write_manifest(tmp)  # last: a checkpoint with a manifest was written whole
