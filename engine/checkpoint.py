@@ -218,7 +218,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: dic
                 raise
             full = True
     # every process learns of a failure on any (a plain barrier here would leave the others waiting)
-    if _any_process(accelerator, full):
+    if any_process(accelerator, full):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -239,7 +239,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: dic
     return final
 
 
-def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` is true on any process (a collective: every process must call it)."""
     if accelerator.num_processes == 1:
         return flag
     return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "max").item() > 0
@@ -277,7 +278,8 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, models: list) ->
                                  f"e.g. {sorted(missing)[:3]}; was it saved with another model or LoRA config?")
     rng = path / f"random_states_{accelerator.process_index}.pkl"
     try:  # Accelerate logs an unreadable RNG state at info level and goes on; the run would then differ unseen
-        torch.load(rng, weights_only=False)
+        if rng.exists():  # absent where fewer processes saved the checkpoint
+            torch.load(rng, weights_only=False)
     except Exception as error:
         warnings.warn(f"{rng} cannot be read ({type(error).__name__}: {error}): the resumed run draws other random "
                       "numbers (dropout, shuffles, sampling) and will not repeat the interrupted run exactly",

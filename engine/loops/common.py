@@ -21,6 +21,7 @@ from data import length_grouped_batches, sequence_lengths
 from engine import signals, tracking
 from engine.checkpoint import (
     FINAL_TMP,
+    any_process,
     clean_partial,
     disk_full_error,
     is_disk_full,
@@ -448,6 +449,7 @@ def save_final(accelerator: Accelerator, cfg: RunConfig, model, tokenizer, logge
     accelerator.wait_for_everyone()
     if state_dict is None and shards_weights(accelerator):
         state_dict = accelerator.get_state_dict(model)
+    full = False
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -455,12 +457,14 @@ def save_final(accelerator: Accelerator, cfg: RunConfig, model, tokenizer, logge
                               state_dict=state_dict)
             if also is not None:
                 also(tmp)
+            publish(tmp, final_dir)
         except Exception as error:
             shutil.rmtree(tmp, ignore_errors=True)
-            if is_disk_full(error):
-                raise disk_full_error("final/", final_dir.parent) from None
-            raise
-        publish(tmp, final_dir)
+            if not is_disk_full(error):
+                raise
+            full = True
+    if any_process(accelerator, full):  # the other processes wait here rather than in a barrier for ever
+        raise disk_full_error("final/", final_dir.parent)
     accelerator.wait_for_everyone()
     logger.close()
     return RunResult(Path(cfg.output_dir), final_dir, total, logger.history)
