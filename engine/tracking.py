@@ -131,7 +131,7 @@ def _new_params(tracker, values: dict[str, Any]) -> dict[str, Any]:
 
 def saved_run_ids(cfg: RunConfig) -> dict[str, str]:
     """The tracker run ids in the checkpoint that `checkpoint.resume_from` will load ({} for a fresh start)."""
-    path = resolve_resume(cfg.output_dir, cfg.checkpoint.resume_from)
+    path, _ = resolve_resume(cfg.output_dir, cfg.checkpoint.resume_from)
     return json.loads((path / STATE_FILE).read_text()).get("trackers", {}) if path is not None else {}
 
 
