@@ -211,3 +211,21 @@ def test_an_encoder_reward_model_is_estimated_from_its_own_config(tmp_path):
     ppo = estimate_memory(load_config(TINY / "ppo.yaml", ["model.name_or_path=tiny", "ppo.rewards=[]",
                                                          f"reward_model.name_or_path={path}"]), "ppo")
     assert ppo.parts["reward models"] == 4 * shape.params
+    reward = estimate_memory(load_config(TINY / "reward.yaml", [f"model.name_or_path={path}"]), "reward")
+    assert reward.parts["weights"] == 4 * shape.params
+
+
+def test_start_up_checks_run_on_an_encoder_reward_model(tmp_path, monkeypatch, recwarn):
+    """Reward training of a DeBERTa: the memory, position and disk checks run (they skipped with a warning)."""
+    from engine import models
+    from tests.engine import archs
+    from tests.engine.runs import run
+
+    def loaded(*args, **kwargs):
+        raise RuntimeError("start-up checks passed")
+
+    monkeypatch.setattr(models, "load_reward_model", loaded)
+    path = archs.build("deberta", tmp_path / "deberta")
+    with pytest.raises(RuntimeError, match="start-up checks passed"):
+        run("reward.yaml", tmp_path / "run", f"model.name_or_path={path}", "model.attn_implementation=eager")
+    assert not [w for w in recwarn if "skipped" in str(w.message)], [str(w.message) for w in recwarn]
