@@ -7,8 +7,9 @@ Checked elsewhere, and not repeated here: batch sizes that do not divide (BatchC
 ppo.check_sizes), an output directory that cannot be written and paths that do not exist
 (train.check_inputs). Two data-layer checks run here early, where they would otherwise wait for the
 model: pad == EOS where a reward is read (data.check_tokenizer), no pad token at all there
-(check_pad_tokens) and a template that writes BOS twice (data's Formatter). LoRA with gradient checkpointing but no input gradients is checked on the loaded
-model, by `check_gradient_flow` (common.build_optimizer).
+(check_pad_tokens) and a template that writes BOS twice (data's Formatter). LoRA with gradient
+checkpointing but no input gradients is checked on the loaded model, by `check_gradient_flow`
+(common.build_optimizer).
 """
 
 from __future__ import annotations
