@@ -12,7 +12,7 @@ when the tokenizer would add it itself and the template has not written it alrea
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from data.config import DataConfig
@@ -278,6 +278,13 @@ class Tokenise:
         )
         return out
 
+    def scored_ids(self, prompt: str, response: str) -> list[int]:
+        """The ids the reward loop trains a reward model on for (prompt, response): a preference row's
+        side, so a reward model scores a rollout exactly as it read its training pairs."""
+        row = self.preference({"prompt_messages": [{"role": "user", "content": prompt}],
+                               "chosen": response, "rejected": response})
+        return row["chosen_input_ids"]
+
     def prompt(self, row: dict[str, Any]) -> dict[str, Any]:
         full_prompt = self.fmt.prompt_ids(row["prompt_messages"])
         prompt_ids, prompt_cut = self.fmt.cut_prompt(full_prompt)
@@ -289,3 +296,8 @@ class Tokenise:
             "_response_truncated": False,
             "_drop": "",
         }
+
+
+def reward_pair_encoder(cfg: DataConfig, tokenizer) -> Callable[[str, str], list[int]]:
+    """(prompt, response) -> the ids the reward loop would train on for that pair under `cfg`."""
+    return Tokenise("preference", Formatter(cfg, tokenizer)).scored_ids

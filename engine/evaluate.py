@@ -34,6 +34,7 @@ import torch
 
 from data.config import DataConfig
 from data.formats import canonical, detect_format
+from data.tokenize import reward_pair_encoder
 from engine.generate import PromptEncoder, load_model, load_tokenizer, read_prompts
 from losses import token_logprobs
 from rollout.experience import response_logprobs
@@ -177,8 +178,11 @@ class Evaluator:
             # a chat template that writes BOS itself must not get a second one from the tokenizer
             bos_in_text = bool(tokenizer.bos_token) and fmt("", "").startswith(tokenizer.bos_token)
             model = load_model(cfg.reward_model, kind="reward").to(self.device)
+            encode = reward_pair_encoder(DataConfig(template="plain" if cfg.template == "plain" else None,
+                                                    prompt_format=cfg.prompt_format, max_length=1024,
+                                                    max_prompt_length=None), tokenizer)
             self.reward = RewardModel("reward_model", model, tokenizer, fmt, micro_batch_size=cfg.batch_size,
-                                      add_special_tokens=not bos_in_text)
+                                      add_special_tokens=not bos_in_text, encode=encode)
         if self.policy is not None:
             self.encoder = PromptEncoder(self.tokenizer, cfg.template, cfg.prompt_format, cfg.max_prompt_length)
             self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,

@@ -4,13 +4,14 @@
     print(estimate.format())           # the parts, in GiB
     check_memory(cfg, objective, device)   # stops with the parts and what would make them fit
 
-The model is built on the `meta` device from its `AutoConfig`, so parameter counts are exact for any
-architecture; bytes per parameter then follow the run config:
+The model is built on the `meta` device from its `AutoConfig` (as a causal LM, or as a sequence classifier
+when the architecture has no causal LM, e.g. a DeBERTa reward model), and LoRA is applied to it by peft, so
+parameter counts are exact for any architecture; bytes per parameter then follow the run config:
 
 | part         | bytes                                                                                  |
 | ------------ | -------------------------------------------------------------------------------------- |
-| weights      | params x dtype; 4-bit: 4 bits (+0.127 double-quantised, +0.5 not) per linear weight in the blocks, 8-bit: 1 byte; a QLoRA policy's other weights (embeddings, head, norms) in fp32, as peft's prepare_model_for_kbit_training casts them |
-| adapters     | LoRA r x (in + out) per adapted linear layer, fp32 (peft's autocast_adapter_dtype)     |
+| weights      | params x dtype; 4-bit: 4 bits (+0.127 double-quantised, +0.5 not) per Linear or Conv1D weight but the head, 8-bit: 1 byte; a QLoRA policy's other weights (embeddings, head, norms) in fp32, as peft's prepare_model_for_kbit_training casts them |
+| adapters     | the trainable parameters peft adds to the meta-device model (r x (in + out) per adapted Linear or Conv1D), fp32 (peft's autocast_adapter_dtype) |
 | gradients    | one per trainable parameter, in its dtype                                              |
 | optimizer    | AdamW: 2 states in the parameter's dtype (8 bytes for fp32); 8-bit and paged: 2 bytes   |
 | activations  | per token and layer, compute-dtype bytes x (5h + 2 kv + 4 I) + fp32 x 2h (the block's saved tensors with SDPA, which stores no T x T scores); with checkpointing only the layer inputs (h per token and layer) plus one layer recomputed; plus the logits and their gradient (rows x T x V) |
@@ -103,35 +104,50 @@ def _model_shape(config_json: str, lora_r: int, lora_targets) -> ModelShape:
     import json
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.pytorch_utils import Conv1D
 
     raw = json.loads(config_json)
     config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    encoder = type(config) not in AutoModelForCausalLM._model_mapping
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        if encoder:  # an encoder reward model (DeBERTa, BERT): built as the classifier it is loaded as
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
     head = model.get_output_embeddings()
     params = sum(p.numel() for p in model.parameters())
     tied = head is not None and head.weight is model.get_input_embeddings().weight
-    linear, lora = 0, 0
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or module is head:
-            continue
-        linear += module.weight.numel()
-        if lora_r and (lora_targets == "all-linear" or name.rsplit(".", 1)[-1] in lora_targets):
-            lora += lora_r * (module.in_features + module.out_features)
+    # bitsandbytes quantises nn.Linear and transformers' Conv1D (GPT-2), all but the output head
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear | Conv1D) and m is not head)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return ModelShape(
         params=params,
         block_linear_params=linear,
         head_params=0 if head is None or tied else head.weight.numel(),
-        lora_params=lora,
+        lora_params=_lora_params(model, lora_r, lora_targets, "SEQ_CLS" if encoder else "CAUSAL_LM"),
         hidden=config.hidden_size,
         intermediate=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
         layers=config.num_hidden_layers,
         kv_dim=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
-        vocab=config.vocab_size,
+        vocab=1 if encoder else config.vocab_size,  # a classifier's logits are one score, not V
     )
+
+
+def _lora_params(model, r: int, targets, task_type: str) -> int:
+    """The trainable parameters peft gives `model` (on the meta device): its own matching of the targets
+    (Conv1D, fused query_key_value, all-linear without the head), so the count is what will train."""
+    if not r:
+        return 0
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    with torch.device("meta"):
+        adapted = get_peft_model(model, LoraConfig(r=r, target_modules=targets if isinstance(targets, str)
+                                                   else list(targets), task_type=task_type))
+    return sum(p.numel() for p in adapted.parameters() if p.requires_grad)
 
 
 # ---- the estimate ---------------------------------------------------------------------------------

@@ -53,7 +53,9 @@ def torch_dtype(name: str, *, key: str = "model.dtype") -> torch.dtype:
 
 
 def load_tokenizer(model_cfg: ModelConfig):
-    """The model's tokenizer with a pad token; a tokenizer without one pads with its EOS token."""
+    """The model's tokenizer with a pad token; a tokenizer without one pads with its EOS token (not saved
+    with the model: see save_final). The families that read a reward refuse that at start-up
+    (validate.check_pad_tokens)."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(model_cfg.name_or_path)
@@ -66,6 +68,9 @@ def load_tokenizer(model_cfg: ModelConfig):
             )
         logger.warning("tokenizer has no pad token; padding with its EOS token %r", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
+        # borrowed for batching only: save_final writes the tokenizer without it, so a later stage that
+        # needs a pad of its own (reward, PPO) is told so instead of finding pad == EOS
+        tokenizer.pad_from_eos = True
     return tokenizer
 
 
@@ -274,7 +279,14 @@ def save_final(model, tokenizer, out_dir, *, merge: bool = False, state_dict: di
         model = _quantised_base_merged(model) if is_quantised(model) else model.merge_and_unload()
         model.config.use_cache = True  # switched off for gradient checkpointing; generation wants it back
     model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(out_dir)
+    if getattr(tokenizer, "pad_from_eos", False):  # load_tokenizer's borrowed pad is not the model's own
+        tokenizer.pad_token = None
+        try:
+            tokenizer.save_pretrained(out_dir)
+        finally:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        tokenizer.save_pretrained(out_dir)
     return out_dir
 
 

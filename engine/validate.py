@@ -6,9 +6,10 @@ weights), the distributed setup and the disk. Each fails before any weights load
 Checked elsewhere, and not repeated here: batch sizes that do not divide (BatchConfig.accumulation_steps,
 ppo.check_sizes), an output directory that cannot be written and paths that do not exist
 (train.check_inputs). Two data-layer checks run here early, where they would otherwise wait for the
-model: pad == EOS where a reward is read (data.check_tokenizer) and a template that writes BOS twice
-(data's Formatter). LoRA with gradient checkpointing but no input gradients is checked on the loaded
-model, by `check_gradient_flow` (common.build_optimizer).
+model: pad == EOS where a reward is read (data.check_tokenizer), no pad token at all there
+(check_pad_tokens) and a template that writes BOS twice (data's Formatter). LoRA with gradient
+checkpointing but no input gradients is checked on the loaded model, by `check_gradient_flow`
+(common.build_optimizer).
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ def check_startup(cfg: RunConfig, objective: Objective, accelerator) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path),
                                               trust_remote_code=cfg.model.trust_remote_code)
-    if tokenizer.pad_token_id is not None:  # none at all: the model loaders say how to add one
-        data_family, allow_pad_as_eos = DATA_FAMILY[objective.family]
+    data_family, allow_pad_as_eos = DATA_FAMILY[objective.family]
+    if tokenizer.pad_token_id is not None:  # none at all: check_pad_tokens, or EOS pads (load_tokenizer)
         check_tokenizer(tokenizer, data_family, allow_pad_as_eos=allow_pad_as_eos)
+    check_pad_tokens(cfg, objective.family, tokenizer)
     Formatter(cfg.data, tokenizer)  # a template that writes BOS twice, a prompt_format without {prompt}
     if objective.family == "ppo":
         check_turns_end_with_a_stop_token(cfg, tokenizer, stop_tokens(tokenizer, cfg.model.name_or_path))
@@ -54,6 +56,38 @@ def check_startup(cfg: RunConfig, objective: Objective, accelerator) -> None:
         # a hub id not cached offline, a custom architecture: the model loader reports what it finds
         warnings.warn(f"position and disk checks skipped: the model config could not be read or built ({error})",
                       stacklevel=2)
+
+
+def check_pad_tokens(cfg: RunConfig, family: str, tokenizer) -> None:
+    """A tokenizer with no pad token where a reward is read: the policy of reward training or PPO, and each
+    PPO reward model. Elsewhere (SFT, DPO, ORPO) the engine pads with EOS, which no score is read at; here
+    that would read every score before the EOS, so the model needs a pad token of its own."""
+    from transformers import AutoTokenizer
+
+    from engine.tiny import resolve_model_path
+
+    checked = [] if DATA_FAMILY[family][1] else [("model.name_or_path", cfg.model.name_or_path, tokenizer)]
+    if family == "ppo":
+        base = cfg.reward_model or cfg.model
+        sources = [(f"ppo.rewards[{i}].model", s.model) for i, s in enumerate(cfg.ppo.rewards) if s.model]
+        if not cfg.ppo.rewards and cfg.reward_model is not None:
+            sources = [("reward_model.name_or_path", cfg.reward_model.name_or_path)]
+        for key, path in sources:
+            try:
+                checked.append((key, path, AutoTokenizer.from_pretrained(resolve_model_path(path),
+                                                                         trust_remote_code=base.trust_remote_code)))
+            except OSError:  # a path that does not exist, a hub id not cached: the reward loader says so
+                continue
+    for key, path, tok in checked:
+        if tok.pad_token_id is not None:
+            continue
+        role = "policy" if key == "model.name_or_path" and family == "ppo" else "reward model"
+        raise ConfigError(
+            f"the {role} {key}={path!r} has no pad token in its tokenizer, and {family} reads a score at the "
+            "last non-pad token, so it cannot pad with the EOS as SFT and DPO do. Add a pad token and save the "
+            "model and tokenizer together: tokenizer.add_special_tokens({'pad_token': '<pad>'}); "
+            "model.resize_token_embeddings(len(tokenizer)); model.config.pad_token_id = tokenizer.pad_token_id; "
+            f"model.save_pretrained(d); tokenizer.save_pretrained(d); then set {key}=d")
 
 
 def stop_tokens(tokenizer, name_or_path: str) -> list[str]:

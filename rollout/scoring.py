@@ -127,10 +127,13 @@ def default_format(tokenizer, prompt_format: str = "{prompt}", template: str | N
 class RewardModel:
     """A sequence-classification reward model with its own tokenizer and text format.
 
-    `format(prompt, response) -> text` must match what the model was trained on (see `default_format`).
-    `add_special_tokens` lets the tokenizer add BOS (turn it off when a chat template writes BOS itself).
-    `append_eos` ends the text with the tokenizer's EOS when it does not already, for models trained to
-    read the score at the EOS, as the reward loop of this engine trains them.
+    `encode(prompt, response) -> ids`, when given, is how the model's training pairs were tokenised (the
+    data layer's `Tokenise.scored_ids`, which the reward loop trains on), and the fields below are unused.
+    Otherwise `format(prompt, response) -> text` must match what the model was trained on (see
+    `default_format`); the text is encoded without the tokenizer's special tokens, then given the BOS
+    the tokenizer adds (`add_special_tokens`; off when a chat template writes BOS itself) and, with
+    `append_eos`, the EOS the reward loop reads its score at, each exactly once (a tokenizer that adds
+    `[CLS] ... [SEP]` itself would otherwise end the text on a second `[SEP]`).
     """
 
     name: str
@@ -142,6 +145,7 @@ class RewardModel:
     micro_batch_size: int = 8
     add_special_tokens: bool = True
     append_eos: bool = True
+    encode: Callable[[str, str], list[int]] | None = None
 
     def __post_init__(self) -> None:
         if self.tokenizer.pad_token_id is None:
@@ -151,29 +155,40 @@ class RewardModel:
         if labels != 1:
             raise ValueError(f"reward model {self.name} has {labels} labels; a reward model has 1")
 
+    def text_ids(self, text: str) -> list[int]:
+        tok = self.tokenizer
+        ids = tok(text, add_special_tokens=False).input_ids
+        bos, eos = tok.bos_token_id, tok.eos_token_id
+        if self.add_special_tokens and bos is not None and ids[:1] != [bos] and tok("a").input_ids[:1] == [bos]:
+            ids = [bos] + ids
+        if self.append_eos and eos is not None and ids[-1:] != [eos]:
+            ids = ids + [eos]
+        return ids
+
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str], fields: Mapping[str, list]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        texts = [self.format(p, r) for p, r in zip(prompts, responses, strict=True)]
-        if self.append_eos:
-            eos = self.tokenizer.eos_token
-            texts = [t if t.endswith(eos) else t + eos for t in texts]
+        pairs = list(zip(prompts, responses, strict=True))
+        if self.encode is not None:
+            rows = [self.encode(p, r) for p, r in pairs]
+        else:
+            rows = [self.text_ids(self.format(p, r)) for p, r in pairs]
+        rows = [ids[: self.max_length] for ids in rows]
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
         scores = []
         try:
-            for i in range(0, len(texts), self.micro_batch_size):
-                enc = self.tokenizer(texts[i:i + self.micro_batch_size], padding=True, truncation=True,
-                                     max_length=self.max_length, add_special_tokens=self.add_special_tokens,
-                                     return_tensors="pt").to(device)
+            for i in range(0, len(rows), self.micro_batch_size):
+                enc = self.tokenizer.pad({"input_ids": rows[i:i + self.micro_batch_size]},
+                                         return_tensors="pt").to(device)
                 scores.append(last_token_scores(self.model, enc["input_ids"], enc["attention_mask"]))
         finally:
             self.model.train(was_training)
         scores = torch.cat(scores).double().cpu()
         if not torch.isfinite(scores).all():
             raise ValueError(f"reward model {self.name} produced NaN or inf scores")
-        return scores, torch.ones(len(texts), dtype=torch.bool)
+        return scores, torch.ones(len(rows), dtype=torch.bool)
 
 
 def last_token_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
-from data import build_datasets, make_collator
+from data import DataConfig, build_datasets, make_collator
+from data.tokenize import reward_pair_encoder
 from engine import models
 from engine.config import ConfigError, RunConfig
 from engine.distributed import finished_everywhere
@@ -385,8 +386,11 @@ def build_scorer(cfg: RunConfig, accelerator: Accelerator) -> Scorer:
         fmt = default_format(tokenizer, cfg.data.prompt_format, spec.template)
         # a chat template that writes BOS itself must not get a second one from the tokenizer
         bos_in_text = bool(tokenizer.bos_token) and fmt("", "").startswith(tokenizer.bos_token)
+        encode = None if spec.template is not None else reward_pair_encoder(
+            DataConfig(prompt_format=cfg.data.prompt_format, max_length=spec.max_length, max_prompt_length=None),
+            tokenizer)
         sources.append(RewardModel(spec.name, model, tokenizer, fmt, spec.weight, spec.max_length,
-                                   ppo.rollout_micro_batch_size, add_special_tokens=not bos_in_text))
+                                   ppo.rollout_micro_batch_size, add_special_tokens=not bos_in_text, encode=encode))
     return Scorer(sources, normalize=ppo.normalize_scores, clip=ppo.score_clip,
                   missing_eos_penalty=ppo.missing_eos_penalty,
                   all_gather=lambda t: accelerator.gather(t.to(accelerator.device)).cpu())

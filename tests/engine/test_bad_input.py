@@ -75,5 +75,5 @@ def test_a_reward_model_without_a_pad_token_is_refused(tmp_path, no_training):
     tokenizer.pad_token = None
     tokenizer.save_pretrained(model_dir)
 
-    with pytest.raises(ValueError, match="reward model .* has no pad token.*add_special_tokens"):
+    with pytest.raises(ConfigError, match="reward model model.name_or_path=.* has no pad token.*add_special_tokens"):
         run("reward.yaml", tmp_path / "run", f"model.name_or_path={model_dir}")

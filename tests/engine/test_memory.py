@@ -168,3 +168,64 @@ def test_a_config_that_cannot_be_read_skips_the_check_with_a_warning(monkeypatch
     monkeypatch.setattr(memory, "load_model_config", offline)
     with pytest.warns(UserWarning, match="memory check skipped.*not cached"):
         assert check_memory(config(), "pairwise", needs_reference=True, device="cpu", available=1) is None
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "tiny"])
+def test_lora_estimate_counts_what_peft_adapts(tmp_path, arch):
+    """GPT-2's Conv1D and GPT-NeoX's fused query_key_value are adapted by peft's all-linear; a count of
+    nn.Linear alone saw 0 adapter parameters on GPT-2 (2 layers, hidden 64, r=16: 32,768 in truth)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engine.tiny import resolve_model_path
+    from tests.engine import archs
+
+    path = resolve_model_path("tiny") if arch == "tiny" else archs.build(arch, tmp_path / arch)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
+                           LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    actual = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert actual > 0
+    assert model_shape(AutoConfig.from_pretrained(path), 16, "all-linear").lora_params == actual
+    if arch == "gpt2":
+        assert actual == 32_768
+        # the 4-bit estimate quantises the Conv1D blocks: 2 layers x (64 x 192 + 64 x 64 + 2 x 64 x 256)
+        assert model_shape(AutoConfig.from_pretrained(path)).block_linear_params == 2 * 49_152
+
+
+def test_an_encoder_reward_model_is_estimated_from_its_own_config(tmp_path):
+    """DeBERTa has no causal-LM class: it is built as the sequence classifier it is loaded as."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from tests.engine import archs
+
+    path = archs.build("deberta", tmp_path / "deberta")
+    shape = model_shape(AutoConfig.from_pretrained(path))
+    assert shape.params == sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(path).parameters())
+    assert shape.head_params == 0 and shape.vocab == 1
+    # what the start-up checks build on, which skipped with a warning before: the disk and the PPO memory checks
+    from engine import validate
+
+    need, trainable = validate.checkpoint_bytes(load_config(TINY / "reward.yaml", [f"model.name_or_path={path}"]),
+                                                AutoConfig.from_pretrained(path))
+    assert trainable == shape.params and need == 12 * shape.params
+    ppo = estimate_memory(load_config(TINY / "ppo.yaml", ["model.name_or_path=tiny", "ppo.rewards=[]",
+                                                         f"reward_model.name_or_path={path}"]), "ppo")
+    assert ppo.parts["reward models"] == 4 * shape.params
+    reward = estimate_memory(load_config(TINY / "reward.yaml", [f"model.name_or_path={path}"]), "reward")
+    assert reward.parts["weights"] == 4 * shape.params
+
+
+def test_start_up_checks_run_on_an_encoder_reward_model(tmp_path, monkeypatch, recwarn):
+    """Reward training of a DeBERTa: the memory, position and disk checks run (they skipped with a warning)."""
+    from engine import models
+    from tests.engine import archs
+    from tests.engine.runs import run
+
+    def loaded(*args, **kwargs):
+        raise RuntimeError("start-up checks passed")
+
+    monkeypatch.setattr(models, "load_reward_model", loaded)
+    path = archs.build("deberta", tmp_path / "deberta")
+    with pytest.raises(RuntimeError, match="start-up checks passed"):
+        run("reward.yaml", tmp_path / "run", f"model.name_or_path={path}", "model.attn_implementation=eager")
+    assert not [w for w in recwarn if "skipped" in str(w.message)], [str(w.message) for w in recwarn]

@@ -193,3 +193,35 @@ def test_the_engines_own_leftovers_are_deleted_before_the_disk_check(tmp_path, m
     with pytest.raises(AssertionError, match="a model was loaded"):  # past every start-up check
         run("sft.yaml", tmp_path, "checkpoint.resume_from=latest")
     assert not leftover.exists()
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """A tiny GPT-2 with its tokenizer as the hub ships it: <|endoftext|> is BOS, EOS and UNK, and no pad."""
+    from tests.engine import archs
+
+    return archs.build("gpt2", tmp_path_factory.mktemp("gpt2") / "model")
+
+
+@pytest.mark.parametrize("config, key", [("reward.yaml", "model.name_or_path"),
+                                         ("ppo.yaml", "model.name_or_path"),
+                                         ("ppo.yaml", "reward_model.name_or_path")])
+def test_no_pad_token_where_a_reward_is_read_is_a_start_up_error(tmp_path, no_model_load, gpt2, config, key):
+    overrides = [f"{key}={gpt2}"]
+    if key == "reward_model.name_or_path":
+        overrides += ["model.name_or_path=tiny", "ppo.rewards=[]"]
+    role = "policy" if config == "ppo.yaml" and key == "model.name_or_path" else "reward model"
+    with pytest.raises(ConfigError, match=rf"the {role} {key}=.* has no pad token.*add_special_tokens.*set {key}="):
+        run(config, tmp_path / "run", *overrides)
+
+
+def test_a_pad_token_borrowed_from_eos_is_not_saved(tmp_path, gpt2):
+    """SFT pads GPT-2 with its EOS; final/ keeps the tokenizer as it was, so the reward stage after it says
+    how to add a pad token (not that pad == EOS, which the user never set), and DPO after it pads with EOS."""
+    sft = run("sft.yaml", tmp_path / "sft", f"model.name_or_path={gpt2}", "max_steps=1")
+    assert AutoTokenizer.from_pretrained(sft.final_dir).pad_token is None
+    assert "pad_token" not in json.loads((sft.final_dir / "tokenizer_config.json").read_text())
+    with pytest.raises(ConfigError, match="has no pad token in its tokenizer"):
+        run("reward.yaml", tmp_path / "reward", f"model.name_or_path={sft.final_dir}")
+    dpo = run("dpo.yaml", tmp_path / "dpo", f"model.name_or_path={sft.final_dir}", "max_steps=1")
+    assert AutoTokenizer.from_pretrained(dpo.final_dir).pad_token is None
