@@ -67,3 +67,35 @@ def test_a_yaml_syntax_error_in_a_config_file_names_the_file_line_and_column(tmp
 def test_a_yaml_syntax_error_in_an_override_names_the_override(tmp_path, no_model_load):
     stderr = refused("sft.yaml", tmp_path, "optim.betas=[0.9, 0.99")
     assert "override 'optim.betas=[0.9, 0.99', line 1, column" in stderr and "YAML syntax error" in stderr
+
+
+@pytest.mark.parametrize("config, targets, message", [
+    ("sft.yaml", "[q_projj]", "model.lora.target_modules=('q_projj',) matches no module of 'tiny'"),
+    ("reward.yaml", "'.*\\.attn\\..*'", "matches no module"),
+    ("sft.yaml", "[self_attn]", "matches 'model.layers.0.self_attn', a LlamaAttention, which LoRA cannot wrap"),
+])
+def test_lora_targets_that_match_nothing_are_refused_before_the_weights_load(tmp_path, no_model_load, config,
+                                                                              targets, message):
+    stderr = refused(config, tmp_path, "model.lora.enabled=true", f"model.lora.target_modules={targets}")
+    assert message in stderr and "q_proj" in stderr  # and the names that would match
+
+
+def test_lora_targets_are_matched_as_peft_matches_them():
+    """all-linear (GPT-2's Conv1D layers count, the head does not), a list of suffixes, a regex string; the
+    names equal those peft adapts on the real model."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from engine.config import LoraConfig, ModelConfig
+
+    gpt2 = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
+    for targets in ("all-linear", ("c_attn",), r".*\.h\.1\.mlp\.c_fc"):
+        cfg = ModelConfig(name_or_path="gpt2-tiny", lora=LoraConfig(enabled=True, r=2, target_modules=targets))
+        matched = models.check_lora_targets(cfg, gpt2)
+        peft_model = get_peft_model(GPT2LMHeadModel(gpt2), PeftLora(
+            r=2, target_modules=targets if isinstance(targets, str) else list(targets)))
+        adapted = {name.removeprefix("base_model.model.") for name, module in peft_model.named_modules()
+                   if hasattr(module, "lora_A")}
+        assert set(matched) == adapted and matched, targets
+    assert len(models.check_lora_targets(ModelConfig(lora=LoraConfig(enabled=True)), gpt2)) == 2 * 4  # no lm_head
