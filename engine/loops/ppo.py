@@ -377,7 +377,8 @@ def build_scorer(cfg: RunConfig, accelerator: Accelerator) -> Scorer:
     sources = []
     for spec in specs:
         if spec.function is not None:
-            sources.append(RewardFunction(spec.name, load_reward_function(spec.function), spec.weight, spec.kwargs))
+            sources.append(RewardFunction(spec.name, load_reward_function(spec.function), spec.weight, spec.kwargs,
+                                          spec.timeout_s))
             continue
         model_cfg = replace(base, name_or_path=spec.model)
         model = _to_device(models.load_reward_model(model_cfg, for_training=False), accelerator.device)
@@ -388,7 +389,7 @@ def build_scorer(cfg: RunConfig, accelerator: Accelerator) -> Scorer:
         sources.append(RewardModel(spec.name, model, tokenizer, fmt, spec.weight, spec.max_length,
                                    ppo.rollout_micro_batch_size, add_special_tokens=not bos_in_text))
     return Scorer(sources, normalize=ppo.normalize_scores, clip=ppo.score_clip,
-                  missing_eos_penalty=ppo.missing_eos_penalty,
+                  missing_eos_penalty=ppo.missing_eos_penalty, max_skipped_fraction=ppo.max_skipped_fraction,
                   all_gather=lambda t: accelerator.gather(t.to(accelerator.device)).cpu())
 
 
