@@ -71,7 +71,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         ref_cfg = models.reference_model_config(cfg.model, cfg.reference.name_or_path)
         reference = _to_device(models.load_policy(ref_cfg, for_training=False), accelerator.device)
     scorer = build_scorer(cfg, accelerator)
-    data = build_datasets("prompt", cfg.data, tokenizer, log=accelerator.print)
+    data = build_datasets("prompt", cfg.data, tokenizer, log=accelerator.print,
+                          report_dir=cfg.output_dir if accelerator.is_main_process else None)
     sampling = SamplingConfig(max_new_tokens=ppo.max_new_tokens, min_new_tokens=ppo.min_new_tokens,
                               temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
                               response_length=ppo.response_length, micro_batch_size=ppo.rollout_micro_batch_size)
