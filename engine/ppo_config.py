@@ -117,6 +117,16 @@ class PPOConfig:
                 raise PPOConfigError(f"ppo.{key} must be positive, got {getattr(self, key)}")
         if self.temperature <= 0:
             raise PPOConfigError(f"ppo.temperature must be positive (PPO needs a sampling policy), got {self.temperature}")
+        for key in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise PPOConfigError(f"ppo.{key} must be in [0, 1], got {getattr(self, key)}")
+        for key in ("kl_coef", "vf_coef", "entropy_coef", "missing_eos_penalty"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise PPOConfigError(f"ppo.{key} must be 0 (off) or more, got {getattr(self, key)}; a negative "
+                                     "weight rewards what it is meant to penalise")
+        for key in ("value_clip", "kl_horizon", "score_clip", "max_approx_kl"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise PPOConfigError(f"ppo.{key} must be positive, got {getattr(self, key)}")
         if not 0.0 <= self.max_skipped_fraction <= 1.0:
             raise PPOConfigError(f"ppo.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
         if self.kl_target is not None and self.kl_target <= 0:
