@@ -174,6 +174,22 @@ def _check_templated(record: dict, row, where: str, formatter: Formatter) -> Non
             )
         return
     messages = record.get("messages") or record.get("prompt_messages") or []
+    for i, m in enumerate(messages):
+        if m["role"] not in formatter.roles:
+            raise row_error(
+                where, row, f"message {i} has role {m['role']!r}", f"roles {list(formatter.roles)} (tool only with a "
+                "chat template that mentions tools)", "Rename the role, or drop the message: the template would "
+                "render it as it likes, or not at all.",
+            )
+    if formatter.mode == "chat":
+        try:
+            formatter.render(messages, generation_prompt="prompt_messages" in record)
+        except Exception as error:  # a template's raise_exception (jinja2 TemplateError) or a bug in the template
+            raise row_error(
+                where, row, f"the chat template refuses this conversation: {type(error).__name__}: {error}",
+                "a conversation the template accepts (many require user and assistant turns to alternate, "
+                "after an optional system message)", "Fix the row, or choose another template with data.template.",
+            ) from None
     for m in messages:
         marker = formatter.check_text(m["content"])
         if marker is not None:

@@ -20,6 +20,9 @@ class DataConfig:
     holds out `eval_fraction` of `split` (seeded)."""
     eval_fraction: float = 0.05
     """Held-out fraction when there is no eval split; 0 disables evaluation."""
+    encoding: str = "utf-8"
+    """Text encoding of JSON, JSONL and CSV files (a Python codec name, e.g. "cp1252", "latin-1"); a UTF-8
+    byte-order mark at the start of a file is dropped whatever the encoding."""
     format: str = "auto"
     """Row format: "auto" (detected from the keys), or one of data.formats.FORMATS, e.g.
     "prompt_completion", "messages", "alpaca", "text", "preference", "hh", "prompt"."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 from collections.abc import Mapping, Sequence
@@ -59,9 +60,9 @@ def load_splits(cfg: DataConfig, family: str) -> dict[str, Split]:
         return _synthetic(cfg, family)
     path = Path(cfg.path).expanduser()
     if path.is_dir():
-        return _directory(path)
+        return _directory(path, cfg.encoding)
     if path.is_file():
-        return _file(path)
+        return _file(path, cfg.encoding)
     if path.suffix.lower() in FILE_SUFFIXES or cfg.path.startswith((".", "/", "~")):
         raise DataError(f"data file not found: {cfg.path} (resolved to {path.resolve()}). Check data.path.")
     return _hub(cfg)
@@ -93,7 +94,7 @@ def _synthetic(cfg: DataConfig, family: str) -> dict[str, Split]:
     return {"train": _file(out / f"{family}_train.jsonl")["train"], "test": _file(out / f"{family}_test.jsonl")["train"]}
 
 
-def _directory(path: Path) -> dict[str, Split]:
+def _directory(path: Path, encoding: str = "utf-8") -> dict[str, Split]:
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         import datasets
 
@@ -112,7 +113,7 @@ def _directory(path: Path) -> dict[str, Split]:
         name = _split_name(p.stem) if len(files) > 1 else "train"
         if name in splits:
             raise DataError(f"{path}: two files for split {name!r}: {splits[name].source} and {p}.")
-        file_splits = _file(p)
+        file_splits = _file(p, encoding)
         splits[name] = file_splits.get("train", next(iter(file_splits.values())))
     return splits
 
@@ -125,15 +126,46 @@ def _split_name(stem: str) -> str:
     return stem
 
 
-def _file(path: Path) -> dict[str, Split]:
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """The file decoded with `encoding`, without a leading byte-order mark (Excel writes one in "CSV UTF-8").
+
+    Bytes that do not decode are a DataError naming the line, the column and the bytes, with the encoding
+    charset_normalizer guesses for the file when it can."""
+    data = path.read_bytes()
+    try:
+        text = data.decode(encoding)
+    except LookupError as e:
+        raise DataError(f"data.encoding={encoding!r} is not a known text encoding; use a Python codec name such "
+                        "as utf-8, cp1252 or latin-1.") from e
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line, column = data.count(b"\n", 0, e.start) + 1, e.start - line_start + 1
+        guess = _guess_encoding(data)
+        hint = (f"It looks like {guess}: set data.encoding={guess}" if guess
+                else "Re-save the file as UTF-8, or set data.encoding to its encoding")
+        raise DataError(f"{path}, line {line}, column {column}: byte(s) {data[e.start:e.end]!r} are not valid "
+                        f"{encoding} ({e.reason}). {hint}.") from None
+    return text.removeprefix("\ufeff")
+
+
+def _guess_encoding(data: bytes) -> str | None:
+    try:
+        from charset_normalizer import from_bytes
+    except ImportError:
+        return None
+    best = from_bytes(data).best()
+    return best.encoding if best is not None and best.encoding not in ("utf_8", "ascii") else None
+
+
+def _file(path: Path, encoding: str = "utf-8") -> dict[str, Split]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        rows, lines = _read_json_lines(path, path.read_text(encoding="utf-8"))
+        rows, lines = _read_json_lines(path, read_text(path, encoding))
         return {"train": Split(rows, str(path), lines)}
     if suffix == ".json":
-        return _read_json(path)
+        return _read_json(path, encoding)
     if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as f:
+        with io.StringIO(read_text(path, encoding), newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
             rows, lines = [], []
             try:
@@ -172,8 +204,8 @@ def _read_json_lines(path: Path, text: str) -> tuple[list[dict], list[int]]:
     return rows, lines
 
 
-def _read_json(path: Path) -> dict[str, Split]:
-    text = path.read_text(encoding="utf-8")
+def _read_json(path: Path, encoding: str = "utf-8") -> dict[str, Split]:
+    text = read_text(path, encoding)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

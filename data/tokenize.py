@@ -90,6 +90,9 @@ class Formatter:
                 f"data.template={template!r} is not known; expected None (the tokenizer's chat template), 'plain', "
                 f"'raw', one of {sorted(NAMED_TEMPLATES)}, or a Jinja chat template string."
             )
+        # Roles a template does not know are rendered silently by permissive ones (or dropped): refuse them.
+        template_text = str(self.chat_template or tokenizer.chat_template or "") if self.mode == "chat" else ""
+        self.roles = ("system", "user", "assistant") + (("tool",) if "tool" in template_text else ())
         if self.mode == "plain" and "{prompt}" not in cfg.prompt_format:
             raise DataError(f"data.prompt_format={cfg.prompt_format!r} must contain '{{prompt}}'.")
         self.markers = self._markers()

@@ -119,7 +119,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm to this; None disables clipping."""
+    """Clip the global gradient norm to this; 0 or None disables clipping (as in transformers)."""
     scheduler: str = "cosine"
     """constant, linear or cosine decay to 0, after the warmup."""
     warmup_steps: int = 0
@@ -248,9 +248,30 @@ class RunConfig:
         for key, value in positive.items():
             if value is not None and value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
-        if self.data.share_prompt_row_tokens < 0:
-            raise ConfigError(f"data.share_prompt_row_tokens must be 0 (one pair per row) or more, got "
-                              f"{self.data.share_prompt_row_tokens}")
+        non_negative = {
+            "optim.warmup_steps": (self.optim.warmup_steps, "no warmup steps"),
+            "optim.max_grad_norm": (self.optim.max_grad_norm, "no clipping"),
+            "optim.lr": (self.optim.lr, "no updates"),
+            "optim.weight_decay": (self.optim.weight_decay, "none"),
+            "eval.every_steps": (self.eval.every_steps, "no evaluation"),
+            "checkpoint.every_steps": (self.checkpoint.every_steps, "no step checkpoints"),
+            "data.share_prompt_row_tokens": (self.data.share_prompt_row_tokens, "one pair per row"),
+            "ppo.min_new_tokens": (self.ppo.min_new_tokens, "no minimum"),
+            "ppo.top_k": (self.ppo.top_k, "no top-k filter"),
+            "ppo.log_samples": (self.ppo.log_samples, "none"),
+        }
+        for key, (value, zero) in non_negative.items():
+            if value is not None and value < 0:
+                raise ConfigError(f"{key} must be 0 ({zero}) or more, got {value}")
+        lora = self.model.lora
+        if lora.enabled and (lora.r <= 0 or lora.alpha <= 0):
+            key, value = ("model.lora.r", lora.r) if lora.r <= 0 else ("model.lora.alpha", lora.alpha)
+            raise ConfigError(f"{key} must be positive, got {value}; the adapter's rank is typically 8 to 64")
+        if lora.enabled and not 0.0 <= lora.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+        if lora.enabled and not isinstance(lora.target_modules, str) and not lora.target_modules:
+            raise ConfigError("model.lora.target_modules is an empty list; name modules (e.g. [q_proj, v_proj]) "
+                              "or set it to all-linear")
         if self.optim.max_bad_steps < 0:
             raise ConfigError(f"optim.max_bad_steps must be 0 (never stop) or more, got {self.optim.max_bad_steps}")
         if not 0.0 <= self.optim.warmup_ratio < 1.0:
@@ -279,7 +300,7 @@ def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[st
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist; check --config")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
         raw = _merge(raw, loaded)
@@ -287,8 +308,22 @@ def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[st
         key, sep, text = override.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {override!r} must look like section.key=value, e.g. optim.lr=1e-5")
-        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+        _set_dotted(raw, key.strip(), _parse_yaml(text, f"override {override!r}") if text.strip() else None)
     return from_dict(RunConfig, raw)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML with a syntax error reported by file (or override), line and column, 1-based as editors count."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        context = getattr(error, "context", None)
+        detail = f"{context}, {problem}" if context else problem
+        raise ConfigError(f"{where}{at}: YAML syntax error ({detail}); fix the YAML there "
+                          "(quote a value holding ': ', '#', '{' or '[')") from None
 
 
 def from_dict(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:

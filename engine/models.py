@@ -181,6 +181,51 @@ def _load(auto_cls, cfg: ModelConfig, *, for_training: bool, task_type: str, **c
     return model
 
 
+# The layer types peft's LoRA can wrap (torch's, and transformers' Conv1D, GPT-2's linear layer).
+LORA_LAYER_TYPES = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
+
+
+def check_lora_targets(cfg: ModelConfig, model_config, *, task_type: str = "CAUSAL_LM") -> list[str]:
+    """The module names `cfg.lora.target_modules` selects, matched as peft matches them ("all-linear", a
+    regex string, or a list of name suffixes), on the model `model_config` describes built on the meta
+    device: no weights load, and a target that matches nothing fails here rather than after the load.
+
+    Raises:
+        ConfigError: no module matches, or a matched module is of a type LoRA cannot wrap.
+    """
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from engine.config import ConfigError
+
+    targets = cfg.lora.target_modules
+    auto_cls = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            model = auto_cls.from_config(model_config, trust_remote_code=cfg.trust_remote_code)
+    except Exception as error:  # an architecture that cannot be built on meta: peft checks after the load
+        logger.warning("model.lora.target_modules not checked before the load: %s cannot be built on the meta "
+                       "device (%s)", cfg.name_or_path, error)
+        return []
+    peft_config = LoraConfig(r=cfg.lora.r, target_modules=targets if isinstance(targets, str) else list(targets),
+                             task_type=task_type)
+    peft_config = _maybe_include_all_linear_layers(peft_config, model)
+    modules = dict(model.named_modules())
+    matched = [name for name in modules if name and check_target_module_exists(peft_config, name)]
+    layers = sorted({name.rsplit(".", 1)[-1] for name, module in modules.items()
+                     if type(module).__name__ in ("Linear", "Conv1D")})
+    where = f"model.lora.target_modules={targets!r}"
+    if not matched:
+        raise ConfigError(f"{where} matches no module of {cfg.name_or_path!r} ({type(model).__name__}); its linear "
+                          f"layers are named {layers}. Name some of them, or use all-linear")
+    unsupported = [name for name in matched if type(modules[name]).__name__ not in LORA_LAYER_TYPES]
+    if unsupported:
+        raise ConfigError(f"{where} matches {unsupported[0]!r}, a {type(modules[unsupported[0]]).__name__}, which "
+                          f"LoRA cannot wrap; name linear layers such as {layers}")
+    return matched
+
+
 def _check_attention(attn_implementation: str) -> None:
     if attn_implementation == "flash_attention_2":
         from transformers.utils import is_flash_attn_2_available

@@ -38,10 +38,16 @@ class RewardSourceConfig:
     data.prompt_format, then the response and EOS); "chat" = the full chat template; or a format string
     with {prompt} and {response}."""
     max_length: int = 1024
+    timeout_s: float | None = None
+    """Seconds one call of the reward function may take; the rows of a call that runs past it are skipped
+    (counted against ppo.max_skipped_fraction). None: no limit."""
 
     def __post_init__(self):
         if (self.function is None) == (self.model is None):
             raise PPOConfigError(f"reward source {self.name!r}: set exactly one of `function` and `model`")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise PPOConfigError(f"reward source {self.name!r}: timeout_s must be positive (or null: no limit), "
+                                 f"got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,9 @@ class PPOConfig:
     score_clip: float | None = None
     missing_eos_penalty: float | None = None
     """Subtracted from the score of a response that hit its budget without EOS."""
+    max_skipped_fraction: float = 0.5
+    """Stop the run once a reward function has failed (raised or timed out) on more than this fraction of the
+    rows it has scored; those rows are skipped until then. 1.0: never stop."""
 
     kl_coef: float = 0.05
     """Initial beta of the per-token KL penalty."""
@@ -108,6 +117,18 @@ class PPOConfig:
                 raise PPOConfigError(f"ppo.{key} must be positive, got {getattr(self, key)}")
         if self.temperature <= 0:
             raise PPOConfigError(f"ppo.temperature must be positive (PPO needs a sampling policy), got {self.temperature}")
+        for key in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise PPOConfigError(f"ppo.{key} must be in [0, 1], got {getattr(self, key)}")
+        for key in ("kl_coef", "vf_coef", "entropy_coef", "missing_eos_penalty"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise PPOConfigError(f"ppo.{key} must be 0 (off) or more, got {getattr(self, key)}; a negative "
+                                     "weight rewards what it is meant to penalise")
+        for key in ("value_clip", "kl_horizon", "score_clip", "max_approx_kl"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise PPOConfigError(f"ppo.{key} must be positive, got {getattr(self, key)}")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise PPOConfigError(f"ppo.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
         if self.kl_target is not None and self.kl_target <= 0:
             raise PPOConfigError(f"ppo.kl_target must be positive, got {self.kl_target}")
         names = [r.name for r in self.rewards]

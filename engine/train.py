@@ -11,8 +11,8 @@ be checked before a model loads is checked first, and each error names the key t
 
 SIGTERM or SIGINT stops a run after its current optimizer step with a checkpoint (engine/signals.py);
 `checkpoint.resume_from=latest` continues it exactly. Exit status: 0 done, 1 diverged (optim.max_bad_steps
-non-finite steps in a row; the last good weights saved), 2 a config or data error, 128 + the signal number
-(143 SIGTERM, 130 SIGINT) stopped early with a checkpoint to resume from.
+non-finite steps in a row; the last good weights saved), 2 a config, data or reward-function error, 128 + the
+signal number (143 SIGTERM, 130 SIGINT) stopped early with a checkpoint to resume from.
 
 On Linux with glibc, freed CPU blocks of up to 256 MiB stay in the process for the next step to reuse
 (engine/hostmem.py): faster, at the cost of resident memory; `RLHF_ENGINE_MALLOC_TUNING=0` switches it off.
@@ -144,6 +144,8 @@ def check_inputs(cfg: RunConfig, objective: Objective) -> None:
         raise ConfigError("reference.mode=disabled switches off the policy's LoRA adapter, but model.lora.enabled "
                           "is false; set model.lora.enabled=true or reference.mode=copy")
 
+    if objective.family == "ppo":
+        _check_reward_functions(cfg)
     for key, model_cfg in (("model", cfg.model), ("reward_model", cfg.reward_model)):
         if model_cfg is not None:
             _check_model_path(f"{key}.name_or_path", model_cfg.name_or_path)
@@ -175,6 +177,19 @@ def check_inputs(cfg: RunConfig, objective: Objective) -> None:
         raise ConfigError(str(error)) from error
 
 
+def _check_reward_functions(cfg: RunConfig) -> None:
+    """Import each reward function now: a typo in its module or name would otherwise surface after every
+    model has loaded."""
+    from rollout.scoring import load_reward_function
+
+    for i, spec in enumerate(cfg.ppo.rewards):
+        if spec.function is not None:
+            try:
+                load_reward_function(spec.function)
+            except ValueError as error:
+                raise ConfigError(f"ppo.rewards[{i}].function ({spec.name!r}): {error}") from error
+
+
 def _check_model_path(key: str, name_or_path: str) -> None:
     try:
         resolve_model_path(name_or_path)
@@ -184,10 +199,11 @@ def _check_model_path(key: str, name_or_path: str) -> None:
 
 def cli() -> None:
     from data import DataError
+    from rollout.scoring import RewardError
 
     try:
         main(sys.argv[1:])
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, RewardError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except TrainingDiverged as error:

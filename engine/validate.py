@@ -49,6 +49,10 @@ def check_startup(cfg: RunConfig, objective: Objective, accelerator) -> None:
     try:
         model_config = load_model_config(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         check_positions(cfg, objective.family, getattr(model_config, "max_position_embeddings", None))
+        if cfg.model.lora.enabled:
+            from engine.models import check_lora_targets
+
+            check_lora_targets(cfg.model, model_config, task_type="SEQ_CLS" if objective.family == "reward" else "CAUSAL_LM")
         check_disk(cfg, model_config)
     except (OSError, ValueError, ImportError) as error:
         if isinstance(error, ConfigError):

@@ -25,7 +25,7 @@ from .logprobs import entropy_from_logits, gather_logprobs, token_logprobs
 from .masking import as_bool_mask, masked_mean, masked_sum, masked_var, masked_whiten, upcast
 from .orpo import log1m_exp, orpo_loss
 from .ppo import ppo_policy_loss, ppo_value_loss
-from .registry import Objective, bind_objective, get_objective, list_objectives, register
+from .registry import Objective, Range, bind_objective, get_objective, list_objectives, register
 from .reward import pairwise_reward_loss
 from .sft import sft_loss
 
@@ -33,6 +33,7 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "Objective",
+    "Range",
     "as_bool_mask",
     "bind_objective",
     "dpo_loss",

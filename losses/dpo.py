@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .masking import upcast
-from .registry import register
+from .registry import Range, register
 
 
 def preference_metrics(
@@ -46,7 +46,15 @@ def _logratios(*logps: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return policy_chosen, policy_rejected, policy_chosen - ref_chosen, policy_rejected - ref_rejected
 
 
-@register("dpo", family="pairwise", needs_reference=True)
+# beta <= 0 prefers the rejected response (or learns nothing) while the logged accuracy looks fine; a label
+# smoothing of 0.5 makes the loss symmetric in chosen and rejected.
+BETA = Range(gt=0, why="it scales the log-ratio margin; 0 learns nothing and a negative beta prefers the "
+             "rejected response (typical: 0.01 to 0.5)")
+_DPO_RANGES = {"beta": BETA, "label_smoothing": Range(ge=0, lt=0.5, why="the assumed fraction of flipped labels; "
+                                                      "0.5 or more learns nothing or the reverse")}
+
+
+@register("dpo", family="pairwise", needs_reference=True, ranges=_DPO_RANGES)
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -85,7 +93,7 @@ def dpo_loss(
 register("cdpo", family="pairwise", needs_reference=True, defaults={"label_smoothing": 0.1})(dpo_loss)
 
 
-@register("ipo", family="pairwise", needs_reference=True, logps_reduction="mean")
+@register("ipo", family="pairwise", needs_reference=True, logps_reduction="mean", ranges={"beta": BETA})
 def ipo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -119,7 +127,7 @@ def ipo_loss(
     return losses.mean(), metrics
 
 
-@register("hinge", family="pairwise", needs_reference=True)
+@register("hinge", family="pairwise", needs_reference=True, ranges={"beta": BETA})
 def hinge_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .dpo import preference_metrics
 from .masking import as_bool_mask, masked_mean, upcast
-from .registry import register
+from .registry import Range, register
 
 _LOG_HALF = -math.log(2.0)
 
@@ -28,7 +28,8 @@ def log1m_exp(x: Tensor) -> Tensor:
     return torch.where(x > _LOG_HALF, near_zero, far)
 
 
-@register("orpo", family="pairwise")
+@register("orpo", family="pairwise", ranges={"lam": Range(ge=0, why="the weight of the odds-ratio term; a "
+                                                      "negative one rewards the rejected response")})
 def orpo_loss(
     chosen_logprobs: Tensor,
     chosen_mask: Tensor,

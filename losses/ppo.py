@@ -6,10 +6,11 @@ import torch
 from torch import Tensor
 
 from .masking import as_bool_mask, masked_mean, upcast
-from .registry import register
+from .registry import Range, register
 
 
-@register("ppo", family="ppo", needs_reference=True)
+@register("ppo", family="ppo", needs_reference=True,
+          ranges={"clip_coef": Range(gt=0, why="the trust region around ratio 1 (typical: 0.1 to 0.3)")})
 def ppo_policy_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_coef: float
 ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -13,6 +13,9 @@ Each family has one call convention (shapes as in ``losses/__init__.py``):
 
 A new objective is a new function decorated with ``@register(...)``; a function outside this
 repository decorated the same way can be named in a config as ``"package.module:function"``.
+Each keyword argument may declare the values that train right, e.g. ``ranges={"beta": Range(gt=0)}``:
+``bind_objective`` refuses others before a model loads (a DPO beta of -1 would learn to prefer the
+rejected response while its logged accuracy looks fine).
 """
 
 from __future__ import annotations
@@ -31,6 +34,29 @@ LOGPS_REDUCTIONS = ("sum", "mean")
 
 
 @dataclass(frozen=True)
+class Range:
+    """The real numbers a keyword argument may take: above `gt` (or from `ge`), below `lt` (or up to `le`)."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    why: str = ""
+    """What a value outside the range would do, for the error message."""
+
+    def __str__(self) -> str:
+        low = f"> {self.gt}" if self.gt is not None else f">= {self.ge}" if self.ge is not None else ""
+        high = f"< {self.lt}" if self.lt is not None else f"<= {self.le}" if self.le is not None else ""
+        return " and ".join(part for part in (low, high) if part) or "any number"
+
+    def contains(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # NaN
+            return False
+        return ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+                and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
+
+
+@dataclass(frozen=True)
 class Objective:
     """A registered loss function and what the engine needs to know to call it."""
 
@@ -44,6 +70,8 @@ class Objective:
     """Keyword arguments applied before the user's, e.g. cdpo's label_smoothing=0.1."""
     logps_reduction: str = "sum"
     """For pairwise objectives with a reference: per-sequence log-probs as the "sum" or "mean" over tokens."""
+    ranges: Mapping[str, Range] = field(default_factory=dict, hash=False)
+    """The values each keyword argument may take; checked with the arguments when they are bound."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -56,7 +84,10 @@ class Objective:
                 f"got {self.logps_reduction!r}"
             )
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        object.__setattr__(self, "ranges", MappingProxyType(dict(self.ranges)))
+        _check_kwargs(self.name, self.fn, self.ranges, require_all=False)
         _check_kwargs(self.name, self.fn, self.defaults, require_all=False)
+        _check_ranges(self, self.defaults)
 
 
 _REGISTRY: dict[str, Objective] = {}
@@ -69,6 +100,7 @@ def register(
     needs_reference: bool = False,
     defaults: Mapping[str, Any] | None = None,
     logps_reduction: str = "sum",
+    ranges: Mapping[str, Range] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers ``fn`` as an objective under ``name`` (default: the function's name).
 
@@ -83,12 +115,15 @@ def register(
         needs_reference: whether the engine must provide reference log-probs.
         defaults: keyword arguments applied before the user's; checked against the signature.
         logps_reduction: "sum" or "mean" of per-token log-probs (pairwise with a reference).
+        ranges: the values each keyword argument may take; None: those of the function's first
+            registration (a variant keeps its base's ranges).
 
     Returns:
         The decorator.
     """
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        first = getattr(fn, "__objective__", None)
         objective = Objective(
             name=name or fn.__name__,
             fn=fn,
@@ -96,6 +131,7 @@ def register(
             needs_reference=needs_reference,
             defaults=dict(defaults or {}),
             logps_reduction=logps_reduction,
+            ranges=dict(ranges if ranges is not None else first.ranges if isinstance(first, Objective) else {}),
         )
         existing = _REGISTRY.get(objective.name)
         if existing is not None and _qualified_name(existing.fn) != _qualified_name(fn):
@@ -147,12 +183,13 @@ def bind_objective(
         ``(objective, fn)`` with ``fn = functools.partial(objective.fn, **defaults, **kwargs)``.
 
     Raises:
-        ValueError: a key that is not a keyword-only parameter (naming the nearest valid one), or a
-            required keyword-only parameter left without a value.
+        ValueError: a key that is not a keyword-only parameter (naming the nearest valid one), a
+            required keyword-only parameter left without a value, or a value outside its Range.
     """
     objective = name if isinstance(name, Objective) else get_objective(name)
     merged = {**objective.defaults, **(kwargs or {})}
     _check_kwargs(objective.name, objective.fn, merged, require_all=True)
+    _check_ranges(objective, merged)
     return objective, functools.partial(objective.fn, **merged)
 
 
@@ -178,6 +215,18 @@ def _check_kwargs(name: str, fn: Callable[..., Any], kwargs: Mapping[str, Any], 
         ]
         if missing:
             raise ValueError(f"objective {name!r} needs keyword argument(s) {', '.join(map(repr, missing))}")
+
+
+def _check_ranges(objective: Objective, kwargs: Mapping[str, Any]) -> None:
+    for key, value in kwargs.items():
+        allowed = objective.ranges.get(key)
+        if allowed is None or allowed.contains(value):
+            continue
+        found = f"{value!r} ({type(value).__name__})" if isinstance(value, (str, bool)) else repr(value)
+        why = f": {allowed.why}" if allowed.why else ""
+        if isinstance(value, str):
+            why += "; YAML reads a number such as 1e-1 (no dot) as text: write 1.0e-1"
+        raise ValueError(f"objective {objective.name!r}: {key} must be a number {allowed}, got {found}{why}")
 
 
 def _did_you_mean(name: str, candidates: Any) -> str:

@@ -6,10 +6,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .masking import upcast
-from .registry import register
+from .registry import Range, register
 
 
-@register("reward", family="reward")
+@register("reward", family="reward",
+          ranges={"center_coef": Range(ge=0, why="a negative weight pushes rewards away from zero")})
 def pairwise_reward_loss(
     chosen_rewards: Tensor,
     rejected_rewards: Tensor,

@@ -6,9 +6,11 @@ the padding side. A reward function is any Python callable named "package.module
 signature `fn(prompts: list[str], responses: list[str], **fields) -> list[float]`, where `fields` are
 the row's other dataset columns (one list per column), e.g. the reference answer of a verifiable task.
 
-A failing reward is an error that names its source, never a silent wrong number. The one exception is
-a reward function that raises on some rows of a batch: those rows are retried one by one, and the rows
-that still fail are skipped (counted in `rollout/skipped`, logged, and left out of training).
+A failing reward is a `RewardError` that names its source, the rows and the values, never a silent
+wrong number. The one exception is a reward function that raises on some rows of a batch, or runs past
+its `timeout_s`: the rows that raise are retried one by one, and those that still fail (or timed out)
+are skipped (counted in `rollout/skipped`, logged, and left out of training), until a source has failed
+on more than `max_skipped_fraction` of the rows it has scored in the run: then the run stops.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -34,12 +37,45 @@ def load_reward_function(spec: str) -> Callable:
         raise ValueError(f"reward function {spec!r} must be written 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"reward function {spec!r}: cannot import module {module_name!r} ({err})") from err
+    except Exception as err:  # not only ImportError: a SyntaxError or any error the module raises on import
+        raise ValueError(f"reward function {spec!r}: cannot import module {module_name!r} "
+                         f"({type(err).__name__}: {err})") from err
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"reward function {spec!r}: module {module_name!r} has no callable {attr!r}")
     return fn
+
+
+class RewardError(ValueError):
+    """A reward source that cannot give B finite numbers: the message names it, the rows and the values."""
+
+
+class RewardTimeout(Exception):
+    """A reward function call that ran past its `timeout_s`."""
+
+
+def call_with_timeout(fn: Callable, timeout_s: float | None, *args, **kwargs):
+    """`fn(*args, **kwargs)`, raising RewardTimeout after `timeout_s` seconds (None: wait for ever). The call
+    runs in a daemon thread, which Python cannot stop: a hung one is abandoned, and does not keep the
+    process from exiting."""
+    if timeout_s is None:
+        return fn(*args, **kwargs)
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn(*args, **kwargs)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True, name="reward-function")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise RewardTimeout(f"no result after timeout_s={timeout_s:g} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 @dataclass
@@ -50,53 +86,67 @@ class RewardFunction:
     fn: Callable
     weight: float = 1.0
     kwargs: Mapping = field(default_factory=dict)
+    timeout_s: float | None = None
+    """Seconds one call may take; the rows of a call that runs past it are skipped. None: no limit."""
 
     def __call__(self, prompts: list[str], responses: list[str], fields: Mapping[str, list]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns scores (B,) float64 and ok (B,) bool (False: the function raised on that row)."""
+        """Returns scores (B,) float64 and ok (B,) bool (False: the function raised on that row or timed out)."""
         n = len(prompts)
         try:
-            return self._checked(self.fn(prompts, responses, **fields, **self.kwargs), n, "the batch"), \
-                torch.ones(n, dtype=torch.bool)
-        except _BadOutput:
+            out = call_with_timeout(self.fn, self.timeout_s, prompts, responses, **fields, **self.kwargs)
+            return self._checked(out, prompts, responses, range(n)), torch.ones(n, dtype=torch.bool)
+        except RewardError:
             raise
+        except RewardTimeout as err:  # retrying row by row would wait up to B times as long
+            logger.warning("reward function %s skipped a batch of %d: %s", self.name, n, err)
+            return torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
         except Exception as err:  # any failure of user code: retry row by row
             logger.warning("reward function %s raised on a batch of %d (%r); retrying row by row", self.name, n, err)
         scores, ok = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
-        last_err = None
         for i in range(n):
             row_fields = {k: v[i:i + 1] for k, v in fields.items()}
             try:
-                out = self.fn(prompts[i:i + 1], responses[i:i + 1], **row_fields, **self.kwargs)
+                out = call_with_timeout(self.fn, self.timeout_s, prompts[i:i + 1], responses[i:i + 1], **row_fields,
+                                        **self.kwargs)
             except Exception as err:
-                last_err = err
                 logger.warning("reward function %s skipped row %d: %r", self.name, i, err)
                 continue
-            scores[i], ok[i] = self._checked(out, 1, f"row {i}")[0], True
-        if not ok.any():
-            raise RuntimeError(f"reward function {self.name} raised on every row; last error: {last_err!r}") \
-                from last_err
+            scores[i], ok[i] = self._checked(out, prompts, responses, [i])[0], True
         return scores, ok
 
-    def _checked(self, out, n: int, where: str) -> torch.Tensor:
-        try:
-            scores = torch.as_tensor(out, dtype=torch.float64).cpu()
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise _BadOutput(f"reward function {self.name} returned {type(out).__name__} for {where}, "
-                             f"expected {n} numbers") from err
-        if scores.ndim == 2 and scores.shape[1] == 1:
-            scores = scores[:, 0]
-        if scores.shape != (n,):
-            raise _BadOutput(f"reward function {self.name} returned shape {tuple(scores.shape)} for {where}, "
-                             f"expected ({n},): one number per response")
-        if not torch.isfinite(scores).all():
-            bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-            raise _BadOutput(f"reward function {self.name} returned NaN or inf for {where} at positions {bad}")
-        return scores
+    def _checked(self, out, prompts: list[str], responses: list[str], rows) -> torch.Tensor:
+        """`out` as (len(rows),) float64, or a RewardError naming the rows (of the batch) and their values."""
+        rows = list(rows)
+        n = len(rows)
+        head = f"reward function {self.name!r}"
+        fix = ("; it must return one finite number (int or float) per response, in the order of `responses`. "
+               "Fix the function, or raise inside it to skip a row")
+        if isinstance(out, torch.Tensor) or type(out).__module__ == "numpy":
+            out = out.tolist() if getattr(out, "ndim", 1) else [out.item()]
+        if isinstance(out, (str, bytes, Mapping)) or not isinstance(out, Sequence):
+            shown = f"keys {list(out)[:5]}" if isinstance(out, Mapping) else _short(out)
+            raise RewardError(f"{head} returned a {type(out).__name__} ({shown}) for {n} responses{fix}")
+        values = [v[0] if isinstance(v, Sequence) and not isinstance(v, str) and len(v) == 1 else v for v in out]
+        if len(values) != n:
+            raise RewardError(f"{head} returned {len(values)} values for {n} responses (rows "
+                              f"{_span(rows)} of the batch){fix}")
+        bad = [(row, v) for row, v in zip(rows, values)
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)]
+        if bad:
+            shown = "; ".join(f"row {row} ({_short(responses[row])}): {_short(v)}" for row, v in bad[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise RewardError(f"{head} returned {len(bad)} bad value(s) of {n}: {shown}{more}{fix}")
+        return torch.tensor([float(v) for v in values], dtype=torch.float64)
 
 
-class _BadOutput(ValueError):
-    """A reward function that returns something other than B finite numbers: a bug, never skipped."""
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _span(rows: list[int]) -> str:
+    return f"{rows[0]}-{rows[-1]}" if len(rows) > 1 else str(rows[0])
 
 
 def default_format(tokenizer, prompt_format: str = "{prompt}", template: str | None = None) -> Callable[[str, str], str]:
@@ -187,7 +237,10 @@ class RewardModel:
             self.model.train(was_training)
         scores = torch.cat(scores).double().cpu()
         if not torch.isfinite(scores).all():
-            raise ValueError(f"reward model {self.name} produced NaN or inf scores")
+            bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+            raise RewardError(f"reward model {self.name!r} produced non-finite scores at rows {bad[:10]} of the batch "
+                              f"({[float(scores[i]) for i in bad[:5]]}); check its weights and model.dtype "
+                              "(float16 overflows where bfloat16 does not)")
         return scores, torch.ones(len(rows), dtype=torch.bool)
 
 
@@ -256,9 +309,12 @@ class Scorer:
 
     def __init__(self, sources: Sequence[RewardFunction | RewardModel], *, normalize: bool = False,
                  clip: float | None = None, missing_eos_penalty: float | None = None,
-                 all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 max_skipped_fraction: float = 1.0):
         """`all_gather` (e.g. `accelerator.gather`) lets every process update the running moments with the
-        scores of all processes, so they normalise alike."""
+        scores of all processes, so they normalise alike, and count the skipped rows of all processes, so they
+        stop alike. `max_skipped_fraction`: a RewardError once a source has skipped more than this fraction of
+        the rows it has scored in the run (1.0: never)."""
         if not sources:
             raise ValueError("PPO needs at least one reward model or reward function")
         names = [s.name for s in sources]
@@ -269,6 +325,9 @@ class Scorer:
         self.clip = clip
         self.missing_eos_penalty = missing_eos_penalty
         self.all_gather = all_gather
+        self.max_skipped_fraction = max_skipped_fraction
+        self.rows_scored = 0
+        self.rows_skipped = dict.fromkeys(names, 0)
 
     def __call__(self, prompts: list[str], responses: list[str], *, no_eos: torch.Tensor,
                  fields: Mapping[str, list] | None = None) -> ScoreResult:
@@ -280,19 +339,30 @@ class Scorer:
         total = torch.zeros(n, dtype=torch.float64)
         valid = torch.ones(n, dtype=torch.bool)
         metrics: dict[str, float] = {}
+        skipped = []
         for source in self.sources:
             scores, ok = source(prompts, responses, fields)
             total += source.weight * scores
             valid &= ok
+            skipped.append(int((~ok).sum()))
             metrics[f"objective/score/{source.name}"] = float(scores[ok].mean())
+        self._count_skipped(n, skipped)
         raw = total
+        self._check_finite(raw, valid, "the weighted sum of the scores")
         if self.moments is not None:
             seen = raw[valid]
             if self.all_gather is not None:
                 everywhere = self.all_gather(torch.where(valid, raw, torch.nan))
                 seen = everywhere[~everywhere.isnan()]
-            self.moments.update(seen)
+            try:
+                self.moments.update(seen)
+            except OverflowError:
+                self.moments.mean = math.nan
             total = (total - self.moments.mean) / (self.moments.std + 1e-8)
+            # a variance that overflows divides every score to 0 rather than to inf: check the moments too
+            moments = torch.tensor([self.moments.mean, self.moments.std], dtype=torch.float64).expand(n, 2)
+            self._check_finite(torch.where(torch.isfinite(moments).all(-1), total, torch.nan), valid,
+                               "the normalised scores (ppo.normalize_scores: their running mean and variance)")
         if self.clip is not None:
             total = total.clamp(-self.clip, self.clip)
         no_eos = no_eos.cpu().bool()
@@ -306,9 +376,39 @@ class Scorer:
         })
         return ScoreResult(scores=total.float(), valid=valid, metrics=metrics)
 
+    def _count_skipped(self, n: int, skipped: list[int]) -> None:
+        """Add this batch's rows and each source's skipped rows (of every process) to the run's counts, and stop
+        once a source has skipped more than max_skipped_fraction of them."""
+        counts = torch.tensor([[n, *skipped]], dtype=torch.float64)
+        if self.all_gather is not None:
+            counts = self.all_gather(counts)
+        counts = counts.sum(0).long().tolist()
+        self.rows_scored += counts[0]
+        for name, count in zip(self.rows_skipped, counts[1:]):
+            self.rows_skipped[name] += count
+            fraction = self.rows_skipped[name] / self.rows_scored
+            if fraction > self.max_skipped_fraction:
+                raise RewardError(
+                    f"reward function {name!r} failed (raised or timed out) on {self.rows_skipped[name]} of the "
+                    f"{self.rows_scored} rows scored so far ({fraction:.0%}), more than ppo.max_skipped_fraction="
+                    f"{self.max_skipped_fraction:g}; the warnings above give its errors. Fix the function, or raise "
+                    "ppo.max_skipped_fraction to train on the rows it can score")
+
+    def _check_finite(self, scores: torch.Tensor, valid: torch.Tensor, what: str) -> None:
+        if torch.isfinite(scores[valid]).all():
+            return
+        rows = (valid & ~torch.isfinite(scores)).nonzero().flatten().tolist()
+        raise RewardError(
+            f"{what} overflow to inf or NaN at rows {rows[:10]} of the batch ({[float(scores[i]) for i in rows[:5]]}), "
+            f"from the sources {[s.name for s in self.sources]} (weights {[s.weight for s in self.sources]}). Keep "
+            "rewards well inside float64 range (e.g. |reward| < 1e100): rescale the reward function or its weight")
+
     def state_dict(self) -> dict:
-        return {"moments": self.moments.state_dict() if self.moments is not None else None}
+        return {"moments": self.moments.state_dict() if self.moments is not None else None,
+                "rows_scored": self.rows_scored, "rows_skipped": dict(self.rows_skipped)}
 
     def load_state_dict(self, state: Mapping) -> None:
         if self.moments is not None and state.get("moments") is not None:
             self.moments.load_state_dict(state["moments"])
+        self.rows_scored = int(state.get("rows_scored", 0))
+        self.rows_skipped.update({k: int(v) for k, v in state.get("rows_skipped", {}).items() if k in self.rows_skipped})

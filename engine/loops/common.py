@@ -251,14 +251,15 @@ PLAIN_DATA_PARALLEL = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_MLU",
 
 
 def clip_gradients(accelerator: Accelerator, parameters, max_norm: float | None) -> torch.Tensor | None:
-    """Scale the gradients down to a total norm of `max_norm` where it is above (None: only measure); the norm
-    before clipping, as `accelerator.clip_grad_norm_` returns it.
+    """Scale the gradients down to a total norm of `max_norm` where it is above (0 or None: only measure, as
+    transformers reads max_grad_norm); the norm before clipping, as `accelerator.clip_grad_norm_` returns it.
 
     torch's clip multiplies every gradient by min(1, max_norm / (norm + 1e-6)), a full pass over all of them
     even when that factor is 1. With plain gradients (PLAIN_DATA_PARALLEL, no device mesh) this takes the steps
     accelerate takes (unscale fp16 gradients, norm, clip) with torch's arithmetic, but multiplies only when the
     factor is below 1. Reading that comparison on the host is a sync, which optimizer_step's skip check makes
     anyway."""
+    max_norm = max_norm or None  # 0 would scale every gradient to zero
     plain = (accelerator.distributed_type.value in PLAIN_DATA_PARALLEL
              and getattr(accelerator, "parallelism_config", None) is None  # tensor or context parallel: DTensors
              and hasattr(torch.nn.utils, "clip_grads_with_norm_"))  # torch >= 2.6

@@ -72,7 +72,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         ref_cfg = models.reference_model_config(cfg.model, cfg.reference.name_or_path)
         reference = _to_device(models.load_policy(ref_cfg, for_training=False), accelerator.device)
     scorer = build_scorer(cfg, accelerator)
-    data = build_datasets("prompt", cfg.data, tokenizer, log=accelerator.print)
+    data = build_datasets("prompt", cfg.data, tokenizer, log=accelerator.print,
+                          report_dir=cfg.output_dir if accelerator.is_main_process else None)
     sampling = SamplingConfig(max_new_tokens=ppo.max_new_tokens, min_new_tokens=ppo.min_new_tokens,
                               temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
                               response_length=ppo.response_length, micro_batch_size=ppo.rollout_micro_batch_size)
@@ -378,7 +379,8 @@ def build_scorer(cfg: RunConfig, accelerator: Accelerator) -> Scorer:
     sources = []
     for spec in specs:
         if spec.function is not None:
-            sources.append(RewardFunction(spec.name, load_reward_function(spec.function), spec.weight, spec.kwargs))
+            sources.append(RewardFunction(spec.name, load_reward_function(spec.function), spec.weight, spec.kwargs,
+                                          spec.timeout_s))
             continue
         model_cfg = replace(base, name_or_path=spec.model)
         model = _to_device(models.load_reward_model(model_cfg, for_training=False), accelerator.device)
@@ -392,7 +394,7 @@ def build_scorer(cfg: RunConfig, accelerator: Accelerator) -> Scorer:
         sources.append(RewardModel(spec.name, model, tokenizer, fmt, spec.weight, spec.max_length,
                                    ppo.rollout_micro_batch_size, add_special_tokens=not bos_in_text, encode=encode))
     return Scorer(sources, normalize=ppo.normalize_scores, clip=ppo.score_clip,
-                  missing_eos_penalty=ppo.missing_eos_penalty,
+                  missing_eos_penalty=ppo.missing_eos_penalty, max_skipped_fraction=ppo.max_skipped_fraction,
                   all_gather=lambda t: accelerator.gather(t.to(accelerator.device)).cpu())
 
 

@@ -34,3 +34,24 @@ def mean(values) -> float:
 
 def series(result: train.RunResult, key: str) -> list[float]:
     return [record[key] for record in result.history if key in record]
+
+
+def run_cli(config: str | Path, output_dir: Path, *overrides: str) -> tuple[int, str]:
+    """`engine/train.py` as a user runs it, in this process: (exit code, stderr). An exception that escapes
+    the entry point (what a user sees as a traceback) fails the calling test."""
+    import contextlib
+    import io
+    import sys
+
+    config = config if Path(config).is_absolute() else TINY / config
+    stderr = io.StringIO()
+    argv = sys.argv
+    sys.argv = ["engine/train.py", "--config", str(config), f"output_dir={output_dir}", *SMALL, *overrides]
+    try:
+        with contextlib.redirect_stderr(stderr):
+            train.cli()
+    except SystemExit as stop:
+        return stop.code, stderr.getvalue()
+    finally:
+        sys.argv = argv
+    return 0, stderr.getvalue()

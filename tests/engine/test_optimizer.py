@@ -91,7 +91,7 @@ def test_above_max_norm_the_gradients_are_torchs_clipped_ones():
     assert math.isclose(torch.linalg.vector_norm(torch.cat([g.flatten() for g in _grads(model)])), 1.0, rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("max_norm", [1e3, None], ids=["below-max-norm", "measure-only"])
+@pytest.mark.parametrize("max_norm", [1e3, None, 0.0], ids=["below-max-norm", "measure-only", "zero-is-none"])
 def test_below_max_norm_or_without_one_no_gradient_is_written(max_norm):
     """A tensor's version counter moves with every in-place write: torch's clip writes every gradient (times
     1.0) even when the clip is inactive; clip_gradients writes none."""
@@ -129,6 +129,13 @@ def test_sharded_and_special_backends_clip_through_accelerate():
         assert torch.equal(clip_gradients(_fake_accelerator(kind, calls), model.parameters(), 2.0), expected)
         assert all(torch.equal(a, b) for a, b in zip(_grads(model), _grads(reference)))
     assert len(calls) == 5
+
+
+def test_a_max_grad_norm_of_zero_is_no_clipping_through_accelerate_too():
+    """0 means no clipping, as in transformers; passed on as is it would scale every gradient to zero."""
+    calls = []
+    clip_gradients(_fake_accelerator(DistributedType.FSDP, calls), _with_gradients().parameters(), 0.0)
+    assert calls == [math.inf]
 
 
 def test_fp16_gradients_are_unscaled_before_the_norm():

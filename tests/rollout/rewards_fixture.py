@@ -25,3 +25,31 @@ def wrong_length(prompts, responses, **fields):
 
 def gives_nan(prompts, responses, **fields):
     return [float("nan")] + [0.0] * (len(responses) - 1)
+
+
+def gives_inf(prompts, responses, **fields):
+    return [0.0] * (len(responses) - 1) + [float("-inf")]
+
+
+def gives_none(prompts, responses, **fields):
+    return [None] * len(responses)
+
+
+def gives_strings(prompts, responses, **fields):
+    return ["0.5"] * len(responses)
+
+
+def gives_dict(prompts, responses, **fields):
+    return {"score": [0.0] * len(responses)}
+
+
+def gives_huge(prompts, responses, **fields):
+    return [1e300 * (i % 2) for i in range(len(responses))]
+
+
+def hangs(prompts, responses, **fields):
+    import time
+
+    time.sleep(600)
+    return [0.0] * len(responses)
+

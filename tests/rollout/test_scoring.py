@@ -3,6 +3,7 @@ import torch
 
 from data.tiny_tokenizer import build_tokenizer
 from rollout.scoring import (
+    RewardError,
     RewardFunction,
     RewardModel,
     RunningMoments,
@@ -102,13 +103,50 @@ def test_rows_where_a_reward_function_raises_are_skipped_and_counted(caplog):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("always_fails", "always_fails raised on every row"),
-    ("wrong_length", r"wrong_length returned shape \(4,\) for the batch, expected \(3,\)"),
-    ("gives_nan", r"gives_nan returned NaN or inf for the batch at positions \[0\]"),
+    ("wrong_length", "'wrong_length' returned 4 values for 3 responses (rows 0-2 of the batch)"),
+    ("gives_nan", "'gives_nan' returned 1 bad value(s) of 3: row 0 ('b e q'): nan"),
+    ("gives_inf", "'gives_inf' returned 1 bad value(s) of 3: row 2 ('The sea is wide and grey and deep, i...): -inf"),
+    ("gives_none", "'gives_none' returned 3 bad value(s) of 3: row 0 ('b e q'): None; row 1 ('a'): None"),
+    ("gives_strings", "'gives_strings' returned 3 bad value(s) of 3: row 0 ('b e q'): '0.5'; row 1 ('a'): '0.5'"),
+    ("gives_dict", "'gives_dict' returned a dict (keys ['score']) for 3 responses"),
 ])
-def test_broken_reward_functions_are_errors_naming_them(name, message):
-    with pytest.raises((ValueError, RuntimeError), match=message):
+def test_bad_values_of_a_reward_function_are_errors_naming_it_the_rows_and_the_values(name, message):
+    with pytest.raises(RewardError) as error:
         Scorer([fn(name)])(PROMPTS, RESPONSES, no_eos=NO_EOS)
+    assert message in str(error.value) and "one finite number (int or float) per response" in str(error.value)
+
+
+def test_a_reward_that_fails_on_more_rows_than_the_budget_stops_the_run_naming_it():
+    """fails_on_x skips 2 of 3 rows: within a budget of 0.7, past one of 0.5; the count is over the run."""
+    scorer = Scorer([fn("fails_on_x"), fn("length_reward")], max_skipped_fraction=0.7)
+    assert scorer(PROMPTS, ["a x", "b", "x"], no_eos=NO_EOS).valid.tolist() == [False, True, False]
+    with pytest.raises(RewardError, match=r"'fails_on_x' failed \(raised or timed out\) on 5 of the 6 rows .*83%"):
+        scorer(PROMPTS, ["x", "x", "x"], no_eos=NO_EOS)
+    restored = Scorer([fn("fails_on_x"), fn("length_reward")], max_skipped_fraction=0.5)
+    restored.load_state_dict({"moments": None, "rows_scored": 3, "rows_skipped": {"fails_on_x": 2}})
+    with pytest.raises(RewardError, match="on 4 of the 6 rows"):  # the counts of a checkpoint carry on
+        restored(PROMPTS, ["a x", "b", "x"], no_eos=NO_EOS)
+
+
+def test_a_reward_call_past_its_timeout_skips_the_rows_of_the_call():
+    import time
+
+    slow = RewardFunction("hangs", load_reward_function("tests.rollout.rewards_fixture:hangs"), timeout_s=0.2)
+    start = time.perf_counter()
+    out = Scorer([slow, fn("length_reward")])(PROMPTS, RESPONSES, no_eos=NO_EOS)
+    assert time.perf_counter() - start < 5  # not row by row, not the 600 s the call sleeps
+    assert out.valid.tolist() == [False, False, False] and out.metrics["rollout/skipped"] == 3
+    with pytest.raises(RewardError, match="'hangs' failed .* on 3 of the 3 rows"):
+        Scorer([slow], max_skipped_fraction=0.5)(PROMPTS, RESPONSES, no_eos=NO_EOS)
+
+
+def test_scores_that_overflow_the_normaliser_are_refused():
+    """1e300 is finite, but its square is not: the running variance overflows, which would scale every score
+    to 0 (or NaN) silently."""
+    with pytest.raises(RewardError, match=r"normalised scores .* overflow .* rescale the reward function"):
+        Scorer([fn("gives_huge")], normalize=True)(PROMPTS, RESPONSES, no_eos=NO_EOS)
+    with pytest.raises(RewardError, match=r"weighted sum of the scores overflow"):
+        Scorer([fn("gives_huge", weight=1e10)])(PROMPTS, RESPONSES, no_eos=NO_EOS)
 
 
 def test_bad_reward_function_names():
