@@ -68,7 +68,9 @@ class ModelConfig:
 
     name_or_path: str = "tiny"
     dtype: str = "float32"
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"
+    """auto (sdpa where the model class has it, else eager), sdpa, eager, flash_attention_2/3 or flex_attention;
+    a choice the class cannot do is refused at start-up."""
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)

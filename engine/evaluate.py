@@ -73,6 +73,9 @@ class EvaluationConfig:
     template: str | None = None
     prompt_format: str = DataConfig.prompt_format
     max_prompt_length: int | None = 256
+    attn_implementation: str = "auto"
+    """The policy's and reference's attention, as model.attn_implementation."""
+    reward_attn_implementation: str = "auto"
 
 
 # ---- metrics on tensors -------------------------------------------------------------------------
@@ -164,10 +167,10 @@ class Evaluator:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.policy = self.reference = self.reward = None
         if cfg.model is not None:
-            self.policy = load_model(cfg.model).to(self.device)
+            self.policy = load_model(cfg.model, attn_implementation=cfg.attn_implementation).to(self.device)
             self.tokenizer = load_tokenizer(cfg.model)
         if cfg.reference is not None:
-            self.reference = load_model(cfg.reference).to(self.device)
+            self.reference = load_model(cfg.reference, attn_implementation=cfg.attn_implementation).to(self.device)
             if self.reference.config.vocab_size != self.policy.config.vocab_size:
                 raise ValueError(f"--reference {cfg.reference} has another vocabulary than --model {cfg.model}; "
                                  "KL and implicit rewards need the same tokenizer")
@@ -177,7 +180,8 @@ class Evaluator:
             fmt = default_format(tokenizer, cfg.prompt_format, plain)
             # a chat template that writes BOS itself must not get a second one from the tokenizer
             bos_in_text = bool(tokenizer.bos_token) and fmt("", "").startswith(tokenizer.bos_token)
-            model = load_model(cfg.reward_model, kind="reward").to(self.device)
+            model = load_model(cfg.reward_model, kind="reward",
+                               attn_implementation=cfg.reward_attn_implementation).to(self.device)
             encode = reward_pair_encoder(DataConfig(template="plain" if cfg.template == "plain" else None,
                                                     prompt_format=cfg.prompt_format, max_length=1024,
                                                     max_prompt_length=None), tokenizer)
@@ -334,6 +338,10 @@ def parse_args(argv: Iterable[str] | None) -> tuple[EvaluationConfig, str | None
     parser.add_argument("--samples", type=int, default=EvaluationConfig.samples)
     parser.add_argument("--template", default=None)
     parser.add_argument("--prompt-format", default=DataConfig.prompt_format)
+    parser.add_argument("--attn-implementation", default="auto",
+                        help="the policy's and reference's, as model.attn_implementation (auto: sdpa where the "
+                             "model has it, else eager)")
+    parser.add_argument("--reward-attn-implementation", default="auto", help="the reward model's, likewise")
     parser.add_argument("--out", help="write the JSON here (it is printed either way)")
     args = parser.parse_args(None if argv is None else list(argv))
     if args.model is None and args.reward_model is None:
@@ -345,6 +353,7 @@ def parse_args(argv: Iterable[str] | None) -> tuple[EvaluationConfig, str | None
         num_prompts=args.num_prompts, num_pairs=args.num_pairs, data_seed=args.data_seed, seed=args.seed,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         batch_size=args.batch_size, samples=args.samples, template=args.template, prompt_format=args.prompt_format,
+        attn_implementation=args.attn_implementation, reward_attn_implementation=args.reward_attn_implementation,
     )
     return cfg, args.out
 
@@ -376,5 +385,16 @@ def attach_to_training_run(run_dir: Path, result: dict, out: str | None) -> None
             tracking.attach(trackers, [out], "evaluation")
 
 
+def cli() -> None:
+    """The command line: a ConfigError (a model whose attention cannot be what was asked) exits 2."""
+    from engine.config import ConfigError
+
+    try:
+        main()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

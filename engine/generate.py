@@ -44,22 +44,25 @@ from rollout.generation import SamplingConfig, generate
 from rollout.scoring import load_reward_function
 
 
-def load_model(path: str, *, kind: str = "causal", dtype: str = "float32"):
+def load_model(path: str, *, kind: str = "causal", dtype: str = "float32", attn_implementation: str = "auto"):
     """A frozen model in eval mode from a `final/` directory (or any path or hub id `engine.models` loads).
 
     A directory holding `adapter_config.json` is a LoRA adapter: its base (recorded by peft) is loaded
-    first and the adapter applied on top. `kind` is "causal" (a policy) or "reward" (a scalar head).
+    first and the adapter applied on top. `kind` is "causal" (a policy) or "reward" (a scalar head);
+    `attn_implementation` is model.attn_implementation's choice (auto: sdpa where the class has it).
     """
     from engine import models
 
     load = models.load_policy if kind == "causal" else models.load_reward_model
     adapter_config = Path(path) / "adapter_config.json"
     if not adapter_config.exists():
-        return load(ModelConfig(name_or_path=str(path), dtype=dtype), for_training=False)
+        return load(ModelConfig(name_or_path=str(path), dtype=dtype, attn_implementation=attn_implementation),
+                    for_training=False)
     from peft import PeftModel
 
     base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-    base = load(ModelConfig(name_or_path=base_path, dtype=dtype), for_training=False)
+    base = load(ModelConfig(name_or_path=base_path, dtype=dtype, attn_implementation=attn_implementation),
+                for_training=False)
     model = PeftModel.from_pretrained(base, str(path))
     model.eval()
     model.requires_grad_(False)
@@ -217,6 +220,9 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-format", default=DataConfig.prompt_format)
     parser.add_argument("--max-prompt-length", type=int, default=256)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--attn-implementation", default="auto",
+                        help="as model.attn_implementation: auto (sdpa where the model has it, else eager), sdpa, "
+                             "eager, flash_attention_2")
     return parser.parse_args(None if argv is None else list(argv))
 
 
@@ -226,7 +232,7 @@ def main(argv: Iterable[str] | None = None) -> list[dict]:
     keep_freed_memory()  # large CPU tensors reuse freed pages instead of faulting in fresh ones every batch
     args = parse_args(argv)
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model would bury the answers
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation)
     if torch.cuda.is_available():
         model = model.to("cuda")
     tokenizer = load_tokenizer(args.model)
@@ -273,5 +279,16 @@ def main(argv: Iterable[str] | None = None) -> list[dict]:
     return out
 
 
+def cli() -> None:
+    """The command line: a ConfigError (a model whose attention cannot be what was asked) exits 2."""
+    from engine.config import ConfigError
+
+    try:
+        main()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

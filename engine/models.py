@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import FreezeConfig, ModelConfig
+from engine.config import ConfigError, FreezeConfig, ModelConfig
 from engine.tiny import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def load_reward_model(model_cfg: ModelConfig, *, num_labels: int = 1, for_traini
 def _load(auto_cls, cfg: ModelConfig, *, for_training: bool, task_type: str, **config_kwargs):
     from transformers import BitsAndBytesConfig
 
-    _check_attention(cfg.attn_implementation)
+    attention = resolve_attention(cfg, kind="reward" if task_type == "SEQ_CLS" else "causal")
     if for_training and cfg.quant.bits and not cfg.lora.enabled:
         raise ValueError(
             f"model.quant.bits={cfg.quant.bits} weights cannot be trained directly; set model.lora.enabled=true "
@@ -145,7 +145,7 @@ def _load(auto_cls, cfg: ModelConfig, *, for_training: bool, task_type: str, **c
     model = auto_cls.from_pretrained(
         resolve_model_path(cfg.name_or_path),
         dtype=torch_dtype(cfg.dtype),
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=attention,
         trust_remote_code=cfg.trust_remote_code,
         **kwargs,
     )
@@ -226,15 +226,53 @@ def check_lora_targets(cfg: ModelConfig, model_config, *, task_type: str = "CAUS
     return matched
 
 
-def _check_attention(attn_implementation: str) -> None:
-    if attn_implementation == "flash_attention_2":
-        from transformers.utils import is_flash_attn_2_available
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# what each choice needs: the model class's flag, and where a package provides the kernel, its check
+_SUPPORT_FLAG = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
+                 "flash_attention_3": "_supports_flash_attn", "flex_attention": "_supports_flex_attn"}
+_said: set[tuple[str, str]] = set()
 
-        if not is_flash_attn_2_available():
-            raise ImportError(
-                "model.attn_implementation=flash_attention_2 needs the flash-attn package (>= 2.3.3) and a CUDA "
-                "GPU; `pip install flash-attn --no-build-isolation`, or set model.attn_implementation=sdpa"
-            )
+
+def model_class(name_or_path: str, *, kind: str = "causal", trust_remote_code: bool = False):
+    """The transformers class the Auto loader would build for `name_or_path` (read from its config only), or
+    None where it cannot tell without the weights (remote code)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    auto_cls = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+    try:
+        return auto_cls._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        return None
+
+
+def resolve_attention(cfg: ModelConfig, *, kind: str = "causal", key: str = "model.attn_implementation") -> str | None:
+    """`cfg.attn_implementation` as transformers should get it. `auto` is sdpa where the model class has it and
+    eager where it has not (Gemma-2, DeBERTa-v2), said in one line; an explicit choice the class (or the
+    installed packages) cannot do is a ConfigError naming `key`, raised before any weights load."""
+    requested = cfg.attn_implementation
+    if requested not in ATTENTION:
+        raise ConfigError(f"{key}={requested!r} is not one of {list(ATTENTION)}")
+    cls = model_class(cfg.name_or_path, kind=kind, trust_remote_code=cfg.trust_remote_code)
+    if cls is None:  # remote code: transformers picks, as it does when given nothing
+        return None if requested == "auto" else requested
+    if requested == "auto":
+        chosen = "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+        if chosen == "eager" and (cls.__name__, chosen) not in _said:
+            _said.add((cls.__name__, chosen))
+            print(f"{key}=auto: {cls.__name__} has no SDPA attention; using eager")
+        return chosen
+    flag = _SUPPORT_FLAG.get(requested)
+    if flag is not None and not getattr(cls, flag, False):
+        raise ConfigError(f"{key}={requested}: {cls.__name__} does not support it; set {key}=auto (or eager)")
+    if requested.startswith("flash_attention"):
+        from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+        available = is_flash_attn_2_available() if requested.endswith("2") else is_flash_attn_3_available()
+        if not available:
+            raise ConfigError(f"{key}={requested} needs the flash-attn package and a CUDA GPU "
+                              f"(`pip install flash-attn --no-build-isolation`), or set {key}=auto")
+    return requested
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -46,6 +46,7 @@ def check_startup(cfg: RunConfig, objective: Objective, accelerator) -> None:
         check_turns_end_with_a_stop_token(cfg, tokenizer, stop_tokens(tokenizer, cfg.model.name_or_path))
     check_quantised_distribution(cfg, accelerator)
     check_export_merge(cfg, accelerator)
+    check_attention(cfg, objective.family)
     try:
         model_config = load_model_config(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         check_positions(cfg, objective.family, getattr(model_config, "max_position_embeddings", None))
@@ -152,6 +153,22 @@ def check_positions(cfg: RunConfig, family: str, limit: int | None) -> None:
                               f"{cfg.ppo.max_new_tokens} exceed {where}; lower one so they sum to at most {limit}")
     elif cfg.data.max_length > limit:
         raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds {where}; set data.max_length={limit} or less")
+
+
+def check_attention(cfg: RunConfig, family: str) -> None:
+    """Every model the run loads can use its attention implementation (engine.models.resolve_attention)."""
+    from dataclasses import replace
+
+    from engine.models import resolve_attention
+
+    resolve_attention(cfg.model, kind="reward" if family == "reward" else "causal")
+    if family != "ppo":
+        return
+    base, key = (cfg.reward_model, "reward_model") if cfg.reward_model is not None else (cfg.model, "model")
+    for spec in cfg.ppo.rewards or ((cfg.reward_model and cfg.reward_model.name_or_path),):
+        path = getattr(spec, "model", spec)
+        if path:
+            resolve_attention(replace(base, name_or_path=path), kind="reward", key=f"{key}.attn_implementation")
 
 
 def sharding_mode(accelerator) -> str | None:
