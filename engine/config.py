@@ -71,6 +71,10 @@ class ModelConfig:
     attn_implementation: str = "auto"
     """auto (sdpa where the model class has it, else eager), sdpa, eager, flash_attention_2/3 or flex_attention;
     a choice the class cannot do is refused at start-up."""
+    disable_dropout: bool | None = None
+    """Switch off the model's own dropout (and LoRA's) while training. None: on for the preference (DPO, ORPO,
+    ...) and PPO families, whose log-prob ratios against an eval-mode reference or rollout must start at 1,
+    off for SFT and reward training."""
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)

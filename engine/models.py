@@ -43,6 +43,12 @@ _GROUP_PATTERNS = (
     ("attention", re.compile(r"(^|\.)(\w*attn\w*|\w*attention\w*)\.")),
     ("feed_forward", re.compile(r"(^|\.)(mlp|feed_forward|ffn|\w*experts?)\.")),
 )
+# As TRL's DPO, ORPO and PPO trainers: a log-prob ratio against an eval-mode reference (or rollout) starts at 1
+# only if the training forward has no dropout either.
+DROPOUT_FREE_FAMILIES = ("pairwise", "ppo")
+# Config fields that set a dropout (or LayerDrop) rate: OPT's `dropout`, GPT-2's `attn_pdrop`, BERT's
+# `hidden_dropout_prob`, OPT's `layerdrop`.
+_DROPOUT_FIELD = re.compile(r"dropout|pdrop|layerdrop")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
@@ -74,18 +80,21 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tokenizer
 
 
-def load_policy(model_cfg: ModelConfig, *, for_training: bool = True):
+def load_policy(model_cfg: ModelConfig, *, for_training: bool = True, disable_dropout: bool = False):
     """A causal LM with the config's dtype, attention, quantisation, LoRA, freezing and checkpointing.
 
     With `for_training=False` (a reference model, an evaluator) the model is in eval mode with every
-    parameter frozen, and no adapter, freezing or checkpointing is applied.
+    parameter frozen, and no adapter, freezing or checkpointing is applied. `disable_dropout` trains it with
+    every dropout rate at 0 (see `dropout_fields` and `without_dropout`).
     """
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM, model_cfg, for_training=for_training, task_type="CAUSAL_LM")
+    return _load(AutoModelForCausalLM, model_cfg, for_training=for_training, task_type="CAUSAL_LM",
+                 disable_dropout=disable_dropout)
 
 
-def load_reward_model(model_cfg: ModelConfig, *, num_labels: int = 1, for_training: bool = True):
+def load_reward_model(model_cfg: ModelConfig, *, num_labels: int = 1, for_training: bool = True,
+                      disable_dropout: bool = False):
     """A sequence-classification model with `num_labels` outputs scoring each sequence at its last non-pad
     token; a causal-LM checkpoint gains a freshly initialised `score` head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -106,10 +115,12 @@ def load_reward_model(model_cfg: ModelConfig, *, num_labels: int = 1, for_traini
         task_type="SEQ_CLS",
         num_labels=num_labels,
         pad_token_id=tokenizer.pad_token_id,
+        disable_dropout=disable_dropout,
     )
 
 
-def _load(auto_cls, cfg: ModelConfig, *, for_training: bool, task_type: str, **config_kwargs):
+def _load(auto_cls, cfg: ModelConfig, *, for_training: bool, task_type: str, disable_dropout: bool = False,
+          **config_kwargs):
     from transformers import BitsAndBytesConfig
 
     attention = resolve_attention(cfg, kind="reward" if task_type == "SEQ_CLS" else "causal")
@@ -125,6 +136,8 @@ def _load(auto_cls, cfg: ModelConfig, *, for_training: bool, task_type: str, **c
         )
 
     kwargs = dict(config_kwargs)
+    dropout = dropout_fields(cfg) if for_training and disable_dropout else {}
+    kwargs.update(dict.fromkeys(dropout, 0.0))
     if cfg.quant.bits is not None:
         from accelerate import PartialState
 
@@ -149,6 +162,9 @@ def _load(auto_cls, cfg: ModelConfig, *, for_training: bool, task_type: str, **c
         trust_remote_code=cfg.trust_remote_code,
         **kwargs,
     )
+    # the modules took their rates at construction; the saved config keeps the model's own
+    for name, rate in dropout.items():
+        setattr(model.config, name, rate)
     if not for_training:
         model.eval()
         model.requires_grad_(False)
@@ -175,6 +191,10 @@ def _load(auto_cls, cfg: ModelConfig, *, for_training: bool, task_type: str, **c
         )
     else:
         apply_freeze(model, cfg.freeze)
+    if disable_dropout:
+        without_dropout(model)
+        logger.info("dropout off in %s (model.disable_dropout): config rates %s and every nn.Dropout set to 0",
+                    cfg.name_or_path, dropout or "none")
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
@@ -224,6 +244,31 @@ def check_lora_targets(cfg: ModelConfig, model_config, *, task_type: str = "CAUS
         raise ConfigError(f"{where} matches {unsupported[0]!r}, a {type(modules[unsupported[0]]).__name__}, which "
                           f"LoRA cannot wrap; name linear layers such as {layers}")
     return matched
+
+
+def disables_dropout(cfg: ModelConfig, family: str) -> bool:
+    """`model.disable_dropout` resolved for a family: None means on for the preference and PPO families."""
+    return cfg.disable_dropout if cfg.disable_dropout is not None else family in DROPOUT_FREE_FAMILIES
+
+
+def dropout_fields(cfg: ModelConfig) -> dict[str, float]:
+    """The model config's non-zero dropout rates by field name, read from its config alone.
+
+    Zeroing these at load time reaches the dropout that modules apply functionally from a float they copied
+    (OPT's `nn.functional.dropout(p=self.dropout)`, attention kernels' `dropout_p`, OPT's LayerDrop), which
+    setting `nn.Dropout.p` alone (TRL's `disable_dropout_in_model`) misses."""
+    from engine.memory import load_model_config
+
+    config = load_model_config(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    return {name: value for name, value in vars(config).items()
+            if _DROPOUT_FIELD.search(name) and isinstance(value, float) and value > 0}
+
+
+def without_dropout(model) -> None:
+    """Every `nn.Dropout` (the model's own, LoRA's `lora_dropout`, a classifier head's) at p=0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")

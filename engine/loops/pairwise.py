@@ -21,7 +21,8 @@ from losses import Objective
 def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> common.RunResult:
     # 1. Tokenizer, policy and pairs; `row_index` lets a precomputed reference find each pair's log-probs.
     tokenizer = models.load_tokenizer(cfg.model)
-    policy = models.load_policy(cfg.model, for_training=True)
+    policy = models.load_policy(cfg.model, for_training=True,
+                                disable_dropout=models.disables_dropout(cfg.model, "pairwise"))
     data = build_datasets("preference", cfg.data, tokenizer, log=accelerator.print,
                           report_dir=cfg.output_dir if accelerator.is_main_process else None)
     train_rows = add_row_index(data.train)

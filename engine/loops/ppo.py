@@ -63,9 +63,11 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
 
     # 1. Tokenizer, policy with its value head (or a separate critic), frozen reference, rewards, prompts.
     tokenizer = models.load_tokenizer(cfg.model)
-    policy = models.load_policy(cfg.model, for_training=True)
+    no_dropout = models.disables_dropout(cfg.model, "ppo")
+    policy = models.load_policy(cfg.model, for_training=True, disable_dropout=no_dropout)
     eos = stop_ids(tokenizer, policy)
-    critic = models.load_policy(replace(cfg.model, name_or_path=ppo.critic), for_training=True) if ppo.critic else None
+    critic = (models.load_policy(replace(cfg.model, name_or_path=ppo.critic), for_training=True,
+                                 disable_dropout=no_dropout) if ppo.critic else None)
     actor_critic = ActorCritic(policy, starting_value_head(ppo.critic or cfg.model.name_or_path), critic=critic)
     reference = None
     if cfg.reference.mode != "disabled":

@@ -17,7 +17,8 @@ from losses import Objective
 def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> common.RunResult:
     # 1. Tokenizer (it must have a pad token: the score is read at the last non-pad token), pairs, model.
     tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_reward_model(cfg.model, num_labels=1, for_training=True)
+    model = models.load_reward_model(cfg.model, num_labels=1, for_training=True,
+                                     disable_dropout=models.disables_dropout(cfg.model, "reward"))
     data = build_datasets("preference", cfg.data, tokenizer, log=accelerator.print,
                           report_dir=cfg.output_dir if accelerator.is_main_process else None)
     # With data.share_prompt a batch holds each prompt once (short pairs share a row); its labels keep the 2B rows.

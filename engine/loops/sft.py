@@ -19,7 +19,8 @@ from losses import Objective
 def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> common.RunResult:
     # 1. Tokenizer, tokenised rows (completion-only labels) and the policy.
     tokenizer = models.load_tokenizer(cfg.model)
-    policy = models.load_policy(cfg.model, for_training=True)
+    policy = models.load_policy(cfg.model, for_training=True,
+                                disable_dropout=models.disables_dropout(cfg.model, "sft"))
     data = build_datasets("sft", cfg.data, tokenizer, log=accelerator.print,
                           report_dir=cfg.output_dir if accelerator.is_main_process else None)
     collate = make_collator("sft", tokenizer, packing=cfg.data.packing)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from data import synthetic
-from engine.config import FreezeConfig, LoraConfig, ModelConfig, QuantConfig
+from engine.config import ConfigError, FreezeConfig, LoraConfig, ModelConfig, QuantConfig
 from engine.models import (
     frozen_parameter_names,
     layer_index,
@@ -151,7 +151,7 @@ def test_flash_attention_without_the_package_names_the_fix(monkeypatch):
     import transformers.utils
 
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
-    with pytest.raises(ImportError, match="attn_implementation=sdpa"):
+    with pytest.raises(ConfigError, match="flash-attn .* set model.attn_implementation=auto"):
         load_policy(replace(TINY, attn_implementation="flash_attention_2"))
 
 
