@@ -162,6 +162,11 @@ def check_attention(cfg: RunConfig, family: str) -> None:
     from engine.models import resolve_attention
 
     resolve_attention(cfg.model, kind="reward" if family == "reward" else "causal")
+    # a reference from another checkpoint, and PPO's separate critic, load with the policy's settings
+    others = [cfg.reference.name_or_path] if family in ("pairwise", "ppo") else []
+    others += [cfg.ppo.critic] if family == "ppo" else []
+    for path in filter(None, others):
+        resolve_attention(replace(cfg.model, name_or_path=path))
     if family != "ppo":
         return
     base, key = (cfg.reward_model, "reward_model") if cfg.reward_model is not None else (cfg.model, "model")

@@ -4,6 +4,7 @@ choice the class cannot do refused at start-up, in training, generation and eval
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -112,3 +113,38 @@ def test_generate_and_evaluate_run_gemma2_with_the_flag(gemma2, tmp_path):
                             "--num-prompts", "4", "--max-new-tokens", "4", "--attn-implementation", "auto"])
     # the model against itself, with the same sampling seed: no KL
     assert abs(result["metrics"]["objective/kl"]) < 1e-4, json.dumps(result["metrics"])
+
+
+@pytest.mark.parametrize("config, overrides, key", [
+    ("dpo.yaml", ["reference.name_or_path={gemma2}", "model.attn_implementation=sdpa"], "model.attn_implementation"),
+    ("ppo.yaml", ["model.name_or_path=tiny", "ppo.critic={gemma2}", "model.attn_implementation=sdpa"],
+     "model.attn_implementation"),
+    ("ppo.yaml", ["model.name_or_path=tiny", "reward_model.name_or_path={deberta}", "ppo.rewards=[]",
+                  "reward_model.attn_implementation=sdpa"], "reward_model.attn_implementation"),
+    ("ppo.yaml", ["model.name_or_path=tiny", "ppo.rewards=[{name: rm, model: '{deberta}'}]",
+                  "model.attn_implementation=sdpa"], "model.attn_implementation"),
+    ("reward.yaml", ["model.name_or_path={deberta}", "model.attn_implementation=sdpa"], "model.attn_implementation"),
+])
+def test_every_model_a_run_loads_is_checked_before_any_loads(tmp_path, monkeypatch, capsys, gemma2, deberta, config,
+                                                              overrides, key):
+    """The reference, the critic and PPO's reward models too: exit 2 at start-up naming the key, no traceback."""
+    from engine import train
+    from tests.engine.runs import SMALL, TINY
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "load_policy", refuse)
+    monkeypatch.setattr(models, "load_reward_model", refuse)
+    overrides = [o.replace("{gemma2}", str(gemma2)).replace("{deberta}", str(deberta)) for o in overrides]
+    monkeypatch.setattr(sys, "argv", ["engine/train.py", "--config", str(TINY / config), f"output_dir={tmp_path}",
+                                      *SMALL, *overrides])
+    with pytest.raises(SystemExit) as stopped:
+        train.cli()
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and f"error: {key}=sdpa: " in err and "does not support it" in err, err
+
+
+def test_a_deberta_reward_model_trains_under_the_default(tmp_path, deberta):
+    losses = [r["loss"] for r in run("reward.yaml", tmp_path, f"model.name_or_path={deberta}", "max_steps=2").history]
+    assert len(losses) == 2 and all(map(math.isfinite, losses))
