@@ -124,7 +124,7 @@ def test_ppo_two_processes_match_one(tmp_path):
     What remains to compare is all the reduction: scores, KL, values and GAE per row, the whitening, the policy
     and value losses weighted by response tokens over both processes, and the synced gradient (its norm
     included). Measured: grad_norm within 1e-7 (relative), losses and values within 1e-6, policy/approx_kl
-    within 4e-6 (a log-ratio at temperature 0.001 multiplies float noise by 1000). Whitening each process's
+    within 2e-5 (a log-ratio at temperature 0.001 multiplies float noise by 1000). Whitening each process's
     rows alone, or shuffling each process's rows on its own, fails this test."""
     settings = ["model.name_or_path=tiny", "data.max_samples=64", "max_steps=2", "checkpoint.every_steps=2",
                 "batch.global_batch_size=4", "batch.micro_batch_size=1", "ppo.rollout_batch_size=8",
@@ -137,7 +137,9 @@ def test_ppo_two_processes_match_one(tmp_path):
     keys = ["objective/score", "objective/kl", "val/mean", "val/explained_var", "loss/total", "loss/policy",
             "policy/approx_kl", "grad_norm"]
     for key in keys:
-        assert values(two, key) == pytest.approx(series(single, key), rel=1e-5, abs=1e-7), key
+        # approx_kl squares a log-ratio at temperature 0.001, float noise times 1000: 1.6e-5 seen on one machine
+        rel = 1e-4 if key == "policy/approx_kl" else 1e-5
+        assert values(two, key) == pytest.approx(series(single, key), rel=rel, abs=1e-7), key
     assert values(two, "grad_norm")[1] != values(two, "grad_norm")[0]  # the second iteration saw a new policy
     assert len(list((tmp_path / "two" / "checkpoints" / "step_2").glob("model*.safetensors"))) == 1
     # the value head written by the main process of two is the one trained by one process
