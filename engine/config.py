@@ -23,6 +23,7 @@ import yaml
 
 from data.config import DataConfig
 from engine.ppo_config import PPOConfig
+from rollout.generation import RolloutConfig
 
 
 class ConfigError(ValueError):
@@ -226,6 +227,8 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """Rollouts, rewards, KL shaping and the PPO update; read by the ppo family only."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """How rollouts are decoded: backend (generate, continuous, auto), static KV cache, compiled step."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -35,10 +35,17 @@ import torch
 from data.config import DataConfig
 from data.formats import canonical, detect_format
 from data.tokenize import reward_pair_encoder
-from engine.generate import PromptEncoder, load_model, load_tokenizer, read_prompts
+from engine.generate import (
+    PromptEncoder,
+    add_rollout_arguments,
+    load_model,
+    load_tokenizer,
+    read_prompts,
+    rollout_config,
+)
 from losses import token_logprobs
 from rollout.experience import response_logprobs
-from rollout.generation import Generation, SamplingConfig, generate, position_ids_from_mask
+from rollout.generation import Generation, RolloutConfig, SamplingConfig, generate, position_ids_from_mask
 from rollout.scoring import RewardModel, default_format, load_reward_function
 
 SYNTHETIC_JUDGE = "data.synthetic:judge_reward"
@@ -76,6 +83,8 @@ class EvaluationConfig:
     attn_implementation: str = "auto"
     """The policy's and reference's attention, as model.attn_implementation."""
     reward_attn_implementation: str = "auto"
+    rollout: RolloutConfig = RolloutConfig()
+    """The decoding backend (--backend, --static-cache, --compile); the reference decodes with it too."""
 
 
 # ---- metrics on tensors -------------------------------------------------------------------------
@@ -217,7 +226,7 @@ class Evaluator:
             input_ids, attention_mask = self.encoder.batch(prompts[start:start + self.cfg.batch_size])
             gen = generate(model, input_ids.to(self.device), attention_mask.to(self.device), self.sampling,
                            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                           generator=generator)
+                           generator=generator, rollout=self.cfg.rollout)
             tokens = gen.responses.masked_fill(~gen.action_mask, self.tokenizer.pad_token_id)
             texts += self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
             generations.append(gen)
@@ -342,6 +351,7 @@ def parse_args(argv: Iterable[str] | None) -> tuple[EvaluationConfig, str | None
                         help="the policy's and reference's, as model.attn_implementation (auto: sdpa where the "
                              "model has it, else eager)")
     parser.add_argument("--reward-attn-implementation", default="auto", help="the reward model's, likewise")
+    add_rollout_arguments(parser)
     parser.add_argument("--out", help="write the JSON here (it is printed either way)")
     args = parser.parse_args(None if argv is None else list(argv))
     if args.model is None and args.reward_model is None:
@@ -354,6 +364,7 @@ def parse_args(argv: Iterable[str] | None) -> tuple[EvaluationConfig, str | None
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         batch_size=args.batch_size, samples=args.samples, template=args.template, prompt_format=args.prompt_format,
         attn_implementation=args.attn_implementation, reward_attn_implementation=args.reward_attn_implementation,
+        rollout=rollout_config(args),
     )
     return cfg, args.out
 

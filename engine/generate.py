@@ -40,7 +40,7 @@ from data.formats import canonical, detect_format
 from data.tokenize import Formatter
 from engine.config import ModelConfig
 from engine.hostmem import keep_freed_memory
-from rollout.generation import SamplingConfig, generate
+from rollout.generation import BACKENDS, RolloutConfig, SamplingConfig, generate
 from rollout.scoring import load_reward_function
 
 
@@ -139,8 +139,28 @@ def read_prompts(source: str | Path | None) -> list[dict]:
 
 
 @torch.no_grad()
+def add_rollout_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `rollout:` options of a run config as flags (engine.generate and engine.evaluate)."""
+    parser.add_argument("--backend", choices=BACKENDS, default=RolloutConfig.backend,
+                        help="decoding backend: the engine's loop, transformers' continuous batching, or auto")
+    parser.add_argument("--memory-fraction", type=float, default=RolloutConfig.memory_fraction,
+                        help="continuous: largest share of free device memory for its KV cache")
+    parser.add_argument("--static-cache", action="store_true", help="generate: preallocated KV cache")
+    parser.add_argument("--compile", action="store_true", help="generate on CUDA: compiled decoding step")
+
+
+def rollout_config(args: argparse.Namespace) -> RolloutConfig:
+    try:
+        return RolloutConfig(backend=args.backend, memory_fraction=args.memory_fraction,
+                             static_cache=args.static_cache, compile=args.compile)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def answer(model, tokenizer, encoder: PromptEncoder, prompts: Sequence[str], sampling: SamplingConfig, *,
-           seed: int = 0, num_beams: int = 1, batch_size: int = 32) -> list[str]:
+           seed: int = 0, num_beams: int = 1, batch_size: int = 32,
+           rollout: RolloutConfig | None = None) -> list[str]:
     """The response text to each prompt, `batch_size` prompts at a time.
 
     Sampling draws from one `torch.Generator` seeded with `seed`, so a rerun gives the same responses; with
@@ -158,7 +178,7 @@ def answer(model, tokenizer, encoder: PromptEncoder, prompts: Sequence[str], sam
             tokens = out[:, input_ids.shape[1]:]
         else:
             gen = generate(model, input_ids, attention_mask, sampling, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, generator=generator)
+                           pad_token_id=tokenizer.pad_token_id, generator=generator, rollout=rollout or RolloutConfig())
             tokens = gen.responses.masked_fill(~gen.action_mask, tokenizer.pad_token_id)
         responses += tokenizer.batch_decode(tokens, skip_special_tokens=True)
     return responses
@@ -214,6 +234,7 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--num-beams", type=int, default=1, help="beam search when > 1")
     parser.add_argument("--batch-size", type=int, default=32)
+    add_rollout_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--template", default=None,
                         help="prompt formatting as data.template: unset = the tokenizer's chat template; 'plain'")
@@ -254,7 +275,7 @@ def main(argv: Iterable[str] | None = None) -> list[dict]:
     k = args.num_samples
     # each prompt K times in a row: one batched decode, the K samples of a prompt side by side
     flat = answer(model, tokenizer, encoder, [r["prompt"] for r in rows for _ in range(k)], sampling,
-                  seed=args.seed, num_beams=args.num_beams, batch_size=args.batch_size)
+                  seed=args.seed, num_beams=args.num_beams, batch_size=args.batch_size, rollout=rollout_config(args))
     samples = [flat[i * k:(i + 1) * k] for i in range(len(rows))]
     if score_fn is not None:
         out = preference_pairs(rows, samples, score_fn, min_chosen_score=args.min_chosen_score)

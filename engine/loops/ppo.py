@@ -162,7 +162,8 @@ def rollout(batch: dict, *, actor_critic: ActorCritic, reference, scorer: Scorer
     shared_head = actor_critic.value_head if keep and actor_critic.critic is None else None
     gen = generate(actor_critic.policy, batch["input_ids"], batch["attention_mask"], sampling,
                    eos_token_id=eos_token_id if eos_token_id is not None else tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id, finished=finished, with_logprobs=keep, value_head=shared_head)
+                   pad_token_id=tokenizer.pad_token_id, finished=finished, with_logprobs=keep, value_head=shared_head,
+                   rollout=cfg.rollout)
     responses = tokenizer.batch_decode(gen.responses.masked_fill(~gen.action_mask, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
     generation_time, timer = time.perf_counter() - timer, time.perf_counter()

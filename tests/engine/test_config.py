@@ -105,3 +105,12 @@ def test_an_impossible_batch_split_names_the_sizes():
     cfg = load_config([], ["batch.global_batch_size=64", "batch.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="not a multiple of batch.micro_batch_size=4 x 3 process"):
         cfg.batch.accumulation_steps(3)
+
+
+def test_rollout_section_reaches_the_typed_config_and_bad_values_are_config_errors():
+    ppo = REPO_ROOT / "configs" / "ppo.yaml"
+    cfg = load_config(ppo, ["rollout.backend=continuous", "rollout.memory_fraction=0.2", "rollout.static_cache=true"])
+    assert (cfg.rollout.backend, cfg.rollout.memory_fraction, cfg.rollout.static_cache) == ("continuous", 0.2, True)
+    assert load_config(ppo).rollout.backend == "generate"
+    with pytest.raises(ConfigError, match="rollout.backend='vllm' is not one of"):
+        load_config(ppo, ["rollout.backend=vllm"])

@@ -2,9 +2,12 @@ import pytest
 import torch
 
 from rollout.generation import (
+    RolloutConfig,
     SamplingConfig,
+    finished_locally,
     generate,
     position_ids_from_mask,
+    resolve_backend,
     sample_from_probs,
     sample_next_token,
 )
@@ -186,3 +189,87 @@ def test_rows_keep_padding_while_another_process_is_still_decoding():
     assert torch.equal(late.action_mask[:, :width], early.action_mask) and not late.action_mask[:, width:].any()
     assert late.responses[:, width:].eq(PAD).all()
     assert torch.equal(late.no_eos, early.no_eos)
+
+
+# ---- decoding backends ----------------------------------------------------------------------------
+
+CONTINUOUS = RolloutConfig(backend="continuous")
+
+
+@pytest.mark.parametrize("min_new_tokens", [0, 2])
+def test_continuous_and_static_cache_greedy_tokens_equal_generate(min_new_tokens):
+    """Greedy decoding gives the same tokens, masks and EOS flags whichever backend computes them: the plain
+    loop, the loop over a static KV cache, and continuous batching (which goes on after the first
+    min_new_tokens tokens, EOS banned, with each row's own remaining budget)."""
+    model = eos_prone_model()
+    ids, mask = left_pad(PROMPTS * 2, PAD)
+    cfg = SamplingConfig(max_new_tokens=12, min_new_tokens=min_new_tokens, temperature=0.0, micro_batch_size=3,
+                         response_length=(max(min_new_tokens, 1), 12))
+    runs = {name: generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD, rollout=rollout,
+                           generator=torch.Generator().manual_seed(0))
+            for name, rollout in [("plain", RolloutConfig()), ("static", RolloutConfig(static_cache=True)),
+                                  ("continuous", CONTINUOUS)]}
+    plain = runs["plain"]
+    assert (~plain.no_eos).any() and plain.no_eos.any()  # rows end both ways
+    assert (plain.response_length < plain.responses.shape[1]).any()
+    for name in ("static", "continuous"):
+        assert torch.equal(runs[name].sequences, plain.sequences), name
+        assert torch.equal(runs[name].action_mask, plain.action_mask), name
+        assert torch.equal(runs[name].no_eos, plain.no_eos), name
+
+
+@pytest.mark.parametrize("min_new_tokens,top_k,with_head", [(0, 0, False), (2, 5, True)])
+def test_continuous_sampled_logprobs_equal_a_fresh_forward(min_new_tokens, top_k, with_head):
+    """Sampled by continuous batching, each token's log-prob under logits / temperature (its own, without
+    top-k; otherwise, and for a value head, one forward after decoding) equals a fresh forward's."""
+    model = eos_prone_model()
+    head = random_head() if with_head else None
+    ids, mask = left_pad(PROMPTS * 2, PAD)
+    cfg = SamplingConfig(max_new_tokens=10, min_new_tokens=min_new_tokens, temperature=0.7, top_k=top_k,
+                         micro_batch_size=4)
+    state = torch.get_rng_state()
+    gen = generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(0),
+                   with_logprobs=True, value_head=head, rollout=CONTINUOUS)
+    assert torch.equal(torch.get_rng_state(), state)  # continuous batching's seeding leaves the global RNG as it was
+    assert (~gen.no_eos).any() and (gen.response_length < gen.responses.shape[1]).any()
+    assert (gen.response_length >= min_new_tokens).all()
+    full_mask = gen.attention_mask.long()
+    with torch.no_grad():
+        out = model(input_ids=gen.sequences, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask),
+                    output_hidden_states=True)
+    P, R = gen.prompt_length, gen.responses.shape[1]
+    logprobs = (out.logits[:, P - 1:P + R - 1] / 0.7).log_softmax(-1).gather(-1, gen.responses[..., None])[..., 0]
+    act = gen.action_mask
+    torch.testing.assert_close(gen.logprobs[act], logprobs[act], rtol=0, atol=1e-5)
+    assert not gen.logprobs[~act].any() and gen.logprobs[act].max() < 0
+    if with_head:
+        values = head(out.hidden_states[-1][:, P - 1:P + R - 1])
+        torch.testing.assert_close(gen.values[act], values[act], rtol=0, atol=1e-5)
+        assert gen.values[act].abs().max() > 0.1
+
+
+def test_continuous_falls_back_to_generate_with_one_log_line(caplog):
+    """Where continuous batching cannot apply (here: processes that must decode in step, and a quantised
+    policy), generate decodes instead, with one log line per cause however many rollouts follow."""
+    model = eos_prone_model()
+    ids, mask = left_pad(PROMPTS, PAD)
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    plain = generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD)
+    with caplog.at_level("WARNING", logger="rollout.generation"):
+        for _ in range(2):
+            gen = generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD, rollout=CONTINUOUS,
+                           finished=lambda done: bool(done.all()))
+            assert torch.equal(gen.sequences, plain.sequences)
+    lines = [r.message for r in caplog.records if "cannot apply" in r.message]
+    assert len(lines) == 1 and "same number of forwards" in lines[0]
+    assert resolve_backend(CONTINUOUS, model, finished_locally) == "continuous"
+    model.is_loaded_in_4bit = True
+    assert resolve_backend(CONTINUOUS, model, finished_locally) == "generate"
+    assert resolve_backend(RolloutConfig(backend="auto"), eos_prone_model(), finished_locally) == "generate"  # CPU
+
+
+def test_rollout_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="rollout.backend='vllm' is not one of"):
+        RolloutConfig(backend="vllm")
+    with pytest.raises(ValueError, match="rollout.memory_fraction must be in"):
+        RolloutConfig(memory_fraction=0)
