@@ -55,7 +55,9 @@ def _without_position_ids(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def run_engine(objective: str, size: str, *, steps: int | None = None, overrides: tuple[str, ...] = ()) -> StepClock:
+def run_engine(objective: str, size: str, *, steps: int | None = None, overrides: tuple[str, ...] = (),
+               device: str = "cpu") -> StepClock:
+    """`device` is where Accelerate puts the run ("cuda" when a GPU is visible); the clock waits for it."""
     _check_retired(overrides)
     if objective == "ppo":
         return run_engine_ppo(size, steps=steps, overrides=overrides)
@@ -64,7 +66,7 @@ def run_engine(objective: str, size: str, *, steps: int | None = None, overrides
 
     spec = SIZES[size]
     counter = FlopCounter()
-    clock = StepClock(counter, warmup=spec.warmup, rows_per_step=spec.batch)
+    clock = StepClock(counter, warmup=spec.warmup, rows_per_step=spec.batch, device=device)
     prototypes = {o.partition("=")[0] for o in overrides if o.startswith(PROTOTYPES)}
     overrides = tuple(o for o in overrides if not o.startswith(PROTOTYPES))
 

@@ -72,18 +72,45 @@ def reset_peak_rss() -> None:
         pass
 
 
-def matmul_peak_flops(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """FLOP/s of the best of `repeats` (size x size) @ (size x size) products on the current threads."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued kernels, so a clock read after it times them (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_flops(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> float:
+    """FLOP/s of the best of `repeats` (size x size) @ (size x size) products on the current threads (or GPU)."""
+    a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
     torch.mm(a, b)
     inner = max(1, int(2e9 // (2 * size**3)))  # about 2 GFLOP per timing, long enough for the clock
+    if torch.device(device).type == "cuda":
+        inner *= 100  # a GPU does 2 GFLOP in well under a millisecond
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(inner):
             torch.mm(a, b)
+        synchronize(device)
         best = min(best, (time.perf_counter() - start) / inner)
     return 2 * size**3 / best
+
+
+def copy_bandwidth(device: str | torch.device = "cpu", mib: int = 256, repeats: int = 5) -> float:
+    """Bytes/s moved by the best of `repeats` copies of a `mib` MiB buffer into another on the same device,
+    counting the read and the write (2 x the buffer): the memory bandwidth a decoding step can hope for."""
+    src = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / best
 
 
 # ---- FLOPs from the forwards that ran --------------------------------------------------------------
@@ -245,10 +272,13 @@ class StepClock:
     _last: tuple | None = None
     _seen: int = 0
     rss_at_start: float = 0.0
+    device: str = "cpu"
+    """On "cuda" each tick waits for the GPU, and the peak memory is the GPU's (torch's allocator), not RSS."""
     info: dict = field(default_factory=dict)
     """What the run was set up with (e.g. the optimizer it built), copied into the summary as it is."""
 
     def tick(self, **extra) -> None:
+        synchronize(self.device)
         now = (time.perf_counter(), *self.counter.snapshot())
         self._seen += 1
         if self._seen > self.warmup and self._last is not None:
@@ -259,6 +289,8 @@ class StepClock:
         if self._seen == self.warmup:
             reset_peak_rss()
             self.rss_at_start = rss_mib()
+            if self.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
         self._last = (time.perf_counter(), *self.counter.snapshot())
 
     def summary(self, peak_flops: float) -> dict:
@@ -278,6 +310,7 @@ class StepClock:
             "head_positions_per_step": statistics.median(s["head_positions"] for s in self.steps),
             "mfu": sum(s["flops"] for s in self.steps) / total_time / peak_flops,
             "peak_rss_mib": peak_rss_mib(),
+            "peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else peak_rss_mib(),
             "rss_at_start_mib": self.rss_at_start,
             **self.info,
         }

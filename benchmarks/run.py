@@ -3,6 +3,7 @@
     python -m benchmarks.run --size tiny                                # CI smoke: engine only, seconds
     python -m benchmarks.run --size small --peer trl --repeats 3        # engine vs TRL, alternating
     python -m benchmarks.run --size small --techniques --repeats 3      # each technique on vs off
+    python -m benchmarks.run --device cuda --size llama-1b --peer trl --objectives dpo --repeats 3 --decoding
 
 Every measurement runs in its own process (its peak RSS is its own), on `--threads` threads, with the peak of
 a large matmul measured in that process before and after; the runners alternate (engine, peer, peer, engine,
@@ -42,8 +43,17 @@ TECHNIQUES = (
 )
 
 
+def peak_kind(device: str, precision: str) -> dict:
+    """The matmul whose FLOP/s is the MFU's denominator: float32 1024^2 on the CPU, the precision's dtype at
+    8192^2 on a GPU (bf16 autocast runs the matmuls in bf16)."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return {"device": device, "dtype": dtype, "size": 8192 if device == "cuda" else 1024}
+
+
 def measure_one(runner: str, objective: str, size: str, threads: int, overrides: tuple[str, ...],
-                steps: int | None) -> dict:
+                steps: int | None, device: str = "cpu", precision: str = "fp32") -> dict:
     """One measurement in this process; called by the worker subprocess."""
     import torch
 
@@ -54,42 +64,50 @@ def measure_one(runner: str, objective: str, size: str, threads: int, overrides:
     # engine/train.py's main tunes malloc itself (RLHF_ENGINE_MALLOC_TUNING=0 switches it off); the peer only
     # with --peer-malloc-tuning. Tuned here before anything large is allocated, and recorded.
     tuned = keep_freed_memory() if runner == "engine" or os.environ.get(PEER_MALLOC_TUNING) == "1" else False
-    peak_before = matmul_peak_flops(repeats=SIZES[size].peak_repeats)
+    peak = peak_kind(device, precision)
+    peak_before = matmul_peak_flops(repeats=SIZES[size].peak_repeats, **peak)
     if runner == "engine":
         from benchmarks.engine_runner import run_engine
 
-        clock = run_engine(objective, size, steps=steps, overrides=overrides)
+        if precision == "bf16":
+            overrides = ("mixed_precision=bf16", *overrides)
+        clock = run_engine(objective, size, steps=steps, overrides=overrides, device=device)
     else:
         import yaml
 
         from benchmarks.trl_runner import run_trl
 
         options = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in overrides)}
-        clock = run_trl(objective, size, steps=steps, options=options)
-    peak_after = matmul_peak_flops(repeats=SIZES[size].peak_repeats)
+        clock = run_trl(objective, size, steps=steps, options=options, device=device, precision=precision)
+    peak_after = matmul_peak_flops(repeats=SIZES[size].peak_repeats, **peak)
     peak = max(peak_before, peak_after)
     return {"runner": runner, "objective": objective, "size": size, "overrides": list(overrides),
+            "device": device, "precision": precision,
             "matmul_peak_gflops": peak / 1e9, **clock.summary(peak), "machine": machine(),
             "malloc_tuning": tuned}
 
 
 def spawn(runner: str, objective: str, size: str, threads: int, overrides: tuple[str, ...] = (),
-          steps: int | None = None) -> dict:
+          steps: int | None = None, device: str = "cpu", precision: str = "fp32") -> dict:
     """`measure_one` in a fresh process; PPO's peer runs in the old-TRL environment."""
     python = TRL_OLD_PYTHON if runner == "trl" and objective == "ppo" else sys.executable
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [python, "-m", "benchmarks.run", "--worker", runner, objective, "--size", size,
                    "--threads", str(threads), "--out", out.name, *(["--steps", str(steps)] if steps else []),
+                   "--device", device, "--precision", precision,
                    *[f"--override={o}" for o in overrides]]
         env = os.environ | {"OMP_NUM_THREADS": str(threads), "TRL_EXPERIMENTAL_SILENCE": "1",
-                            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO_ROOT)}
+                            "TOKENIZERS_PARALLELISM": "false",
+                            # the repo first; a PYTHONPATH given (e.g. TRL installed with pip --target) after it
+                            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
+                                                          if p)}
         done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             return {"runner": runner, "objective": objective, "error": done.stderr[-2000:]}
         return json.loads(Path(out.name).read_text())
 
 
-SUMMARY_KEYS = ("samples_per_s", "tokens_per_s", "step_seconds", "peak_rss_mib", "mfu", "matmul_peak_gflops",
+SUMMARY_KEYS = ("samples_per_s", "tokens_per_s", "step_seconds", "peak_rss_mib", "peak_memory_mib", "mfu", "matmul_peak_gflops",
                 "train_tokens_per_step", "flops_per_step", "head_positions_per_step", "time/generation",
                 "time/scoring", "time/experience", "time/training", "generation_tokens_per_s")
 
@@ -106,25 +124,31 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def _peak(run: dict) -> float:
+    """The peak memory of a measurement: the GPU allocator's on CUDA, RSS on the CPU (and in older results)."""
+    return run.get("peak_memory_mib", run["peak_rss_mib"])
+
+
 def compare(a_runs: list[dict], b_runs: list[dict]) -> dict:
     """Median of the paired ratios a / b (throughput and memory), pairs taken in run order."""
     pairs = [(a, b) for a, b in zip(a_runs, b_runs) if "error" not in a and "error" not in b]
     return {
         "throughput_ratio": median(a["samples_per_s"] / b["samples_per_s"] for a, b in pairs),
-        "memory_ratio": median(a["peak_rss_mib"] / b["peak_rss_mib"] for a, b in pairs),
+        "memory_ratio": median(_peak(a) / _peak(b) for a, b in pairs),
     }
 
 
-def alternate(first: tuple, second: tuple, repeats: int, size: str, threads: int, steps: int | None, log) -> tuple:
+def alternate(first: tuple, second: tuple, repeats: int, size: str, threads: int, steps: int | None, log,
+              device: str = "cpu", precision: str = "fp32") -> tuple:
     """Run the two specs (runner, objective, overrides) `repeats` times each, alternating which goes first."""
     a_runs, b_runs = [], []
     for repeat in range(repeats):
         order = [(first, a_runs), (second, b_runs)]
         for (runner, objective, overrides), runs in (order if repeat % 2 == 0 else order[::-1]):
-            result = spawn(runner, objective, size, threads, overrides, steps)
+            result = spawn(runner, objective, size, threads, overrides, steps, device, precision)
             runs.append(result)
             log(f"  {runner:6s} {objective:6s} {' '.join(overrides) or '-':40s} "
-                + (f"{result['samples_per_s']:8.2f} samples/s  {result['peak_rss_mib']:7.0f} MiB  "
+                + (f"{result['samples_per_s']:8.2f} samples/s  {_peak(result):7.0f} MiB  "
                    f"mfu {result['mfu']:.3f}" if "error" not in result else "ERROR " + result["error"][-300:]))
     return a_runs, b_runs
 
@@ -153,6 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="give the peer's processes the malloc tuning that engine/train.py applies to the "
                              "engine's (engine/hostmem.py); the engine's is switched off with the environment "
                              "variable RLHF_ENGINE_MALLOC_TUNING=0")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both sides train; cuda compares in bf16 unless --precision fp32")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help="fp32 weights and math, or bf16 autocast over fp32 weights on both sides "
+                             "(default: fp32 on the CPU, bf16 on CUDA)")
+    parser.add_argument("--decoding", action="store_true",
+                        help="also time decoding by backend against memory bandwidth (benchmarks.decoding)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: the size's)")
@@ -161,10 +192,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
 
     if args.worker:
         runner, objective = args.worker
-        result = measure_one(runner, objective, args.size, args.threads, tuple(args.override), args.steps)
+        result = measure_one(runner, objective, args.size, args.threads, tuple(args.override), args.steps,
+                             args.device, precision)
         write_json(args.out, result)
         return result
 
@@ -177,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
                      "size": args.size, "threads": args.threads, "repeats": args.repeats, "machine": machine(),
-                     "rows": []}
+                     "device": args.device, "precision": precision, "rows": []}
     # Both sides run their own defaults, fused AdamW; --adamw non-fused switches both to the loop kernel.
     engine_adamw = ("optim.fused=false",) if args.adamw == "non-fused" else ()
     peer_adamw = ("optim=adamw_torch",) if args.adamw == "non-fused" else ()
@@ -189,14 +222,15 @@ def main(argv: list[str] | None = None) -> dict:
             on, off = engine_adamw + on, engine_adamw + off
             log(f"{name} ({objective})")
             with_runs, without_runs = alternate(("engine", objective, on), ("engine", objective, off),
-                                                args.repeats, args.size, args.threads, args.steps, log)
+                                                args.repeats, args.size, args.threads, args.steps, log,
+                                                args.device, precision)
             groups.append(({"objective": objective, "technique": name}, {"with": with_runs, "without": without_runs}))
     else:
         for objective in args.objectives:
             log(objective)
             if args.peer == "none":
-                runs = [spawn("engine", objective, args.size, args.threads, engine_adamw, args.steps)
-                        for _ in range(args.repeats)]
+                runs = [spawn("engine", objective, args.size, args.threads, engine_adamw, args.steps, args.device,
+                              precision) for _ in range(args.repeats)]
                 groups.append(({"objective": objective}, {"engine": runs}))
                 continue
             # TRL >= 0.20 turns gradient checkpointing on by default; the engine leaves it off. Compare like
@@ -206,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
             peer_on = (() if args.peer_defaults or objective == "ppo" else ("gradient_checkpointing=false",)) \
                 + peer_adamw + tuple(args.peer_override)
             engine_runs, peer_runs = alternate(("engine", objective, engine_on), ("trl", objective, peer_on),
-                                               args.repeats, args.size, args.threads, args.steps, log)
+                                               args.repeats, args.size, args.threads, args.steps, log,
+                                               args.device, precision)
             groups.append(({"objective": objective}, {"engine": engine_runs, "peer": peer_runs}))
 
     # MFU against the best matmul peak of the whole run: the device's capability, not one process's luck
@@ -224,6 +259,10 @@ def main(argv: list[str] | None = None) -> dict:
         row["runs"] = sides
         payload["rows"].append(row)
 
+    if args.decoding:
+        from benchmarks.decoding import compare_backends
+
+        payload["decoding"] = compare_backends(args.size, args.device, repeats=args.repeats, log=log)
     print(format_table(payload))
     if args.json:
         write_json(args.json, payload)
@@ -251,14 +290,20 @@ def format_table(payload: dict) -> str:
     else:
         columns = [("objective", "objective", ""), ("runner", "runner", ""), ("samples/s", "samples_per_s", ".2f"),
                    ("tokens/s", "tokens_per_s", ".0f"), ("step s", "step_seconds", ".3f"),
-                   ("peak RSS MiB", "peak_rss_mib", ".0f"), ("MFU", "mfu", ".3f"),
+                   ("peak GPU MiB" if payload.get("device") == "cuda" else "peak RSS MiB", "peak_memory_mib", ".0f"),
+                   ("MFU", "mfu", ".3f"),
                    ("engine/peer throughput", "ratio", ".2f"), ("engine/peer memory", "memory", ".2f"),
                    ("gen s", "time/generation", ".3f"), ("score s", "time/scoring", ".3f"),
                    ("exp s", "time/experience", ".3f"), ("train s", "time/training", ".3f"),
                    ("gen tok/s", "generation_tokens_per_s", ".0f")]
     header = (f"{payload['size']} model, {payload['threads']} thread(s), {payload['repeats']} repeat(s); "
               f"{payload['machine']['cpu']}, {payload['machine']['cores']} cores; {payload['date']}")
-    return header + "\n\n" + table(flat, columns)
+    text = header + "\n\n" + table(flat, columns)
+    if "decoding" in payload:
+        from benchmarks.decoding import format_decoding
+
+        text += "\n\n" + format_decoding(payload["decoding"])
+    return text
 
 
 if __name__ == "__main__":

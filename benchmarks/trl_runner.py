@@ -47,17 +47,21 @@ def _record_optimizer(clock: StepClock, optimizer) -> None:
         clock.info["adamw_fused"] = bool(getattr(inner, "defaults", {}).get("fused"))
 
 
-def _common_args(size: str, out: str, steps: int | None) -> dict:
+def _common_args(size: str, out: str, steps: int | None, device: str = "cpu", precision: str = "fp32") -> dict:
+    """The trainer settings both sides share; bf16 is autocast over float32 weights, as the engine's
+    mixed_precision=bf16."""
     spec = SIZES[size]
     return dict(output_dir=out, per_device_train_batch_size=spec.batch, gradient_accumulation_steps=1,
                 max_steps=spec.warmup + (steps or spec.steps), learning_rate=1e-4, lr_scheduler_type="constant",
                 warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                 max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none",
-                disable_tqdm=True, use_cpu=True, seed=0, dataloader_num_workers=0, bf16=False, fp16=False,
+                disable_tqdm=True, use_cpu=device == "cpu", seed=0, dataloader_num_workers=0,
+                bf16=precision == "bf16", fp16=False,
                 eval_strategy="no")
 
 
-def run_trl(objective: str, size: str, *, steps: int | None = None, options: dict | None = None) -> StepClock:
+def run_trl(objective: str, size: str, *, steps: int | None = None, options: dict | None = None,
+            device: str = "cpu", precision: str = "fp32") -> StepClock:
     """`options` go to the trainer's config (e.g. gradient_checkpointing=False, TRL's default being True)."""
     if objective == "ppo":
         return run_trl_ppo(size, steps=steps, options=options)
@@ -66,7 +70,7 @@ def run_trl(objective: str, size: str, *, steps: int | None = None, options: dic
     options = options or {}
     spec = SIZES[size]
     counter = FlopCounter()
-    clock = StepClock(counter, warmup=spec.warmup, rows_per_step=spec.batch)
+    clock = StepClock(counter, warmup=spec.warmup, rows_per_step=spec.batch, device=device)
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
@@ -78,7 +82,7 @@ def run_trl(objective: str, size: str, *, steps: int | None = None, options: dic
     auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
     model = counter.watch(auto.from_pretrained(model_dir(size, kind), dtype=torch.float32))
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
-        common = _common_args(size, out, steps)
+        common = _common_args(size, out, steps, device, precision)
         # an option that is one of the shared settings (e.g. optim) replaces it
         common |= {k: v for k, v in options.items() if k in common}
         options = {k: v for k, v in options.items() if k not in common}

@@ -50,6 +50,11 @@ SIZES = {
     "small-long": Size("small-long", CONFIGS / "small.json", batch=8, steps=3, warmup=1,
                        synthetic_size=64, rollout_batch=16, max_new_tokens=16, ppo_epochs=2, minibatch=8,
                        peak_repeats=5, ppo_steps=2, letters=(200, 240), max_length=512, max_prompt_length=256),
+    # Llama-3.2-1B's shape for one GPU (--device cuda): 8 pairs of ~435-token rows per DPO step; the decoding
+    # benchmark samples 64 rollouts of up to 256 tokens
+    "llama-1b": Size("llama-1b", CONFIGS / "llama-3.2-1b.json", batch=8, steps=8, warmup=3, synthetic_size=128,
+                     rollout_batch=64, max_new_tokens=256, ppo_epochs=1, minibatch=8, peak_repeats=3, ppo_steps=2,
+                     letters=(200, 240), max_length=512, max_prompt_length=256),
 }
 
 

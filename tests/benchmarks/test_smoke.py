@@ -125,8 +125,8 @@ def tiny_run(tmp_path_factory):
     """`python -m benchmarks.run --size tiny --objectives sft dpo ppo --steps 1`, measured in this process."""
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
     spawn = bench_run.spawn
-    bench_run.spawn = lambda runner, objective, size, threads, overrides=(), steps=None: bench_run.measure_one(
-        runner, objective, size, threads, overrides, steps)
+    bench_run.spawn = lambda runner, objective, size, threads, overrides=(), steps=None, device="cpu", \
+        precision="fp32": bench_run.measure_one(runner, objective, size, threads, overrides, steps, device, precision)
     try:
         payload = bench_run.main(["--size", "tiny", "--objectives", "sft", "dpo", "ppo", "--steps", "1",
                                   "--json", str(out)])
@@ -195,3 +195,60 @@ def test_the_long_rows_size_reads_its_own_file_of_long_rows(tmp_path, monkeypatc
     assert len(rows) == SIZES["small-long"].synthetic_size and set(rows[0]) == {"prompt", "chosen", "rejected"}
     low, high = SIZES["small-long"].letters
     assert all(low <= len(r["chosen"].split()) <= high for r in rows)
+
+
+def test_rollout_bytes_count_weights_per_step_and_each_rows_kv_context():
+    """Two rows, prompts of 3 and 1 tokens, responses of 2 and 4: the longest decodes 4 steps, so the weights
+    are read 4 times; the KV contexts read are 3 + 4 (row 0) and 1 + 2 + 3 + 4 (row 1), 17 tokens."""
+    from benchmarks.decoding import rollout_bytes
+    from rollout.generation import Generation
+    from tests.rollout.conftest import tiny_causal_lm
+
+    model = tiny_causal_lm()  # float32, untied: 2 layers, 2 KV heads of 8 dims
+    action = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    prompt = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1]]).bool()
+    gen = Generation(sequences=torch.zeros(2, 8, dtype=torch.long), attention_mask=torch.cat([prompt, action], 1),
+                     action_mask=action, no_eos=torch.ones(2, dtype=torch.bool), prompt_length=4)
+    weights = (sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()) * 4
+    kv_per_token = 2 * 2 * 2 * 8 * 4
+    assert rollout_bytes(model, gen) == 4 * weights + 17 * kv_per_token
+
+
+def test_decoding_benchmark_times_every_backend_against_the_copy_bandwidth(monkeypatch):
+    from benchmarks import decoding
+
+    monkeypatch.setitem(decoding.WORKLOADS, "tiny", (4, 8, 8))
+    result = decoding.compare_backends("tiny", repeats=1, backends=["generate", "static", "continuous"],
+                                       log=lambda line: None)
+    rows = {r["backend"]: r for r in result["backends"]}
+    assert rows["continuous"]["ran_as"] == "continuous" and rows["static"]["ran_as"] == "generate"
+    assert result["copy_bandwidth_gbs"] > 0.1
+    for row in rows.values():
+        assert row["tokens_per_s"] > 0 and 0 < row["bandwidth_fraction"] < 1
+    assert "| continuous | continuous |" in decoding.format_decoding(result)
+
+
+def test_the_gpu_comparison_runs_bf16_autocast_on_both_sides():
+    """`--device cuda` defaults to bf16 on both sides: the engine's mixed_precision=bf16, TRL's bf16=True over
+    float32 weights, off the CPU, and the MFU's peak measured with bf16 matmuls."""
+    from benchmarks.run import peak_kind
+    from benchmarks.trl_runner import _common_args
+
+    args = _common_args("llama-1b", "/tmp/out", None, "cuda", "bf16")
+    assert args["bf16"] and not args["fp16"] and not args["use_cpu"]
+    assert _common_args("tiny", "/tmp/out", None)["use_cpu"] and not _common_args("tiny", "/tmp/out", None)["bf16"]
+    assert peak_kind("cuda", "bf16") == {"device": "cuda", "dtype": torch.bfloat16, "size": 8192}
+
+
+def test_the_llama_1b_size_has_llama_3_2_1b_parameters():
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from benchmarks.workloads import SIZES
+
+    spec = json.loads(SIZES["llama-1b"].model_json.read_text())
+    spec.pop("_about")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**spec))
+    assert sum(p.numel() for p in model.parameters()) == 1_235_814_400

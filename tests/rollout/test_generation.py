@@ -273,3 +273,25 @@ def test_rollout_config_rejects_bad_values():
         RolloutConfig(backend="vllm")
     with pytest.raises(ValueError, match="rollout.memory_fraction must be in"):
         RolloutConfig(memory_fraction=0)
+
+
+def test_compiled_static_cache_step_gives_the_plain_tokens(monkeypatch):
+    """The compiled decoding step (CUDA only in use) traced by dynamo here on the CPU, with the eager backend
+    so no kernels are generated: the same greedy tokens as the plain loop, and the compiled callable is used."""
+    import rollout.generation as generation
+
+    compiled, compile = [], torch.compile
+
+    def eager_compile(model, **kwargs):
+        compiled.append(kwargs)
+        return compile(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(generation, "_compiles", lambda rollout, device: rollout.compile)
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    model = eos_prone_model()
+    ids, mask = left_pad(PROMPTS, PAD)
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0.0, micro_batch_size=5)
+    plain = generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD)
+    fast = generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD, rollout=RolloutConfig(compile=True))
+    assert compiled == [{"dynamic": False}]
+    assert torch.equal(fast.sequences, plain.sequences) and torch.equal(fast.action_mask, plain.action_mask)
