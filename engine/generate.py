@@ -252,6 +252,7 @@ def main(argv: Iterable[str] | None = None) -> list[dict]:
 
     keep_freed_memory()  # large CPU tensors reuse freed pages instead of faulting in fresh ones every batch
     args = parse_args(argv)
+    rollout = rollout_config(args)  # a bad value fails before the weights load
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model would bury the answers
     model = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation)
     if torch.cuda.is_available():
@@ -275,7 +276,7 @@ def main(argv: Iterable[str] | None = None) -> list[dict]:
     k = args.num_samples
     # each prompt K times in a row: one batched decode, the K samples of a prompt side by side
     flat = answer(model, tokenizer, encoder, [r["prompt"] for r in rows for _ in range(k)], sampling,
-                  seed=args.seed, num_beams=args.num_beams, batch_size=args.batch_size, rollout=rollout_config(args))
+                  seed=args.seed, num_beams=args.num_beams, batch_size=args.batch_size, rollout=rollout)
     samples = [flat[i * k:(i + 1) * k] for i in range(len(rows))]
     if score_fn is not None:
         out = preference_pairs(rows, samples, score_fn, min_chosen_score=args.min_chosen_score)

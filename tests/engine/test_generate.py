@@ -149,3 +149,18 @@ def test_on_policy_pairs_from_the_command_line_train_as_preference_data(tiny_dir
     assert not (tmp_path / "none.jsonl").exists()
     with pytest.raises(ValueError, match="cannot import module"):
         gen.main(["--model", tiny_dir, "--prompts", "synthetic", "--num-samples", "2", "--pairs-by", "nowhere:fn"])
+
+
+def test_backend_flags_give_the_same_greedy_answers_and_a_bad_value_exits_2(tiny_dir, tmp_path, capsys, monkeypatch):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n")
+    common = ["--model", tiny_dir, "--prompts", str(prompts_file), "--temperature", "0", "--max-new-tokens", "8",
+              "--output", str(tmp_path / "out.jsonl")]
+    plain = gen.main(common)
+    assert gen.main(common + ["--backend", "continuous"]) == plain
+    assert gen.main(common + ["--static-cache"]) == plain
+    monkeypatch.setattr(gen, "load_model", lambda *a, **k: pytest.fail("the weights loaded before the check"))
+    with pytest.raises(SystemExit) as exit_info:
+        gen.main(common + ["--backend", "continuous", "--memory-fraction", "1.5"])
+    assert exit_info.value.code == 2
+    assert "rollout.memory_fraction must be in (0, 1], got 1.5" in capsys.readouterr().err

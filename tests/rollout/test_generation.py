@@ -295,3 +295,18 @@ def test_compiled_static_cache_step_gives_the_plain_tokens(monkeypatch):
     fast = generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD, rollout=RolloutConfig(compile=True))
     assert compiled == [{"dynamic": False}]
     assert torch.equal(fast.sequences, plain.sequences) and torch.equal(fast.action_mask, plain.action_mask)
+
+
+def test_continuous_decodes_a_lora_policy_with_its_adapter():
+    """A peft policy (the LoRA recipes): continuous batching runs the adapted model, not its base."""
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(eos_prone_model(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids, mask = left_pad(PROMPTS, PAD)
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    plain = generate(policy, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD)
+    continuous = generate(policy, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD, rollout=CONTINUOUS)
+    with policy.disable_adapter():
+        base = generate(policy, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(continuous.sequences, plain.sequences)
+    assert not torch.equal(base.sequences, plain.sequences)  # the adapter changes the answers
