@@ -10,18 +10,17 @@
 # 2. Rollout decoding by backend (the loop, static cache, compiled static cache, continuous batching) on the
 #    same model in bf16, 64 rows of up to 256 tokens, medians of 3, against a device-to-device copy.
 #
-# TRL and datasets come from wheels shipped beside the script (WHEEL_DIR, default ./wheels), installed with
-# --no-index into a private directory, never over the environment's torch. Results: $OUT (benchmarks/results).
+# TRL and datasets come from the wheels shipped beside the script (WHEEL_DIR, default .whl: `make gpu-wheels`
+# fetches them, as for benchmarks/gpu_check.py), installed with --no-index --no-deps into a private directory
+# put first on PYTHONPATH, never over the environment's torch. Results: $OUT (default benchmarks/results).
 set -euo pipefail
-WHEELS=${1:-wheels}
-PY=${PYTHON:-python}
+WHEELS=${1:-.whl}
+PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
-if ! $PY -c "import trl" 2>/dev/null; then
+if ! $PY -c "import trl, datasets" 2>/dev/null; then
     SITE=${BENCH_SITE:-/tmp/bench-site}
-    $PY -m pip install --quiet --no-index --find-links "$WHEELS" --target "$SITE" --no-deps "$WHEELS"/trl-*.whl
-    $PY -c "import datasets" 2>/dev/null || \
-        $PY -m pip install --quiet --no-index --find-links "$WHEELS" --target "$SITE" datasets
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
