@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import ConfigError, RunConfig, load_config, save_config
+from rollout.generation import SamplingConfig
 from tests.engine.runs import REPO_ROOT
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml")) + sorted((REPO_ROOT / "configs" / "tiny").glob("*.yaml"))
@@ -105,3 +106,27 @@ def test_an_impossible_batch_split_names_the_sizes():
     cfg = load_config([], ["batch.global_batch_size=64", "batch.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="not a multiple of batch.micro_batch_size=4 x 3 process"):
         cfg.batch.accumulation_steps(3)
+
+
+def test_ppo_sampling_is_every_sampling_field_of_the_config():
+    """The rollout samples with what `ppo:` says, every field of it (the benchmark's copy once lost top_k)."""
+    cfg = load_config(REPO_ROOT / "configs" / "tiny" / "ppo.yaml",
+                      ["ppo.max_new_tokens=12", "ppo.min_new_tokens=2", "ppo.temperature=0.7", "ppo.top_k=5",
+                       "ppo.top_p=0.9", "ppo.response_length=[3, 9]", "ppo.rollout_micro_batch_size=3"])
+    assert cfg.ppo.sampling() == SamplingConfig(max_new_tokens=12, min_new_tokens=2, temperature=0.7, top_k=5,
+                                                top_p=0.9, response_length=(3, 9), micro_batch_size=3)
+    with pytest.raises(ConfigError, match=r"response_length \(3, 20\) must lie within"):
+        load_config(REPO_ROOT / "configs" / "tiny" / "ppo.yaml", ["ppo.max_new_tokens=12", "ppo.response_length=[3, 20]"])
+
+
+def test_each_named_choice_has_one_definition():
+    """The KL estimators, reference modes, log-prob reductions and data families are the owners' own tuples."""
+    from benchmarks import workloads
+    from engine import ppo_config, reference
+    from losses import kl, registry
+
+    assert ppo_config.KL_ESTIMATORS is kl.KL_ESTIMATORS
+    assert reference.REDUCTIONS is registry.LOGPS_REDUCTIONS
+    assert not hasattr(reference, "MODES")
+    assert workloads.FAMILY == {"sft": "sft", "reward": "preference", "dpo": "preference", "orpo": "preference",
+                                "ppo": "prompt"}  # read from validate.DATA_FAMILY through each objective's family

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from engine import evaluate as ev
-from engine.generate import PromptEncoder, load_model, load_tokenizer
+from engine.generate import PromptEncoder, load_model
+from engine.models import load_tokenizer
 from engine.tiny import build_tiny_model, resolve_model_path
 from rollout.generation import SamplingConfig, generate
 

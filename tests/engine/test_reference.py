@@ -11,13 +11,13 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from data import make_collator, synthetic
+from data.build import rows_fingerprint
 from engine.config import LoraConfig, ModelConfig, ReferenceConfig
 from engine.models import load_policy, load_tokenizer
 from engine.reference import (
     ModelReference,
     PrecomputedReference,
     add_row_index,
-    data_fingerprint,
     make_reference,
     reduce_logprobs,
     sequence_logprobs,
@@ -202,12 +202,12 @@ def test_packed_batches_give_the_padded_values(mode, policy, dataset, collate, p
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
 
 
-def test_data_fingerprint_follows_the_token_columns(dataset):
+def test_rows_fingerprint_follows_the_token_columns(dataset):
     rebuilt = Dataset.from_list([dict(r) for r in dataset])
-    assert data_fingerprint(rebuilt) == data_fingerprint(dataset)
-    assert data_fingerprint(dataset.select([1, 0, 2, 3, 4, 5])) != data_fingerprint(dataset)
-    assert data_fingerprint(dataset.select(range(5))) != data_fingerprint(dataset)
+    assert rows_fingerprint(rebuilt) == rows_fingerprint(dataset)
+    assert rows_fingerprint(dataset.select([1, 0, 2, 3, 4, 5])) != rows_fingerprint(dataset)
+    assert rows_fingerprint(dataset.select(range(5))) != rows_fingerprint(dataset)
     changed = dataset.map(lambda r: {"rejected_labels": r["rejected_labels"][:-1] + [-100]})
-    assert data_fingerprint(changed) != data_fingerprint(dataset)
-    assert data_fingerprint(dataset.remove_columns("row_index")) == data_fingerprint(dataset)
-    assert data_fingerprint(list(dataset)) == data_fingerprint(list(rebuilt))
+    assert rows_fingerprint(changed) != rows_fingerprint(dataset)
+    assert rows_fingerprint(dataset.remove_columns("row_index")) == rows_fingerprint(dataset)
+    assert rows_fingerprint(list(dataset)) == rows_fingerprint(list(rebuilt))
