@@ -1,4 +1,7 @@
-"""The one typed configuration of a run: frozen dataclasses filled from YAML plus dotted overrides.
+"""The typed configuration of a run: one tree of frozen dataclasses, RunConfig, filled from YAML plus dotted
+overrides. Its sections are defined here, except `data:` (data/config.py's DataConfig) and `ppo:`
+(engine/ppo_config.py's PPOConfig, whose sampling fields are rollout/generation.py's Decoding); the keyword
+arguments in `objective:` are those of the named function in losses/.
 
     cfg = load_config(["configs/dpo.yaml"], ["optim.lr=1e-5", "objective.beta=0.05"])
 
