@@ -54,8 +54,8 @@ class RewardSourceConfig:
 
 @dataclass(frozen=True)
 class PPOConfig(Decoding):
-    """The sampling fields (max_new_tokens, min_new_tokens, temperature, top_k, top_p, response_length) are
-    `rollout.generation.Decoding`'s; `sampling()` gives the rollout's SamplingConfig."""
+    """The sampling keys (max_new_tokens, min_new_tokens, temperature, top_k, top_p, response_length) are the
+    decoder's own, `rollout.generation.Decoding`; `sampling()` gives the rollout's SamplingConfig."""
 
     rollout_batch_size: int = 16
     """Prompts sampled per PPO iteration, over all processes."""
