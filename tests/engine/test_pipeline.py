@@ -64,11 +64,10 @@ def test_ci_quickstart_every_method_beats_sft_on_the_judge(quickstart):
 
 
 def test_ci_quickstart_reward_model_ranks_pairs_better_than_untrained(quickstart):
-    """The reward run's eval pairs before training (a fresh head: 0.49) and after (0.59 on seed 0), and the
-    evaluation's 200 held-out pairs (0.58; an untrained head gives 0.50). The CI run is short (40 steps), so
-    these gains are small; the full quickstart reaches 0.96."""
+    """The reward run's eval pairs before training (a fresh head: 0.49) and after (0.84 on seed 0), and the
+    evaluation's 200 held-out pairs (0.815; a fresh head on the SFT model ranks 0.50)."""
     out, summary = quickstart[0], quickstart[1]
     records = [json.loads(line) for line in (out / "reward" / "metrics.jsonl").read_text().splitlines()]
     accuracy = [r["eval/rewards/accuracies"] for r in records if "eval/rewards/accuracies" in r]
-    assert len(accuracy) >= 2 and accuracy[-1] > accuracy[0] + 0.05, accuracy
-    assert summary["reward_model_pair_accuracy"] > 0.5 + 0.05
+    assert len(accuracy) >= 2 and accuracy[-1] > accuracy[0] + 0.2, accuracy
+    assert summary["reward_model_pair_accuracy"] > 0.5 + 0.2
