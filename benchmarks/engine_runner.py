@@ -142,7 +142,6 @@ def run_engine_ppo(size: str, *, steps: int | None = None, overrides: tuple[str,
     from engine.hostmem import keep_freed_memory
     from engine.loops import common, ppo
     from losses import FixedKLController, bind_objective
-    from rollout.generation import SamplingConfig
     from rollout.value_head import ActorCritic
 
     keep_freed_memory()  # as engine/train.py's main does before any model loads
@@ -171,8 +170,7 @@ def run_engine_ppo(size: str, *, steps: int | None = None, overrides: tuple[str,
             if hasattr(source, "model"):
                 counter.watch(source.model)
         data = build_datasets("prompt", cfg.data, tokenizer)
-        sampling = SamplingConfig(max_new_tokens=cfg.ppo.max_new_tokens, min_new_tokens=cfg.ppo.min_new_tokens,
-                                  temperature=cfg.ppo.temperature, micro_batch_size=cfg.ppo.rollout_micro_batch_size)
+        sampling = cfg.ppo.sampling()
         loader = DataLoader(data.train, batch_size=cfg.ppo.rollout_batch_size, shuffle=True, drop_last=True,
                             collate_fn=make_collator("prompt", tokenizer), generator=torch.Generator().manual_seed(0))
         optimizer = _recording_optimizer(common.build_optimizer, clock.info)(actor_critic, cfg.optim)

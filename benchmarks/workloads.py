@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.tiny import REPO_ROOT, build_tiny_model, cache_root
+from engine.validate import DATA_FAMILY
+from losses import get_objective
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 OBJECTIVES = ("sft", "reward", "dpo", "orpo", "ppo")
-FAMILY = {"sft": "sft", "reward": "preference", "dpo": "preference", "orpo": "preference", "ppo": "prompt"}
+FAMILY = {name: DATA_FAMILY[get_objective(name).family][0] for name in OBJECTIVES}  # the data family each reads
 
 
 @dataclass(frozen=True)

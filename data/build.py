@@ -82,12 +82,40 @@ def _quiet_progress():
 
 
 def data_fingerprint(family: str, cfg: DataConfig, tokenizer) -> str:
+    """A key of what builds a family's tokenised rows: the config fields that shape them, the source files and
+    the tokenizer (`rows_fingerprint` keys the built rows themselves)."""
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
     h = hashlib.sha256()
     h.update(json.dumps([FORMAT_VERSION, family, fields], sort_keys=True, default=str).encode())
     h.update(source_fingerprint(cfg).encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     return h.hexdigest()[:16]
+
+
+def rows_fingerprint(dataset) -> str:
+    """A hash of tokenised rows themselves (`data_fingerprint` keys what builds them): their token columns
+    (`*input_ids`, `*labels`), row by row in order, so the same rows give the same key whichever pipeline built
+    them (the `datasets` fingerprint turns random when a transform cannot be hashed, which would miss the cache
+    on every run). The precomputed reference keys its cache by it."""
+    digest = hashlib.sha256()
+    if hasattr(dataset, "with_format"):
+        import pyarrow.compute as pc
+
+        columns = sorted(c for c in dataset.column_names if c.endswith(("input_ids", "labels")))
+        digest.update(json.dumps([len(dataset), columns]).encode())
+        for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=4096):
+            for name in columns:
+                values = table.column(name).combine_chunks()
+                digest.update(pc.list_value_length(values).to_numpy(zero_copy_only=False).tobytes())
+                digest.update(values.flatten().to_numpy(zero_copy_only=False).tobytes())
+        return digest.hexdigest()
+    for row in dataset:
+        digest.update(json.dumps(row, sort_keys=True, default=_jsonable).encode())
+    return digest.hexdigest()
+
+
+def _jsonable(value):
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -60,7 +60,7 @@ class DataConfig:
     to even lengths, where that saves at least 10% of the padded positions (longer rows cost attention); 0: one
     pair per row. See data.collators.share_prompt_batch."""
     group_by_length: bool = False
-    """Batch rows of similar length together (less padding); see data.collators.length_grouped_indices."""
+    """Batch rows of similar length together (less padding); see data.collators.length_grouped_batches."""
     cache_dir: str | None = None
     """Where tokenised datasets and generated synthetic files are cached; None: .cache/data."""
     synthetic_size: int = 2000

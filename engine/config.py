@@ -1,4 +1,7 @@
-"""The one typed configuration of a run: frozen dataclasses filled from YAML plus dotted overrides.
+"""The typed configuration of a run: one tree of frozen dataclasses, RunConfig, filled from YAML plus dotted
+overrides. Its sections are defined here, except `data:` (data/config.py's DataConfig) and `ppo:`
+(engine/ppo_config.py's PPOConfig, whose sampling fields are rollout/generation.py's Decoding); the keyword
+arguments in `objective:` are those of the named function in losses/.
 
     cfg = load_config(["configs/dpo.yaml"], ["optim.lr=1e-5", "objective.beta=0.05"])
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -223,6 +227,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     reward_model: ModelConfig | None = None
+    """PPO's reward model when `ppo.rewards` is empty; its dtype and quantisation also load the reward models
+    that `ppo.rewards` names (default: those of `model:`)."""
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -473,3 +479,129 @@ def save_config(cfg: RunConfig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
+
+
+# ---- describing --------------------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass `cls` (and of the dataclasses it inherits from)."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def describe_config(cfg: Any = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, value, doc) for every key of a run config, sections first with their class docstring as
+    doc and value None. `cfg` is a RunConfig (default: RunConfig(), i.e. the defaults) or a section of one."""
+    cfg = RunConfig() if cfg is None else cfg
+    rows: list[tuple[str, Any, str]] = []
+    docs = field_docs(type(cfg))
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        key, value, doc = prefix + f.name, getattr(cfg, f.name), docs.get(f.name, "")
+        if isinstance(value, ObjectiveConfig):
+            rows.append((key, SECTION, _class_doc(ObjectiveConfig)))
+            rows += _describe_objective(value, key + ".")
+        elif dataclasses.is_dataclass(value):
+            rows.append((key, SECTION, " ".join(filter(None, (doc, _class_doc(type(value)))))))
+            rows += describe_config(value, key + ".")
+        else:
+            item = _dataclass_in(hints[f.name])
+            if item is not None:  # a list of sections, or a section that is null by default
+                many = typing.get_origin(hints[f.name]) is tuple
+                shape = f"each item has the keys {key}[].*" if many else f"when set, the keys of {item.__name__}"
+                rows.append((key, to_dict(value), f"{doc} ({shape})".strip()))
+                if many:
+                    item_docs = field_docs(item)
+                    rows += [(f"{key}[].{g.name}", to_dict(_default(g)), item_docs.get(g.name, ""))
+                             for g in dataclasses.fields(item)]
+            else:
+                rows.append((key, to_dict(value), doc))
+    return rows
+
+
+SECTION = object()  # the value of a section's own row in describe_config
+
+
+def format_config(rows: list[tuple[str, Any, str]], width: int = 100) -> str:
+    """`key: value` lines (YAML flow style) with each doc indented below; sections as headers."""
+    import textwrap
+
+    lines = []
+    for key, value, doc in rows:
+        lines.append(f"{key}:" if value is SECTION else f"{key}: {_yaml_value(value)}")
+        if doc:
+            lines += textwrap.wrap(doc, width, initial_indent="    ", subsequent_indent="    ")
+    return "\n".join(lines)
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, str) and "\n" in value:
+        return json.dumps(value)  # a YAML double-quoted scalar, on one line
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text[: -len("...")].strip() if text.endswith("...") else text
+
+
+def _class_doc(cls: type) -> str:
+    doc = cls.__doc__ or ""
+    return "" if doc.startswith(cls.__name__ + "(") else " ".join(doc.split())  # dataclass's generated doc
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    for arg in typing.get_args(hint):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _describe_objective(objective: ObjectiveConfig, prefix: str) -> list[tuple[str, Any, str]]:
+    """objective.name and the keyword arguments of that objective: its defaults, the config's values."""
+    import inspect
+
+    from losses import get_objective
+
+    rows = [(prefix + "name", objective.name, "A registered objective (losses.list_objectives()) or "
+             "package.module:function; the keys below are its keyword arguments.")]
+    try:
+        registered = get_objective(objective.name)
+    except ValueError:
+        return rows
+    args = _args_docs(registered.fn.__doc__ or "")
+    for name, param in inspect.signature(registered.fn).parameters.items():
+        if param.kind is not inspect.Parameter.KEYWORD_ONLY or "Tensor" in str(param.annotation):
+            continue  # a tensor the loop passes (a reward margin), not a config value
+        default = objective.kwargs.get(name, registered.defaults.get(name, param.default))
+        shown = "(required)" if default is inspect.Parameter.empty else to_dict(default)
+        rows.append((prefix + name, shown, args.get(name, "")))
+    return rows
+
+
+def _args_docs(doc: str) -> dict[str, str]:
+    """The `name: text` entries of a Google-style docstring's Args section."""
+    import re
+
+    section = doc.partition("Args:")[2].split("\n\n")[0]
+    entries: dict[str, str] = {}
+    name = None
+    for line in section.splitlines():
+        match = re.match(r"\s{4,8}(\w+): (.*)", line)
+        if match and len(line) - len(line.lstrip()) <= 8:
+            name = match.group(1)
+            entries[name] = match.group(2).strip()
+        elif name and line.strip():
+            entries[name] += " " + line.strip()
+    return entries

@@ -35,14 +35,8 @@ import torch
 from data.config import DataConfig
 from data.formats import canonical, detect_format
 from data.tokenize import reward_pair_encoder
-from engine.generate import (
-    PromptEncoder,
-    add_rollout_arguments,
-    load_model,
-    load_tokenizer,
-    read_prompts,
-    rollout_config,
-)
+from engine.generate import PromptEncoder, add_rollout_arguments, load_model, read_prompts, rollout_config
+from engine.models import load_tokenizer
 from losses import token_logprobs
 from rollout.experience import response_logprobs
 from rollout.generation import Generation, RolloutConfig, SamplingConfig, generate, position_ids_from_mask

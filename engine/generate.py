@@ -69,12 +69,6 @@ def load_model(path: str, *, kind: str = "causal", dtype: str = "float32", attn_
     return model
 
 
-def load_tokenizer(path: str):
-    from engine import models
-
-    return models.load_tokenizer(ModelConfig(name_or_path=str(path)))
-
-
 @dataclass
 class PromptEncoder:
     """Prompt text -> the token ids training used for it (template, BOS, left truncation)."""
@@ -249,6 +243,8 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
 
 def main(argv: Iterable[str] | None = None) -> list[dict]:
     from transformers.utils import logging as hf_logging
+
+    from engine.models import load_tokenizer
 
     keep_freed_memory()  # large CPU tensors reuse freed pages instead of faulting in fresh ones every batch
     args = parse_args(argv)

@@ -58,12 +58,14 @@ def torch_dtype(name: str, *, key: str = "model.dtype") -> torch.dtype:
     return DTYPES[name]
 
 
-def load_tokenizer(model_cfg: ModelConfig):
+def load_tokenizer(model_cfg: ModelConfig | str):
     """The model's tokenizer with a pad token; a tokenizer without one pads with its EOS token (not saved
     with the model: see save_final). The families that read a reward refuse that at start-up
-    (validate.check_pad_tokens)."""
+    (validate.check_pad_tokens). A path or hub id stands for `ModelConfig(name_or_path=...)`."""
     from transformers import AutoTokenizer
 
+    if not isinstance(model_cfg, ModelConfig):
+        model_cfg = ModelConfig(name_or_path=str(model_cfg))
     path = resolve_model_path(model_cfg.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:

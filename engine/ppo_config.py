@@ -9,10 +9,12 @@ The policy loss is `objective` (registry family "ppo", e.g. `objective: {name: p
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+from losses.kl import KL_ESTIMATORS
+from rollout.generation import Decoding, SamplingConfig
+
 ROLLOUT_LOGPROBS = ("auto", "sampling", "recompute")
 
 
@@ -51,18 +53,14 @@ class RewardSourceConfig:
 
 
 @dataclass(frozen=True)
-class PPOConfig:
+class PPOConfig(Decoding):
+    """The sampling keys (max_new_tokens, min_new_tokens, temperature, top_k, top_p, response_length) are the
+    decoder's own, `rollout.generation.Decoding`; `sampling()` gives the rollout's SamplingConfig."""
+
     rollout_batch_size: int = 16
     """Prompts sampled per PPO iteration, over all processes."""
     rollout_micro_batch_size: int = 8
     """Rows per forward while generating, scoring and computing reference log-probs and values."""
-    max_new_tokens: int = 64
-    min_new_tokens: int = 1
-    response_length: tuple[int, int] | None = None
-    """Per-row response budget drawn from [low, high] (e.g. [32, 400]); None: max_new_tokens."""
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
 
     rewards: tuple[RewardSourceConfig, ...] = ()
     """Reward models and reward functions; their weighted sum is the score. Empty: `reward_model:`."""
@@ -134,3 +132,12 @@ class PPOConfig:
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):
             raise PPOConfigError(f"ppo.rewards need distinct names, got {names}")
+        try:
+            super().__post_init__()
+        except ValueError as error:
+            raise PPOConfigError(f"ppo: {error}") from None
+
+    def sampling(self) -> SamplingConfig:
+        """The rollout's sampling: the Decoding fields, `rollout_micro_batch_size` rows at a time."""
+        return SamplingConfig(**{f.name: getattr(self, f.name) for f in fields(Decoding)},
+                              micro_batch_size=self.rollout_micro_batch_size)

@@ -23,14 +23,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from engine.config import ModelConfig, ReferenceConfig
+from data.build import rows_fingerprint
+from engine.config import REFERENCE_MODES, ModelConfig, ReferenceConfig
 from engine.logprobs import label_logprobs
 from engine.models import has_adapter, load_policy, reference_model_config
 from engine.tiny import cache_root, resolve_model_path
 from losses import masked_sum
-
-MODES = ("copy", "disabled", "precomputed")
-REDUCTIONS = ("sum", "mean")
+from losses.registry import LOGPS_REDUCTIONS as REDUCTIONS
 
 
 def sequence_logprobs(model, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -142,7 +141,7 @@ class PrecomputedReference(Reference):
         self.tables: dict[str, dict[str, Tensor]] = {}
 
     def cache_path(self, dataset, extra_key: Mapping | None = None) -> Path:
-        key = {"model": self.model_key, "data": data_fingerprint(dataset), "extra": dict(extra_key or {})}
+        key = {"model": self.model_key, "data": rows_fingerprint(dataset), "extra": dict(extra_key or {})}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
         return self.cache_dir / f"ref-logps-{digest}.safetensors"
 
@@ -226,8 +225,8 @@ def make_reference(ref_cfg: ReferenceConfig, policy_model_cfg: ModelConfig, poli
     Create it before training starts: `precomputed` (without an adapter) and `copy` load the starting
     weights from `reference.name_or_path`, defaulting to the policy's own path.
     """
-    if ref_cfg.mode not in MODES:
-        raise ValueError(f"reference.mode={ref_cfg.mode!r} is not one of {MODES}")
+    if ref_cfg.mode not in REFERENCE_MODES:
+        raise ValueError(f"reference.mode={ref_cfg.mode!r} is not one of {REFERENCE_MODES}")
     model_cfg = reference_model_config(policy_model_cfg, ref_cfg.name_or_path)
     if ref_cfg.mode == "disabled":
         if not has_adapter(getattr(policy, "module", policy)):
@@ -281,33 +280,9 @@ def model_fingerprint(model_cfg: ModelConfig) -> dict:
     }
 
 
-def data_fingerprint(dataset) -> str:
-    """A hash of the token columns (`*input_ids`, `*labels`), row by row in order, so the same rows give the
-    same key whichever pipeline built them (the `datasets` fingerprint turns random when a transform cannot
-    be hashed, which would miss the cache on every run)."""
-    digest = hashlib.sha256()
-    if hasattr(dataset, "with_format"):
-        import pyarrow.compute as pc
-
-        columns = sorted(c for c in dataset.column_names if c.endswith(("input_ids", "labels")))
-        digest.update(json.dumps([len(dataset), columns]).encode())
-        for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=4096):
-            for name in columns:
-                values = table.column(name).combine_chunks()
-                digest.update(pc.list_value_length(values).to_numpy(zero_copy_only=False).tobytes())
-                digest.update(values.flatten().to_numpy(zero_copy_only=False).tobytes())
-        return digest.hexdigest()
-    for row in dataset:
-        digest.update(json.dumps(row, sort_keys=True, default=_jsonable).encode())
-    return digest.hexdigest()
-
-
 def add_row_index(dataset, column: str = "row_index"):
     """The dataset with a `row_index` column 0..N-1, the key `PrecomputedReference.logps` looks rows up by."""
     if column in getattr(dataset, "column_names", ()):
         return dataset
     return dataset.add_column(column, list(range(len(dataset))))
 
-
-def _jsonable(value):
-    return value.tolist() if hasattr(value, "tolist") else str(value)

@@ -34,7 +34,7 @@ CURVES = {
     "sft": ("loss", "eval/loss", "eval/token_accuracy"),
     "reward": ("loss", "rewards/accuracies", "eval/rewards/accuracies"),
     "dpo": ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"),
-    "orpo": ("loss", "rewards/accuracies", "nll_loss", "log_odds_ratio"),
+    "orpo": ("loss", "rewards/accuracies", "loss/nll", "logps/log_odds_ratio"),
     "ppo": ("objective/score", "objective/kl", "rollout/response_length", "policy/clipfrac"),
 }
 

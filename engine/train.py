@@ -41,7 +41,7 @@ from accelerate.utils import GradientAccumulationPlugin, parse_flag_from_env, se
 
 from engine import signals, tracking  # noqa: E402
 from engine.checkpoint import clean_partial, resolve_resume  # noqa: E402
-from engine.config import ConfigError, RunConfig, load_config, save_config  # noqa: E402
+from engine.config import ConfigError, RunConfig, describe_config, format_config, load_config, save_config  # noqa: E402
 from engine.hostmem import keep_freed_memory  # noqa: E402
 from engine.loops import pairwise, reward, sft  # noqa: E402
 from engine.loops.common import RunResult, RunStopped, TrainingDiverged  # noqa: E402
@@ -62,21 +62,33 @@ _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="engine/train.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action="append", required=True, metavar="YAML",
+    parser = argparse.ArgumentParser(
+        prog="engine/train.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (set in the YAML or as key=value), with their defaults:\n\n"
+               + format_config(describe_config()))
+    parser.add_argument("--config", action="append", metavar="YAML",
                         help="a config file; repeat to layer a preset over a base config (later files win)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides parsed as YAML scalars, e.g. optim.lr=1e-5 objective.beta=0.1")
     parser.add_argument("--skip-memory-check", action="store_true",
                         help="start even when the memory estimate (engine/memory.py) exceeds the device's free memory")
-    return parser.parse_args(argv)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print every config key with its value (the defaults, or what --config files and "
+                             "overrides give) and its doc, then exit")
+    args = parser.parse_args(argv)
+    if not args.config and not args.print_config:
+        parser.error("the following arguments are required: --config")
+    return args
 
 
-def main(argv: list[str] | None = None) -> RunResult:
+def main(argv: list[str] | None = None) -> RunResult | None:
     keep_freed_memory()  # large CPU tensors reuse freed pages instead of faulting in fresh ones every step
     args = parse_args(argv)
     # 1. The typed config, the bound objective and every check that needs no model.
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config or [], args.overrides)
+    if args.print_config:
+        print(format_config(describe_config(cfg)))
+        return None
     try:
         objective, loss_fn = bind_objective(cfg.objective.name, dict(cfg.objective.kwargs))
     except ValueError as error:

@@ -22,7 +22,8 @@ from engine.config import ConfigError, RunConfig
 from losses import Objective
 
 SENTINEL = "\u2063TURN\u2063"
-# reward and PPO read a score at the last non-pad token, so pad must differ from EOS there (not for DPO/ORPO)
+# Objective family -> (the data family it reads, whether pad may equal EOS). Reward and PPO read a score at
+# the last non-pad token, so pad must differ from EOS there (not for DPO/ORPO).
 DATA_FAMILY = {"sft": ("sft", True), "reward": ("preference", False), "pairwise": ("preference", True),
                "ppo": ("prompt", False)}
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}  # per trainable parameter

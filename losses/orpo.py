@@ -61,8 +61,9 @@ def orpo_loss(
 
     Returns:
         ``(loss, metrics)``: metrics from ``preference_metrics`` with rewards = lam * mean log-prob and
-        logps the mean per-token log-probs, plus ``nll_loss``, ``log_odds_chosen`` (mean log odds
-        ratio) and ``log_odds_ratio`` (mean log sigma of it).
+        logps the mean per-token log-probs, plus ``loss/nll``, ``logps/log_odds_chosen`` (mean log odds
+        ratio) and ``logps/log_odds_ratio`` (mean log sigma of it); TRL's ``nll_loss``, ``log_odds_chosen``
+        and ``log_odds_ratio``.
     """
     chosen_logprobs, rejected_logprobs = upcast(chosen_logprobs, rejected_logprobs)
     chosen_mask, rejected_mask = as_bool_mask(chosen_mask), as_bool_mask(rejected_mask)
@@ -76,7 +77,7 @@ def orpo_loss(
     loss = nll - lam * log_sigmoid.mean()
 
     metrics = preference_metrics(lam * chosen_lp, lam * rejected_lp, chosen_lp, rejected_lp)
-    metrics["nll_loss"] = nll.detach()
-    metrics["log_odds_chosen"] = log_odds.detach().mean()
-    metrics["log_odds_ratio"] = log_sigmoid.detach().mean()
+    metrics["loss/nll"] = nll.detach()
+    metrics["logps/log_odds_chosen"] = log_odds.detach().mean()
+    metrics["logps/log_odds_ratio"] = log_sigmoid.detach().mean()
     return loss, metrics

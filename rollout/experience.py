@@ -50,19 +50,6 @@ class Experience:
                                 if getattr(self, f.name) is not None})
 
 
-def reward_index(action_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) response position of the last action token: the EOS if there is one, else the last token
-    in the budget. Counting actions (not searching for pad) keeps this right with left-padded prompts
-    and with pad == EOS. A row with no action (a skipped reward) maps to 0; its mask hides it anyway."""
-    return (action_mask.long().sum(-1) - 1).clamp(min=0)
-
-
-def place_scores(scores: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
-    """(B, R) zeros with each row's score at `reward_index`, for per-token reward shaping."""
-    out = torch.zeros(action_mask.shape, dtype=scores.dtype, device=scores.device)
-    return out.scatter(1, reward_index(action_mask)[:, None], scores[:, None]) * action_mask
-
-
 def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, action_mask: torch.Tensor,
                       temperature: float = 1.0) -> torch.Tensor:
     """(B, R) log-probs of the sampled tokens, from response logits (B, R, V) divided by the sampling

@@ -53,8 +53,9 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
-    """How responses are sampled. `temperature=0` decodes greedily."""
+class Decoding:
+    """How each response is drawn; the fields a config names (`ppo:` holds them too). `temperature=0` decodes
+    greedily."""
 
     max_new_tokens: int = 64
     """Upper bound of every response, in tokens (EOS included)."""
@@ -66,9 +67,7 @@ class SamplingConfig:
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     response_length: tuple[int, int] | None = None
-    """If set, each row's length budget is drawn uniformly from [low, high] (e.g. (32, 400))."""
-    micro_batch_size: int = 8
-    """Rows decoded together; bounds the KV-cache memory."""
+    """If set, each row's length budget is drawn uniformly from [low, high] (e.g. (32, 400)); None: max_new_tokens."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -81,6 +80,17 @@ class SamplingConfig:
             if not self.min_new_tokens <= low <= high <= self.max_new_tokens:
                 raise ValueError(f"response_length {self.response_length} must lie within "
                                  f"[min_new_tokens, max_new_tokens] = [{self.min_new_tokens}, {self.max_new_tokens}]")
+
+
+@dataclass(frozen=True)
+class SamplingConfig(Decoding):
+    """How responses are sampled, and how many rows at a time."""
+
+    micro_batch_size: int = 8
+    """Rows decoded together; bounds the KV-cache memory."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.micro_batch_size < 1:
             raise ValueError("micro_batch_size must be >= 1")
 

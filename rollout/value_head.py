@@ -112,12 +112,3 @@ def load_value_head(path: str | Path) -> ValueHead:
     head.load_state_dict(tensors)
     return head
 
-
-def save_actor_critic(model: ActorCritic, out_dir: str | Path) -> None:
-    """Policy (full weights, or the adapter of a peft model) and value head in safetensors; a separate
-    critic in `critic/`. The tokenizer is the caller's to save."""
-    out_dir = Path(out_dir)
-    model.policy.save_pretrained(out_dir)
-    save_value_head(model.value_head, out_dir)
-    if model.critic is not None:
-        model.critic.save_pretrained(out_dir / CRITIC_DIR)

@@ -76,9 +76,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     scorer = build_scorer(cfg, accelerator)
     data = build_datasets("prompt", cfg.data, tokenizer, log=accelerator.print,
                           report_dir=cfg.output_dir if accelerator.is_main_process else None)
-    sampling = SamplingConfig(max_new_tokens=ppo.max_new_tokens, min_new_tokens=ppo.min_new_tokens,
-                              temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
-                              response_length=ppo.response_length, micro_batch_size=ppo.rollout_micro_batch_size)
+    sampling = ppo.sampling()
 
     # 2. Prompt loader (one rollout batch per iteration), optimizer and schedule, placed by Accelerate.
     loader = DataLoader(data.train, batch_size=ppo.rollout_batch_size // accelerator.num_processes,

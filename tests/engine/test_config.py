@@ -6,8 +6,10 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from engine.config import ConfigError, RunConfig, load_config, save_config
+from rollout.generation import SamplingConfig
 from tests.engine.runs import REPO_ROOT
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml")) + sorted((REPO_ROOT / "configs" / "tiny").glob("*.yaml"))
@@ -114,3 +116,70 @@ def test_rollout_section_reaches_the_typed_config_and_bad_values_are_config_erro
     assert load_config(ppo).rollout.backend == "generate"
     with pytest.raises(ConfigError, match="rollout.backend='vllm' is not one of"):
         load_config(ppo, ["rollout.backend=vllm"])
+def test_ppo_sampling_is_every_sampling_field_of_the_config():
+    """The rollout samples with what `ppo:` says, every field of it (the benchmark's copy once lost top_k)."""
+    cfg = load_config(REPO_ROOT / "configs" / "tiny" / "ppo.yaml",
+                      ["ppo.max_new_tokens=12", "ppo.min_new_tokens=2", "ppo.temperature=0.7", "ppo.top_k=5",
+                       "ppo.top_p=0.9", "ppo.response_length=[3, 9]", "ppo.rollout_micro_batch_size=3"])
+    assert cfg.ppo.sampling() == SamplingConfig(max_new_tokens=12, min_new_tokens=2, temperature=0.7, top_k=5,
+                                                top_p=0.9, response_length=(3, 9), micro_batch_size=3)
+    with pytest.raises(ConfigError, match=r"response_length \(3, 20\) must lie within"):
+        load_config(REPO_ROOT / "configs" / "tiny" / "ppo.yaml", ["ppo.max_new_tokens=12", "ppo.response_length=[3, 20]"])
+
+
+def test_each_named_choice_has_one_definition():
+    """The KL estimators, reference modes, log-prob reductions and data families are the owners' own tuples."""
+    from benchmarks import workloads
+    from engine import ppo_config, reference
+    from losses import kl, registry
+
+    assert ppo_config.KL_ESTIMATORS is kl.KL_ESTIMATORS
+    assert reference.REDUCTIONS is registry.LOGPS_REDUCTIONS
+    assert not hasattr(reference, "MODES")
+    assert workloads.FAMILY == {"sft": "sft", "reward": "preference", "dpo": "preference", "orpo": "preference",
+                                "ppo": "prompt"}  # read from validate.DATA_FAMILY through each objective's family
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """Dotted key -> value of every leaf of a nested mapping."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= _leaves(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
+
+
+@pytest.mark.parametrize("flag", ["--print-config", "--help"])
+def test_print_config_and_help_list_every_key_with_its_default_and_doc(flag, capsys):
+    from engine import train
+    from engine.config import to_dict
+
+    if flag == "--help":
+        with pytest.raises(SystemExit) as stop:
+            train.main([flag])
+        assert stop.value.code == 0
+    else:
+        assert train.main([flag]) is None
+    lines = capsys.readouterr().out.splitlines()
+    keys = _leaves(to_dict(RunConfig()))
+    assert len(keys) > 100
+    for key, value in keys.items():
+        shown = yaml.safe_load(next(line for line in lines if line.startswith(key + ": ")).partition(": ")[2])
+        assert shown == (list(value) if isinstance(value, tuple) else value), key
+    # each field's own doc, indented under its key; an inherited sampling field's doc under ppo.
+    for key, doc in [("optim.max_grad_norm: 1.0", "Clip the global gradient norm"),
+                     ("data.max_prompt_length: 256", "Tokens per prompt"),
+                     ("ppo.top_k: 0", "Keep only the k most likely tokens")]:
+        assert lines[lines.index(key) + 1].strip().startswith(doc)
+
+
+def test_print_config_shows_the_configured_values_and_the_objectives_arguments(capsys):
+    from engine import train
+
+    train.main(["--print-config", "--config", str(REPO_ROOT / "configs" / "tiny" / "orpo.yaml"), "optim.lr=2e-4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "optim.lr: 0.0002" in lines and "objective.name: orpo" in lines and "objective.lam: 0.5" in lines
+    assert lines[lines.index("objective.lam: 0.5") + 1].strip().startswith("weight of the odds-ratio term")
+    assert not any(line.startswith("objective.sft_mask") for line in lines)  # a tensor, not a config value

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from engine import evaluate as ev
-from engine.generate import PromptEncoder, load_model, load_tokenizer
+from engine.generate import PromptEncoder, load_model
+from engine.models import load_tokenizer
 from engine.tiny import build_tiny_model, resolve_model_path
 from rollout.generation import SamplingConfig, generate
 
@@ -70,7 +71,12 @@ def test_against_itself_kl_is_zero_win_rate_one_half_and_lengths_match_rollout(t
     assert metrics["reward_model/win_rate"] == 0.5
     assert metrics["judge/score"] == metrics["judge/score_reference"]
     assert metrics["reward_model/score"] == metrics["reward_model/score_reference"]
-    assert 0.0 <= metrics["pairs/reward_model_accuracy"] <= 1.0
+    # the batched accuracy is the share of pairs whose chosen response, scored alone, beats its rejected one
+    evaluator = ev.Evaluator(small(reward_model="tiny-reward"))
+    alone = [(evaluator.reward([row["prompt"]], [row["chosen"]], {})[0].item(),
+              evaluator.reward([row["prompt"]], [row["rejected"]], {})[0].item())
+             for row in ev.synthetic_rows("preference", 6, 0)]
+    assert metrics["pairs/reward_model_accuracy"] == pytest.approx(sum(c > r for c, r in alone) / 6, abs=1e-12)
     assert [s["response"] for s in result["samples"]] == [s["reference_response"] for s in result["samples"]]
 
     # length and EOS share as rollout.generation counts them, for the same prompts and seed
@@ -83,6 +89,17 @@ def test_against_itself_kl_is_zero_win_rate_one_half_and_lengths_match_rollout(t
     first_batch = ev.Evaluator(small(model=tiny_dir, num_prompts=4)).prompts([{"prompt": p} for p in prompts[:4]])[0]
     assert first_batch["response/length"] == pytest.approx(gen.response_length.double().mean().item())
     assert first_batch["response/eos"] == pytest.approx(1 - gen.no_eos.double().mean().item())
+
+
+def test_reward_model_accuracy_is_the_share_of_pairs_ranked_right():
+    """Scores by hand (the response's length): two pairs ranked right, one wrong, one tie (wrong, as the
+    reward loss's accuracy counts it): 2 / 4."""
+    evaluator = ev.Evaluator(small(reward_model="tiny-reward"))
+    evaluator.reward = lambda prompts, responses, fields: (torch.tensor([float(len(r)) for r in responses]), None)
+    rows = [{"prompt": "p", "chosen": "a b c", "rejected": "a"}, {"prompt": "p", "chosen": "a b", "rejected": "b"},
+            {"prompt": "p", "chosen": "c", "rejected": "c b a"}, {"prompt": "p", "chosen": "a b", "rejected": "b a"}]
+    assert evaluator.pairs(rows)["pairs/reward_model_accuracy"] == 0.5
+    assert evaluator.pairs(rows[:2])["pairs/reward_model_accuracy"] == 1.0
 
 
 def full_logprobs(model, ids: list[int]) -> torch.Tensor:

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from engine import generate as gen
 from engine.config import ModelConfig
-from engine.models import load_policy, save_final
+from engine.models import load_policy, load_tokenizer, save_final
 from engine.tiny import resolve_model_path
 from rollout.generation import SamplingConfig, generate
 
@@ -30,7 +30,7 @@ def test_greedy_answers_equal_rollout_generation_on_the_training_prompt_ids(tiny
     rows = gen.main(["--model", tiny_dir, "--prompts", str(prompts_file), "--temperature", "0",
                      "--max-new-tokens", "8", "--batch-size", "2", "--output", str(out)])
 
-    model, tokenizer = gen.load_model(tiny_dir), gen.load_tokenizer(tiny_dir)
+    model, tokenizer = gen.load_model(tiny_dir), load_tokenizer(tiny_dir)
     # the ids the data layer gives these prompts: BOS (the tokenizer's, not the template's), then the chat template
     encoder = gen.PromptEncoder(tokenizer)
     template = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True,
@@ -62,7 +62,7 @@ def test_prompts_from_json_lines_and_stdin(tmp_path, monkeypatch):
 
 
 def test_sampling_is_seeded_and_beam_search_answers_every_prompt(tiny_dir):
-    model, tokenizer = gen.load_model(tiny_dir), gen.load_tokenizer(tiny_dir)
+    model, tokenizer = gen.load_model(tiny_dir), load_tokenizer(tiny_dir)
     encoder = gen.PromptEncoder(tokenizer)
     sampling = SamplingConfig(max_new_tokens=6, temperature=1.0)
     first = gen.answer(model, tokenizer, encoder, PROMPTS, sampling, seed=3)
@@ -79,7 +79,7 @@ def test_an_adapter_loads_on_its_base_and_a_merged_copy_gives_the_same_logits(ti
     # init_lora_weights=False: a random (non-zero) update, so the adapter visibly changes the logits
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                  init_lora_weights=False, task_type="CAUSAL_LM"))
-    tokenizer = gen.load_tokenizer(tiny_dir)
+    tokenizer = load_tokenizer(tiny_dir)
     save_final(peft_model, tokenizer, tmp_path / "adapter")
     ids = torch.tensor([gen.PromptEncoder(tokenizer).ids(PROMPTS[0])])
     with torch.no_grad():
@@ -130,7 +130,6 @@ def test_on_policy_pairs_from_the_command_line_train_as_preference_data(tiny_dir
         assert pair["prompt"] in prompts and len(pair["chosen"]) == pair["chosen_score"] > pair["rejected_score"]
     # the file is ordinary preference data
     from data import DataConfig, build_datasets
-    from engine.models import load_tokenizer
 
     data = build_datasets("preference", DataConfig(path=str(out), eval_fraction=0.0), load_tokenizer(ModelConfig()))
     assert len(data.train) == len(pairs)

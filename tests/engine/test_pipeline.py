@@ -29,11 +29,8 @@ def quickstart(tmp_path_factory):
 
 def test_ci_quickstart_runs_every_step_writes_the_report_and_a_rerun_skips_them(quickstart):
     out, summary, first, again, second = quickstart
-    with_ppo = pipeline.ppo_missing() is None
-    methods = ["sft", "dpo", "orpo", "ppo"] if with_ppo else ["sft", "dpo", "orpo"]
+    methods = ["sft", "dpo", "orpo", "ppo"]
     assert list(summary["judge_score"]) == methods
-    if not with_ppo:
-        assert "ppo: skipped, the PPO loop is not available" in first
     for stage in ["reward", *methods]:
         assert (out / stage / "final").is_dir() and (out / stage / "done.json").exists()
         assert f"python -m engine.train --config configs/quickstart/{stage}.yaml" in first
@@ -41,17 +38,20 @@ def test_ci_quickstart_runs_every_step_writes_the_report_and_a_rerun_skips_them(
     # the baseline against itself: identical responses from the same seed
     assert summary["metrics"]["sft"]["objective/kl"] == 0.0
     assert summary["metrics"]["sft"]["reward_model/win_rate"] == 0.5
-    assert 0.0 <= summary["reward_model_pair_accuracy"] <= 1.0
 
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 1 + len(methods)  # curves of the reward model and each policy
     assert "| method | judge score |" in (out / "report.md").read_text()
     assert json.loads((out / "summary.json").read_text())["judge_score"] == summary["judge_score"]
 
-    steps = pipeline.plan(out, 0, True, with_ppo=with_ppo)
+    steps = pipeline.plan(out, 0, True)
     assert second.count("already finished, skipped") == len(steps)
     assert "-m engine.train" not in second and "-m engine.evaluate" not in second
     assert again["judge_score"] == summary["judge_score"]
+
+
+# A gain must exceed the SFT models' seed-to-seed spread of the judge score (0.011 over seeds 0-2, README).
+MARGIN = 0.02
 
 
 def test_ci_quickstart_every_method_beats_sft_on_the_judge(quickstart):
@@ -60,4 +60,14 @@ def test_ci_quickstart_every_method_beats_sft_on_the_judge(quickstart):
     scores = quickstart[1]["judge_score"]
     assert set(scores) == {"sft", "dpo", "orpo", "ppo"}
     for method in ("dpo", "orpo", "ppo"):
-        assert scores[method] > scores["sft"], f"{method} {scores[method]:.3f} <= sft {scores['sft']:.3f}"
+        assert scores[method] > scores["sft"] + MARGIN, f"{method} {scores[method]:.3f}, sft {scores['sft']:.3f}"
+
+
+def test_ci_quickstart_reward_model_ranks_pairs_better_than_untrained(quickstart):
+    """The reward run's eval pairs before training (a fresh head: 0.49) and after (0.84 on seed 0), and the
+    evaluation's 200 held-out pairs (0.815; a fresh head on the SFT model ranks 0.50)."""
+    out, summary = quickstart[0], quickstart[1]
+    records = [json.loads(line) for line in (out / "reward" / "metrics.jsonl").read_text().splitlines()]
+    accuracy = [r["eval/rewards/accuracies"] for r in records if "eval/rewards/accuracies" in r]
+    assert len(accuracy) >= 2 and accuracy[-1] > accuracy[0] + 0.2, accuracy
+    assert summary["reward_model_pair_accuracy"] > 0.5 + 0.2

@@ -11,13 +11,14 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from data import make_collator, synthetic
+from data.build import rows_fingerprint
 from engine.config import LoraConfig, ModelConfig, ReferenceConfig
+from engine.loops.pairwise import with_row_index
 from engine.models import load_policy, load_tokenizer
 from engine.reference import (
     ModelReference,
     PrecomputedReference,
     add_row_index,
-    data_fingerprint,
     make_reference,
     reduce_logprobs,
     sequence_logprobs,
@@ -49,24 +50,16 @@ def dataset(tokenizer):
     return add_row_index(Dataset.from_list(rows))
 
 
-def _with_row_index(collate_fn):
-    def collate_rows(rows: list[dict]) -> dict:
-        batch = collate_fn([{k: v for k, v in r.items() if k != "row_index"} for r in rows])
-        return batch | {"row_index": torch.tensor([r["row_index"] for r in rows])}
-
-    return collate_rows
-
-
 @pytest.fixture(scope="module")
 def collate(tokenizer):
     """The preference collator's layout: right-padded [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]."""
-    return _with_row_index(make_collator("preference", tokenizer))
+    return with_row_index(make_collator("preference", tokenizer))
 
 
 @pytest.fixture(scope="module")
 def packed_collate(tokenizer):
     """The same 2B sequences packed into one (1, N) row with `seq_lens`."""
-    return _with_row_index(make_collator("preference", tokenizer, packing=True))
+    return with_row_index(make_collator("preference", tokenizer, packing=True))
 
 
 @pytest.fixture(scope="module")
@@ -124,17 +117,20 @@ def test_the_policy_itself_differs_from_its_reference(policy, dataset, collate, 
     assert (chosen.double() - oracle_logps[0]).abs().min() > 1e-2
 
 
-def test_mean_reduction(policy, dataset, collate, tmp_path):
+def test_mean_reduction(policy, dataset, collate, oracle_logps, tmp_path):
+    """The mean is the base model's summed log-prob over the response divided by its token count, both
+    computed one unpadded row at a time (oracle_logps; the labels as the dataset holds them)."""
     batch = collate([dataset[i] for i in range(4)])
     live = ModelReference(policy, disable_adapter=True)
     cached = make_reference(ReferenceConfig(mode="precomputed", cache_dir=str(tmp_path)), LORA, policy)
     cached.precompute(dataset, collate)
-    n_chosen = (batch["labels"][:4, 1:] != -100).sum(-1)
-    for got, want in zip(cached.logps(batch, reduction="mean"), live.logps(batch, reduction="mean")):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        live.logps(batch, reduction="mean")[0] * n_chosen, live.logps(batch)[0], rtol=1e-5, atol=1e-5
-    )
+    for side, oracle in zip(("chosen", "rejected"), oracle_logps):
+        counts = torch.tensor([sum(label != -100 for label in dataset[i][f"{side}_labels"][1:]) for i in range(4)])
+        assert counts.min() >= 2  # a mean that differs from the sum
+        want = oracle[:4] / counts
+        index = 0 if side == "chosen" else 1
+        for ref in (live, cached):
+            torch.testing.assert_close(ref.logps(batch, reduction="mean")[index].double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_disabled_needs_an_adapter():
@@ -202,12 +198,12 @@ def test_packed_batches_give_the_padded_values(mode, policy, dataset, collate, p
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
 
 
-def test_data_fingerprint_follows_the_token_columns(dataset):
+def test_rows_fingerprint_follows_the_token_columns(dataset):
     rebuilt = Dataset.from_list([dict(r) for r in dataset])
-    assert data_fingerprint(rebuilt) == data_fingerprint(dataset)
-    assert data_fingerprint(dataset.select([1, 0, 2, 3, 4, 5])) != data_fingerprint(dataset)
-    assert data_fingerprint(dataset.select(range(5))) != data_fingerprint(dataset)
+    assert rows_fingerprint(rebuilt) == rows_fingerprint(dataset)
+    assert rows_fingerprint(dataset.select([1, 0, 2, 3, 4, 5])) != rows_fingerprint(dataset)
+    assert rows_fingerprint(dataset.select(range(5))) != rows_fingerprint(dataset)
     changed = dataset.map(lambda r: {"rejected_labels": r["rejected_labels"][:-1] + [-100]})
-    assert data_fingerprint(changed) != data_fingerprint(dataset)
-    assert data_fingerprint(dataset.remove_columns("row_index")) == data_fingerprint(dataset)
-    assert data_fingerprint(list(dataset)) == data_fingerprint(list(rebuilt))
+    assert rows_fingerprint(changed) != rows_fingerprint(dataset)
+    assert rows_fingerprint(dataset.remove_columns("row_index")) == rows_fingerprint(dataset)
+    assert rows_fingerprint(list(dataset)) == rows_fingerprint(list(rebuilt))

@@ -122,10 +122,12 @@ def test_a_lora_run_exports_an_adapter_for_plain_peft_or_a_merged_model(tmp_path
     ids=["bf16", "adamw_8bit", "paged_8bit+length_groups", "lora+checkpointing", "qlora_4bit", "reward_lora"],
 )
 def test_each_memory_and_precision_option_trains(tmp_path, config, options):
-    result = run(config, tmp_path, "max_steps=2", *options)
+    """Every step sees the same 8 rows (one batch is the whole training set), so the loss can only fall by
+    learning: after two updates it was 0.70 (SFT) and 0.94-0.96 (DPO, reward) of its start; 1.0 with optim.lr=0."""
+    result = run(config, tmp_path, "max_steps=3", "data.max_samples=8", *options)
     losses = series(result, "loss")
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
-    assert losses[1] != losses[0]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.98 * losses[0], losses
     assert (tmp_path / "final").is_dir()
 
 

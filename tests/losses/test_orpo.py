@@ -41,13 +41,14 @@ def test_orpo_by_hand():
     mask = torch.tensor([[True, True, False]])
     loss, metrics = orpo_loss(chosen, mask, rejected, mask, lam=0.5)
     assert loss.item() == pytest.approx(LN2 + 0.5 * math.log(4 / 3), rel=1e-14)
-    assert metrics["nll_loss"].item() == pytest.approx(LN2, rel=1e-15)
-    assert metrics["log_odds_chosen"].item() == pytest.approx(math.log(3), rel=1e-14)
-    assert metrics["log_odds_ratio"].item() == pytest.approx(math.log(3 / 4), rel=1e-14)
+    assert metrics["loss/nll"].item() == pytest.approx(LN2, rel=1e-15)
+    assert metrics["logps/log_odds_chosen"].item() == pytest.approx(math.log(3), rel=1e-14)
+    assert metrics["logps/log_odds_ratio"].item() == pytest.approx(math.log(3 / 4), rel=1e-14)
     assert metrics["rewards/chosen"].item() == pytest.approx(-0.5 * LN2, rel=1e-15)
     assert metrics["rewards/rejected"].item() == pytest.approx(-LN2, rel=1e-15)
     assert metrics["rewards/accuracies"].item() == 1.0
     assert metrics["logps/chosen"].item() == pytest.approx(-LN2, rel=1e-15)
+    assert all("/" in key for key in metrics), sorted(metrics)  # namespaced, as every objective's keys
     assert metrics["logps/rejected"].item() == pytest.approx(-2 * LN2, rel=1e-15)
 
 
@@ -58,7 +59,7 @@ def test_sft_mask_selects_prompt_and_response_nll():
     response = torch.tensor([[False, True, True]])
     full = torch.tensor([[True, True, True]])
     loss, metrics = orpo_loss(chosen, response, rejected, response, lam=0.5, sft_mask=full)
-    assert metrics["nll_loss"].item() == pytest.approx(4 * LN2 / 3, rel=1e-15)
+    assert metrics["loss/nll"].item() == pytest.approx(4 * LN2 / 3, rel=1e-15)
     assert loss.item() == pytest.approx(4 * LN2 / 3 + 0.5 * math.log(4 / 3), rel=1e-14)
 
 
@@ -78,7 +79,7 @@ def test_log_odds_at_the_extremes(dtype):
     log_odds_chosen = -1e-12 - (math.log(1e-12) - 5e-13)
     want_ratio = log_odds_chosen + 50.0
     rtol = 1e-10 if dtype == F64 else 1e-6
-    assert metrics["log_odds_chosen"].item() == pytest.approx(want_ratio, rel=rtol)
+    assert metrics["logps/log_odds_chosen"].item() == pytest.approx(want_ratio, rel=rtol)
     assert loss.item() == pytest.approx(1e-12 + math.exp(-want_ratio), rel=rtol)
     loss.backward()
     assert torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()
@@ -137,5 +138,5 @@ def test_bf16_is_computed_in_fp32():
     chosen, chosen_mask, rejected, rejected_mask = _random_batch(4)
     c16, r16 = chosen.to(torch.bfloat16), rejected.to(torch.bfloat16)
     loss, metrics = orpo_loss(c16, chosen_mask, r16, rejected_mask, lam=0.5)
-    assert loss.dtype == torch.float32 and metrics["nll_loss"].dtype == torch.float32
+    assert loss.dtype == torch.float32 and metrics["loss/nll"].dtype == torch.float32
     assert torch.equal(loss, orpo_loss(c16.float(), chosen_mask, r16.float(), rejected_mask, lam=0.5)[0])

@@ -4,7 +4,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from rollout.experience import make_experience, place_scores, reward_index
+from losses import kl_shaped_rewards
+from rollout.experience import make_experience
 from rollout.generation import Generation, SamplingConfig, generate
 from rollout.value_head import ActorCritic
 from tests.rollout.conftest import left_pad, random_head, tiny_causal_lm
@@ -24,25 +25,30 @@ def hand_generation(pad: int) -> Generation:
                       no_eos=torch.tensor([False, True, False]), prompt_length=4)
 
 
+def placed_scores(scores: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """Where the PPO loop's reward shaping puts each row's score: kl_shaped_rewards with no KL term."""
+    zeros = torch.zeros(action_mask.shape)
+    return kl_shaped_rewards(scores, zeros, zeros, action_mask, kl_coef=0.0)[0]
+
+
 @pytest.mark.parametrize("pad", [PAD, EOS])
 def test_score_lands_on_the_last_real_response_token(pad):
     gen = hand_generation(pad)
-    assert reward_index(gen.action_mask).tolist() == [2, 4, 0]
-    placed = place_scores(torch.tensor([1.0, 2.0, 3.0]), gen.action_mask)
+    placed = placed_scores(torch.tensor([1.0, 2.0, 3.0]), gen.action_mask)
     assert placed.tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 0, 2], [3, 0, 0, 0, 0]]
     # in sequence coordinates: the EOS for rows 0 and 2, the last token for row 1
-    last = gen.prompt_length + reward_index(gen.action_mask)
+    last = gen.prompt_length + placed.argmax(-1)
     assert gen.sequences[torch.arange(3), last].tolist() == [EOS, 46, EOS]
 
 
-def test_reward_index_on_sampled_responses_matches_the_first_eos():
+def test_score_on_sampled_responses_lands_on_the_first_eos():
     model = tiny_causal_lm(seed=1)
     with torch.no_grad():
         model.lm_head.weight[EOS] *= 4
     ids, mask = left_pad([[1, 5, 6, 7, 8, 9], [1, 5], [1, 7, 7]] * 4, PAD)
     gen = generate(model, ids, mask, SamplingConfig(max_new_tokens=8), eos_token_id=EOS, pad_token_id=PAD,
                    generator=torch.Generator().manual_seed(0))
-    index = reward_index(gen.action_mask)
+    index = placed_scores(torch.ones(len(ids)), gen.action_mask).argmax(-1)
     for row, i, no_eos in zip(gen.responses.tolist(), index.tolist(), gen.no_eos.tolist()):
         assert i == (7 if no_eos else row.index(EOS))
 

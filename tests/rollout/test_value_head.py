@@ -2,7 +2,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from rollout.value_head import VALUE_HEAD_FILE, ActorCritic, ValueHead, load_value_head, save_actor_critic
+from rollout.value_head import VALUE_HEAD_FILE, ActorCritic, ValueHead, load_value_head, save_value_head
 from tests.rollout.conftest import left_pad, random_head, tiny_causal_lm
 
 PAD = 3
@@ -29,7 +29,8 @@ def test_value_head_is_saved_with_the_adapter_and_loaded_back(tmp_path):
     policy = get_peft_model(tiny_causal_lm(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
     actor_critic = ActorCritic(policy, random_head())
     seq, mask = batch()
-    save_actor_critic(actor_critic, tmp_path)
+    policy.save_pretrained(tmp_path)  # as the PPO loop's final save: the adapter, then the head beside it
+    save_value_head(actor_critic.value_head, tmp_path)
     assert (tmp_path / VALUE_HEAD_FILE).is_file() and (tmp_path / "adapter_model.safetensors").is_file()
     reloaded = ActorCritic(PeftModel.from_pretrained(tiny_causal_lm(), tmp_path), load_value_head(tmp_path))
     with torch.no_grad():
