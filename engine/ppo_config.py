@@ -135,7 +135,7 @@ class PPOConfig(Decoding):
         try:
             super().__post_init__()
         except ValueError as error:
-            raise PPOConfigError(f"ppo: {error}") from None
+            raise PPOConfigError(f"ppo.{error}") from None
 
     def sampling(self) -> SamplingConfig:
         """The rollout's sampling: the Decoding fields, `rollout_micro_batch_size` rows at a time."""

@@ -70,11 +70,18 @@ class Decoding:
     """If set, each row's length budget is drawn uniformly from [low, high] (e.g. (32, 400)); None: max_new_tokens."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got "
-                             f"{self.min_new_tokens}, {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError("temperature must be >= 0, top_p in (0, 1] and top_k >= 0")
+        # each message starts with the field's name, so a config section can prefix its own ("ppo.top_k ...")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be 1 or more, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got "
+                             f"{self.min_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (no top-k filter) or more, got {self.top_k}")
         if self.response_length is not None:
             low, high = self.response_length
             if not self.min_new_tokens <= low <= high <= self.max_new_tokens:

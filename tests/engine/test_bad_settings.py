@@ -6,18 +6,7 @@ from __future__ import annotations
 import pytest
 
 from engine import models
-from engine.loops import common
 from tests.engine.runs import run_cli
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(models, "load_policy", refuse)
-    monkeypatch.setattr(models, "load_reward_model", refuse)
-    monkeypatch.setattr(common, "optimizer_steps", refuse)
 
 
 def refused(config: str, tmp_path, *overrides: str) -> str:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from engine import models
-from engine.loops import common
 from tests.engine.runs import run_cli
 
 FIXTURE = "tests.rollout.rewards_fixture"
@@ -25,16 +23,6 @@ def stopped(tmp_path, *overrides: str) -> str:
     assert code == 2, stderr
     assert "Traceback" not in stderr
     return stderr
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(models, "load_policy", refuse)
-    monkeypatch.setattr(models, "load_reward_model", refuse)
-    monkeypatch.setattr(common, "optimizer_steps", refuse)
 
 
 @pytest.mark.parametrize("function, message", [

@@ -22,16 +22,6 @@ from engine.tiny import resolve_model_path
 from tests.engine.runs import TINY, run
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(models, "load_policy", refuse)
-    monkeypatch.setattr(models, "load_reward_model", refuse)
-    monkeypatch.setattr(common, "optimizer_steps", refuse)
-
-
 def _tiny_copy(tmp_path, change_tokenizer):
     model_dir = tmp_path / "model"
     shutil.copytree(resolve_model_path("tiny"), model_dir, ignore=shutil.ignore_patterns("*.safetensors"))
