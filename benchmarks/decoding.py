@@ -66,7 +66,8 @@ def rollout_bytes(model, gen) -> int:
 def compare_backends(size: str, device: str = "cpu", *, repeats: int = 3, backends: list[str] | None = None,
                      dtype: str | None = None, log=print) -> dict:
     """Time each backend on one seeded rollout, alternating; medians of tokens/s and bandwidth fractions."""
-    from engine.generate import load_model, load_tokenizer
+    from engine.generate import load_model
+    from engine.models import load_tokenizer
     from rollout.generation import RolloutConfig, SamplingConfig, finished_locally, generate, resolve_backend
 
     rows, width, new_tokens = WORKLOADS[size]
