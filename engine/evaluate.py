@@ -391,14 +391,9 @@ def attach_to_training_run(run_dir: Path, result: dict, out: str | None) -> None
 
 
 def cli() -> None:
-    """The command line: a ConfigError (a model whose attention cannot be what was asked) exits 2."""
-    from engine.config import ConfigError
+    from engine.generate import exit_2_on_config_error
 
-    try:
-        main()
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    exit_2_on_config_error(main)
 
 
 if __name__ == "__main__":

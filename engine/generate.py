@@ -297,8 +297,9 @@ def main(argv: Iterable[str] | None = None) -> list[dict]:
     return out
 
 
-def cli() -> None:
-    """The command line: a ConfigError (a model whose attention cannot be what was asked) exits 2."""
+def exit_2_on_config_error(main) -> None:
+    """Run a command's `main`; a ConfigError (a model whose attention cannot be what was asked) exits 2 with
+    its message and no traceback. engine.evaluate's command line shares it."""
     from engine.config import ConfigError
 
     try:
@@ -306,6 +307,10 @@ def cli() -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def cli() -> None:
+    exit_2_on_config_error(main)
 
 
 if __name__ == "__main__":
