@@ -32,14 +32,16 @@ from pathlib import Path
 
 import torch
 
+from data import make_collator
 from data.config import DataConfig
 from data.formats import canonical, detect_format
 from data.tokenize import reward_pair_encoder
 from engine.generate import PromptEncoder, add_rollout_arguments, load_model, read_prompts, rollout_config
+from engine.logprobs import label_logprobs
 from engine.models import load_tokenizer
-from losses import token_logprobs
-from rollout.experience import response_logprobs
-from rollout.generation import Generation, RolloutConfig, SamplingConfig, generate, position_ids_from_mask
+from losses import log1m_exp, reduce_logprobs
+from rollout.generation import Generation, RolloutConfig, SamplingConfig, generate
+from rollout.logprobs import response_logprobs
 from rollout.scoring import RewardModel, default_format, load_reward_function
 
 SYNTHETIC_JUDGE = "data.synthetic:judge_reward"
@@ -95,29 +97,22 @@ def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
 
 
 def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
-    """log p / (1 - p) from log p (ORPO, Hong et al. 2024, eq. 4), stable near p = 1."""
-    return mean_logps - torch.log1p(-torch.exp(mean_logps).clamp(max=1 - 1e-7))
+    """log p / (1 - p) from log p (ORPO, Hong et al. 2024, eq. 4), with ORPO's loss's own `log1m_exp`."""
+    return mean_logps - log1m_exp(mean_logps)
 
 
 @torch.no_grad()
 def generation_logprobs(model, gen: Generation, temperature: float) -> torch.Tensor:
     """(B, R) log-probs under `model` of the sampled response tokens, 0 off `gen.action_mask`."""
-    R = gen.action_mask.shape[1]
-    mask = gen.attention_mask.long()
-    logits = model(input_ids=gen.sequences, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                   logits_to_keep=R + 1, use_cache=False).logits[:, :-1]
-    return response_logprobs(logits.float(), gen.responses, gen.action_mask, temperature)
+    return response_logprobs(model, gen.sequences, gen.attention_mask, gen.action_mask, temperature=temperature)
 
 
 @torch.no_grad()
-def response_logps(model, sequences: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum and mean of the response tokens' log-probs, (B,) each, for right-padded (B, T) rows whose
-    `labels` are -100 outside the response."""
-    logits = model(input_ids=sequences, attention_mask=attention_mask, use_cache=False).logits
-    logprobs, mask = token_logprobs(logits.float(), labels)
-    total = (logprobs * mask).sum(-1)
-    return total, total / mask.sum(-1).clamp(min=1)
+def response_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and mean of the response tokens' log-probs, (B,) each, for a collated SFT batch whose labels are
+    -100 outside the response."""
+    logprobs, mask = label_logprobs(model, batch)
+    return reduce_logprobs(logprobs, mask, "sum"), reduce_logprobs(logprobs, mask, "mean")
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -292,20 +287,17 @@ class Evaluator:
 
     def pair_logps(self, model, prompts: Sequence[str], responses: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum and mean log-probs (B,) of each response after its prompt, tokenised as the data layer does."""
-        formatter, pad = self.encoder.formatter, self.tokenizer.pad_token_id
+        formatter = self.encoder.formatter
+        collate = make_collator("sft", self.tokenizer, allow_pad_as_eos=True)
         sums, means = [], []
         for start in range(0, len(prompts), self.cfg.batch_size):
             rows = []
             for prompt, response in zip(prompts[start:start + self.cfg.batch_size],
                                         responses[start:start + self.cfg.batch_size]):
                 prompt_ids, response_ids = self.encoder.ids(prompt), formatter.response_ids(response)
-                rows.append((prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids))
-            width = max(len(ids) for ids, _ in rows)
-            sequences = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
-            attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
-            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-            total, mean = response_logps(model, sequences.to(self.device), attention_mask.to(self.device),
-                                         labels.to(self.device))
+                rows.append({"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids})
+            batch = {key: value.to(self.device) for key, value in collate(rows).items()}
+            total, mean = response_logps(model, batch)
             sums.append(total.cpu())
             means.append(mean.cpu())
         return torch.cat(sums), torch.cat(means)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from data import make_collator
 from data.config import DataConfig
 from data.formats import canonical, detect_format
 from data.tokenize import Formatter
@@ -90,13 +91,9 @@ class PromptEncoder:
 
     def batch(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, P) input_ids and attention_mask, left padded as the prompt collator pads them."""
-        rows = [self.ids(p) for p in prompts]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row):] = torch.tensor(row)
-            attention_mask[i, width - len(row):] = 1
+        batch = make_collator("prompt", self.tokenizer, allow_pad_as_eos=True)(
+            [{"prompt_input_ids": self.ids(p), "prompt": p} for p in prompts])
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         return input_ids, attention_mask
 
 

@@ -28,50 +28,7 @@ from engine.config import REFERENCE_MODES, ModelConfig, ReferenceConfig
 from engine.logprobs import label_logprobs
 from engine.models import has_adapter, load_policy, reference_model_config
 from engine.tiny import cache_root, resolve_model_path
-from losses import masked_sum
-from losses.registry import LOGPS_REDUCTIONS as REDUCTIONS
-
-
-def sequence_logprobs(model, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Per-token log-probs of `batch["labels"]` under `model`: ((N, T-1) fp32, (N, T-1) bool mask)."""
-    return label_logprobs(model, batch)
-
-
-def sequence_sums(logprobs: Tensor, mask: Tensor, seq_lens: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per-sequence sums of masked per-token log-probs and the counts of their tokens.
-
-    Args:
-        logprobs, mask: (N, T-1) from `token_logprobs`, or (1, L-1) for a packed batch.
-        seq_lens: (S,) lengths of the packed sequences (the packing collator's `seq_lens`), or None.
-
-    Returns:
-        (sums, counts), each (N,), or (S,) for a packed batch; sums in fp32.
-    """
-    if seq_lens is None:
-        return masked_sum(logprobs, mask, dim=-1), mask.sum(-1)
-    # logprobs[0, t] scores token t + 1, so it belongs to the sequence holding token t + 1; the packing
-    # collator masks the first token of every sequence, so nothing crosses a boundary.
-    segment = torch.repeat_interleave(torch.arange(len(seq_lens), device=seq_lens.device), seq_lens)[1:]
-    n = min(len(segment), logprobs.shape[-1])
-    values = torch.where(mask[0, :n], logprobs[0, :n].float(), 0)
-    sums = values.new_zeros(len(seq_lens)).index_add_(0, segment[:n], values)
-    counts = seq_lens.new_zeros(len(seq_lens)).index_add_(0, segment[:n], mask[0, :n].long())
-    return sums, counts
-
-
-def reduce_logprobs(logprobs: Tensor, mask: Tensor, reduction: str = "sum", *, seq_lens: Tensor | None = None) -> Tensor:
-    """Per-token log-probs -> per-sequence (N,) (or (S,) packed): their sum, or their mean over the masked tokens."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    total, count = sequence_sums(logprobs, mask, seq_lens)
-    return total if reduction == "sum" else total / count.clamp(min=1)
-
-
-def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:
-    """(2B, ...) rows [chosen..., rejected...] -> (chosen (B, ...), rejected (B, ...))."""
-    if values.shape[0] % 2:
-        raise ValueError(f"a preference batch has an even number of rows (chosen, then rejected), got {values.shape[0]}")
-    return values.chunk(2)
+from losses import LOGPS_REDUCTIONS, reduce_logprobs, sequence_sums, split_pairs
 
 
 class Reference:
@@ -118,7 +75,7 @@ class ModelReference(Reference):
         model.eval()  # no dropout in the reference, whatever state the policy is in
         try:
             with model.disable_adapter() if self.disable_adapter else contextlib.nullcontext():
-                return sequence_logprobs(model, batch)
+                return label_logprobs(model, batch)
         finally:
             model.train(was_training)
 
@@ -199,8 +156,8 @@ class PrecomputedReference(Reference):
     def logps(
         self, batch: Mapping[str, Tensor], *, reduction: str = "sum", split: str = "train"
     ) -> tuple[Tensor, Tensor]:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if reduction not in LOGPS_REDUCTIONS:
+            raise ValueError(f"reduction must be one of {LOGPS_REDUCTIONS}, got {reduction!r}")
         if split not in self.tables:
             raise RuntimeError(
                 f"reference.mode=precomputed has no log-probs for split {split!r}; call "

@@ -21,17 +21,33 @@ config arguments against the signature, and ``"package.module:function"`` names 
 from .advantages import gae
 from .dpo import dpo_loss, hinge_loss, ipo_loss, preference_metrics
 from .kl import AdaptiveKLController, FixedKLController, kl_penalty, kl_shaped_rewards
-from .logprobs import entropy_from_logits, gather_logprobs, token_logprobs
+from .logprobs import (
+    entropy_from_logits,
+    gather_logprobs,
+    reduce_logprobs,
+    sequence_sums,
+    split_pairs,
+    token_logprobs,
+)
 from .masking import as_bool_mask, masked_mean, masked_sum, masked_var, masked_whiten, upcast
 from .orpo import log1m_exp, orpo_loss
 from .ppo import ppo_policy_loss, ppo_value_loss
-from .registry import Objective, Range, bind_objective, get_objective, list_objectives, register
+from .registry import (
+    LOGPS_REDUCTIONS,
+    Objective,
+    Range,
+    bind_objective,
+    get_objective,
+    list_objectives,
+    register,
+)
 from .reward import pairwise_reward_loss
 from .sft import sft_loss
 
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "LOGPS_REDUCTIONS",
     "Objective",
     "Range",
     "as_bool_mask",
@@ -56,8 +72,11 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "preference_metrics",
+    "reduce_logprobs",
     "register",
+    "sequence_sums",
     "sft_loss",
+    "split_pairs",
     "token_logprobs",
     "upcast",
 ]

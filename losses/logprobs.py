@@ -1,4 +1,5 @@
-"""Per-token log-probabilities and entropies from logits, one chunk of rows at a time.
+"""Per-token log-probabilities and entropies from logits, one chunk of rows at a time, and their reductions
+to one log-prob per sequence.
 
 A causal LM's logits are (B, T, V); with a large vocabulary a float32 copy of them is the largest
 tensor of a training step. These functions upcast one chunk of rows at a time (logsumexp in fp32)
@@ -12,7 +13,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .masking import compute_dtype
+from .masking import compute_dtype, masked_sum
+from .registry import LOGPS_REDUCTIONS
 
 CHUNK_ELEMENTS = 1 << 24
 """Logits elements upcast at once by default (64 MiB in fp32)."""
@@ -145,3 +147,41 @@ def entropy_from_logits(logits: Tensor, *, chunk_size: int | None = None) -> Ten
     flat = logits.reshape(-1, vocab_size)
     rows = _rows_per_chunk(vocab_size, chunk_size)
     return _Entropy.apply(flat, rows).view(logits.shape[:-1])
+
+
+def sequence_sums(logprobs: Tensor, mask: Tensor, seq_lens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-sequence sums of masked per-token log-probs and the counts of their tokens.
+
+    Args:
+        logprobs, mask: (N, T-1) from ``token_logprobs``, or (1, L-1) for a packed batch.
+        seq_lens: (S,) lengths of the packed sequences (the packing collator's ``seq_lens``), or None.
+
+    Returns:
+        ``(sums, counts)``, each (N,), or (S,) for a packed batch; sums in fp32.
+    """
+    if seq_lens is None:
+        return masked_sum(logprobs, mask, dim=-1), mask.sum(-1)
+    # logprobs[0, t] scores token t + 1, so it belongs to the sequence holding token t + 1; the packing
+    # collator masks the first token of every sequence, so nothing crosses a boundary.
+    segment = torch.repeat_interleave(torch.arange(len(seq_lens), device=seq_lens.device), seq_lens)[1:]
+    n = min(len(segment), logprobs.shape[-1])
+    values = torch.where(mask[0, :n], logprobs[0, :n].float(), 0)
+    sums = values.new_zeros(len(seq_lens)).index_add_(0, segment[:n], values)
+    counts = seq_lens.new_zeros(len(seq_lens)).index_add_(0, segment[:n], mask[0, :n].long())
+    return sums, counts
+
+
+def reduce_logprobs(logprobs: Tensor, mask: Tensor, reduction: str = "sum", *, seq_lens: Tensor | None = None) -> Tensor:
+    """Per-token log-probs -> per-sequence (N,) (or (S,) packed): their sum, or their mean over the masked
+    tokens (``reduction`` one of ``LOGPS_REDUCTIONS``)."""
+    if reduction not in LOGPS_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {LOGPS_REDUCTIONS}, got {reduction!r}")
+    total, count = sequence_sums(logprobs, mask, seq_lens)
+    return total if reduction == "sum" else total / count.clamp(min=1)
+
+
+def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:
+    """(2B, ...) rows [chosen..., rejected...] -> (chosen (B, ...), rejected (B, ...))."""
+    if values.shape[0] % 2:
+        raise ValueError(f"a preference batch has an even number of rows (chosen, then rejected), got {values.shape[0]}")
+    return values.chunk(2)

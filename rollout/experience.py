@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import nn
 
-from losses import gather_logprobs
-from rollout.generation import Generation, position_ids_from_mask
+from rollout.generation import Generation
+from rollout.logprobs import response_logprobs
 from rollout.value_head import ActorCritic
 
 
@@ -48,15 +48,6 @@ class Experience:
     def to(self, device: torch.device | str) -> Experience:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
                                 if getattr(self, f.name) is not None})
-
-
-def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, action_mask: torch.Tensor,
-                      temperature: float = 1.0) -> torch.Tensor:
-    """(B, R) log-probs of the sampled tokens, from response logits (B, R, V) divided by the sampling
-    temperature (the distribution the tokens were drawn from, as lm-human-preferences); 0 off the mask."""
-    if temperature not in (0.0, 1.0):
-        logits = logits / temperature
-    return gather_logprobs(logits, responses) * action_mask
 
 
 @contextlib.contextmanager
@@ -97,9 +88,9 @@ def make_experience(generation: Generation, scores: torch.Tensor, *, actor_criti
             rows = slice(i, i + micro_batch_size)
             seq, mask, act = generation.sequences[rows], generation.attention_mask[rows].long(), action_mask[rows]
             if generation.logprobs is None:
-                logits, v = actor_critic(seq, mask, R)
-                old.append(response_logprobs(logits, responses[rows], act, temperature))
-                del logits
+                out, v = actor_critic(seq, mask, act, temperature=temperature)
+                old.append(out.logprobs)
+                del out
             else:  # kept from the sampling pass: only the values may need a forward
                 old.append(generation.logprobs[rows] * act)
                 kept = actor_critic.critic is None and generation.values is not None
@@ -107,10 +98,9 @@ def make_experience(generation: Generation, scores: torch.Tensor, *, actor_criti
             values.append(v * act)
             if reference is None:
                 with _adapter_disabled(actor_critic.policy):
-                    ref_logits = _response_logits(actor_critic.policy, seq, mask, R)
+                    ref.append(response_logprobs(actor_critic.policy, seq, mask, act, temperature=temperature))
             else:
-                ref_logits = _response_logits(reference, seq, mask, R)
-            ref.append(response_logprobs(ref_logits, responses[rows], act, temperature))
+                ref.append(response_logprobs(reference, seq, mask, act, temperature=temperature))
     finally:
         actor_critic.train(was_training)
     return Experience(
@@ -124,9 +114,3 @@ def make_experience(generation: Generation, scores: torch.Tensor, *, actor_criti
         no_eos=generation.no_eos,
     )
 
-
-def _response_logits(model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, R: int) -> torch.Tensor:
-    """(B, R, V) logits that predict the R response tokens; only those positions hit the LM head."""
-    out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                logits_to_keep=R + 1, use_cache=False)
-    return out.logits[:, :-1]

@@ -209,7 +209,7 @@ def _decode(model, input_ids, attention_mask, budgets, cfg, eos, pad_token_id, g
     The loop's bound is `cfg.max_new_tokens`, the same on every process, and it stops when `finished(done)`;
     a row past its EOS or budget keeps producing pad tokens while other rows (or processes) go on.
     `with_logprobs` keeps each sampled token's log-prob under logits / temperature (before top-k, top-p and
-    the min_new_tokens EOS ban, as `rollout.experience.response_logprobs` computes it from a full forward);
+    the min_new_tokens EOS ban, as `rollout.logprobs.response_logprobs` computes it from a full forward);
     `value_head` maps the final hidden state each token was chosen from, (b, H), to its (b,) values.
 
     With `rollout.static_cache` the cache and the attention mask are allocated once for P + max_new_tokens

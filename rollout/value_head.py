@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rollout.generation import position_ids_from_mask
+from rollout.logprobs import ResponseOutput, response_forward
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 CRITIC_DIR = "critic"
@@ -47,7 +48,7 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
 
 
 class ActorCritic(nn.Module):
-    """The policy and its value function: `forward` gives response logits (B, R, V) and values (B, R).
+    """The policy and its value function: `forward` gives the response log-probs and logits, and values (B, R).
 
     Position t of the response (0-based) reads the state before token t was chosen: logits and hidden
     state at sequence position P + t - 1. Only those R positions go through the LM head.
@@ -63,20 +64,19 @@ class ActorCritic(nn.Module):
             raise ValueError(f"value head expects hidden size {self.value_head.hidden_size}, the backbone has {hidden}")
         self._critic_logits_to_keep = critic is not None and _accepts_logits_to_keep(critic)
 
-    def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
-                *, with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Args: sequences (B, T), attention_mask (B, T), response_length R.
-        Returns: logits (B, R, V) in the policy's dtype, values (B, R) float32 or None."""
-        position_ids = position_ids_from_mask(attention_mask)
+    def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor,
+                *, temperature: float = 1.0, with_values: bool = True) -> tuple[ResponseOutput, torch.Tensor | None]:
+        """Args: sequences (B, T), attention_mask (B, T), action_mask (B, R), the sampling temperature.
+        Returns: the policy's `rollout.logprobs.ResponseOutput` (log-probs (B, R), logits (B, R, V) / temperature)
+        and values (B, R) float32, or None without `with_values`."""
         shared = with_values and self.critic is None
-        out = self.policy(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
-                          logits_to_keep=response_length + 1, output_hidden_states=shared, use_cache=False)
-        logits = out.logits[:, :-1]
+        out = response_forward(self.policy, sequences, attention_mask, action_mask, temperature=temperature,
+                               hidden=shared)
         if not with_values:
-            return logits, None
+            return out, None
         if shared:
-            return logits, self.value_head(out.hidden_states[-1][:, -response_length - 1:-1])
-        return logits, self.values(sequences, attention_mask, response_length)
+            return out._replace(hidden=None), self.value_head(out.hidden)
+        return out, self.values(sequences, attention_mask.long(), action_mask.shape[1])
 
     def values(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_length: int
                ) -> torch.Tensor:

@@ -13,9 +13,9 @@ from engine.config import ConfigError, RunConfig, to_dict
 from engine.logging import RunLogger
 from engine.logprobs import label_logprobs
 from engine.loops import common
-from engine.reference import add_row_index, make_reference, reduce_logprobs, split_pairs
+from engine.reference import add_row_index, make_reference
 from engine.shared_prompt import use_shared_prompt
-from losses import Objective
+from losses import Objective, reduce_logprobs, split_pairs
 
 
 def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> common.RunResult:

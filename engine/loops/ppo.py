@@ -44,7 +44,7 @@ from losses import (
     masked_whiten,
     ppo_value_loss,
 )
-from rollout.experience import Experience, make_experience, response_logprobs
+from rollout.experience import Experience, make_experience
 from rollout.generation import SamplingConfig, eos_ids, finished_locally, generate
 from rollout.scoring import RewardFunction, RewardModel, Scorer, default_format, load_reward_function
 from rollout.value_head import (
@@ -223,15 +223,15 @@ def ppo_update(exp: Experience, *, accelerator: Accelerator, actor_critic, optim
             minibatch_kl = common.MeanMetrics()
             for part, share in zip(micro_batches, shares):
                 with accelerator.accumulate(actor_critic):
-                    logits, values = actor_critic(part.sequences, part.attention_mask.long(), part.action_mask.shape[1])
-                    # the distribution the tokens were sampled from, for the ratio and the entropy alike
-                    logits = logits / ppo.temperature if ppo.temperature != 1.0 else logits
-                    logprobs = response_logprobs(logits, part.sequences[:, prompt_length:], part.action_mask)
-                    pg_loss, pg_metrics = loss_fn(logprobs, part.old_logprobs, part.advantages, part.action_mask)
+                    # logits / temperature: the distribution the tokens were sampled from, for the ratio and the
+                    # entropy alike
+                    out, values = actor_critic(part.sequences, part.attention_mask, part.action_mask,
+                                               temperature=ppo.temperature)
+                    pg_loss, pg_metrics = loss_fn(out.logprobs, part.old_logprobs, part.advantages, part.action_mask)
                     vf_loss, vf_metrics = ppo_value_loss(values, part.values, part.returns, part.action_mask,
                                                          clip_coef=ppo.value_clip)
                     with torch.set_grad_enabled(ppo.entropy_coef != 0):
-                        entropy = masked_mean(entropy_from_logits(logits), part.action_mask)
+                        entropy = masked_mean(entropy_from_logits(out.logits), part.action_mask)
                     loss = pg_loss + ppo.vf_coef * vf_loss - ppo.entropy_coef * entropy
                     accelerator.backward(loss * share)
                     if accelerator.sync_gradients:

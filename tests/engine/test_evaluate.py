@@ -39,6 +39,11 @@ def test_win_rate_pair_accuracy_and_log_odds_by_hand():
     # p = 1/2 -> log 1 = 0;  p = 4/5 -> log 4
     torch.testing.assert_close(ev.log_odds(torch.log(torch.tensor([0.5, 0.8]))),
                                torch.tensor([0.0, math.log(4.0)]), rtol=1e-6, atol=1e-6)
+    # the ORPO loss's own formula near p = 1, where a clamp at 1 - 1e-7 would read log odds 16.1 for both:
+    # p = 1 - 1e-9 -> log((1 - 1e-9) / 1e-9) = 20.723; p = 1 - 1e-12 -> 27.631 (float64)
+    near_one = torch.log1p(-torch.tensor([1e-9, 1e-12], dtype=torch.float64))
+    torch.testing.assert_close(ev.log_odds(near_one), torch.tensor([20.7232658, 27.6310211], dtype=torch.float64),
+                               rtol=0, atol=1e-6)
 
 
 def test_judge_metrics_of_fixed_responses(tiny_dir, monkeypatch):

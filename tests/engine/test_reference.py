@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from data import make_collator, synthetic
 from data.build import rows_fingerprint
 from engine.config import LoraConfig, ModelConfig, ReferenceConfig
+from engine.logprobs import label_logprobs
 from engine.loops.pairwise import with_row_index
 from engine.models import load_policy, load_tokenizer
 from engine.reference import (
@@ -20,10 +21,9 @@ from engine.reference import (
     PrecomputedReference,
     add_row_index,
     make_reference,
-    reduce_logprobs,
-    sequence_logprobs,
 )
 from engine.tiny import resolve_model_path
+from losses import reduce_logprobs
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -112,7 +112,7 @@ def test_the_policy_itself_differs_from_its_reference(policy, dataset, collate, 
     batch = collate([dataset[i] for i in range(6)])
     policy.eval()
     with torch.no_grad():
-        chosen = reduce_logprobs(*sequence_logprobs(policy, batch))[:6]
+        chosen = reduce_logprobs(*label_logprobs(policy, batch))[:6]
     policy.train()
     assert (chosen.double() - oracle_logps[0]).abs().min() > 1e-2
 
