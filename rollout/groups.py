@@ -3,7 +3,7 @@
 Shapes: P prompts, G = `group_size` responses per prompt, B = P * G rows, R response length. Rows
 [g*G, (g+1)*G) of a batch are the G responses to prompt g; `repeat_prompts` lays a prompt batch out so,
 and every helper here reads scores in that layout. A GRPO-style loop (Shao et al. 2024, DeepSeekMath
-Sec. 4.1.2) compares each response with the rest of its group, so it needs, besides these helpers:
+Sec. 4.1) compares each response with the rest of its group, so it needs, besides these helpers:
 
 - the groups whole on one process: repeat the prompts after the data loader has split them over
   processes (not before), so no group straddles two processes and per-group statistics need no gather;
