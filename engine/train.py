@@ -190,16 +190,20 @@ def check_inputs(cfg: RunConfig, objective: Objective) -> None:
 
 
 def _check_reward_functions(cfg: RunConfig) -> None:
-    """Import each reward function now: a typo in its module or name would otherwise surface after every
-    model has loaded."""
-    from rollout.scoring import load_reward_function
+    """Import each reward function and check its kwargs now: a typo in its module, its name or a setting
+    (or a regex that does not compile) would otherwise surface after every model has loaded."""
+    from rollout.scoring import check_reward_kwargs, load_reward_function
 
     for i, spec in enumerate(cfg.ppo.rewards):
         if spec.function is not None:
             try:
-                load_reward_function(spec.function)
+                fn = load_reward_function(spec.function)
             except ValueError as error:
                 raise ConfigError(f"ppo.rewards[{i}].function ({spec.name!r}): {error}") from error
+            try:
+                check_reward_kwargs(fn, spec.kwargs)
+            except ValueError as error:
+                raise ConfigError(f"ppo.rewards[{i}].kwargs ({spec.name!r}, {spec.function}): {error}") from error
 
 
 def _check_model_path(key: str, name_or_path: str) -> None:

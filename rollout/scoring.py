@@ -16,6 +16,7 @@ on more than `max_skipped_fraction` of the rows it has scored in the run: then t
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import math
 import threading
@@ -44,6 +45,25 @@ def load_reward_function(spec: str) -> Callable:
     if not callable(fn):
         raise ValueError(f"reward function {spec!r}: module {module_name!r} has no callable {attr!r}")
     return fn
+
+
+def check_reward_kwargs(fn: Callable, kwargs: Mapping) -> None:
+    """Raise ValueError now for `kwargs` that `fn` would refuse on its first call: those its signature cannot
+    take beside (prompts, responses), then whatever its own `fn.check_kwargs(**kwargs)` refuses, where it has
+    one (the functions in rollout/verifiable.py check their setting names and values and compile their regex
+    there). Run at start-up, before any model loads."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a callable written in C: nothing to bind against
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind_partial([], [], **kwargs)
+        except TypeError as error:
+            raise ValueError(f"kwargs {dict(kwargs)} do not fit its signature {signature}: {error}") from None
+    check = getattr(fn, "check_kwargs", None)
+    if callable(check):
+        check(**kwargs)
 
 
 class RewardError(ValueError):

@@ -53,3 +53,16 @@ def test_a_reward_that_hangs_times_out_and_the_skip_budget_stops_the_run(tmp_pat
 def test_reward_settings_out_of_range_are_refused(tmp_path, no_model_load):
     assert "timeout_s must be positive" in stopped(tmp_path, rewards(f"{FIXTURE}:length_reward", timeout_s=0))
     assert "ppo.max_skipped_fraction must be in [0, 1], got 1.5" in stopped(tmp_path, "ppo.max_skipped_fraction=1.5")
+
+
+@pytest.mark.parametrize("function, kwargs, message", [
+    ("format_reward", "{pattern: '<answer>(.*</answer>'}",
+     "ppo.rewards[0].kwargs ('mine', rollout.verifiable:format_reward): format_reward: pattern '<answer>(.*</answer>' "
+     "is not a valid regular expression: missing ), unterminated subpattern"),
+    ("exact_match", "{extract: boxd}", "exact_match: extract='boxd' is not one of ['hash', 'boxed', 'last_number']"),
+    ("length_penalty", "{target: 10, cof: 0.1}",
+     "length_penalty has no keyword argument 'cof' (did you mean 'coef'?)"),
+])
+def test_bad_kwargs_of_a_verifiable_reward_are_refused_before_any_model_loads(tmp_path, no_model_load, function,
+                                                                              kwargs, message):
+    assert message in stopped(tmp_path, rewards(f"rollout.verifiable:{function}", kwargs=kwargs))
