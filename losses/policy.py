@@ -144,8 +144,9 @@ def clipped_policy_loss(
     - ratio_level "token": rho_t = exp(logp_t - old_logp_t).
     - ratio_level "sequence": s_i = exp(mean over row i's valid tokens of (logp - old_logp)), GSPO's
       length-normalised ratio, applied per token as sg[s_i] * exp(logp_t - sg[logp_t]) (GSPO-token): its
-      value is s_i on every token and, with a per-row advantage and "seq-mean-token-mean", its gradient is
-      that of GSPO's -mean_i min(s_i A_i, clip(s_i) A_i).
+      value is s_i on every token and, with a per-row advantage and "seq-mean-token-mean", the loss and its
+      gradient are GSPO's -mean_i min(s_i A_i, clip(s_i) A_i). With advantages that vary along a row the
+      gradient is GSPO-token's, -A_it s_i per token, not the derivative of the returned value.
     - dual_clip c: for A < 0 the token's loss is min(loss, -c A), so a ratio far above 1 cannot make a
       negative-advantage token's loss unbounded.
     - KL: beta * k(logp, ref_logp) per token, aggregated as the surrogate (inside GRPO's per-response mean);
