@@ -61,7 +61,11 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: flo
 
 @dataclass(frozen=True)
 class Estimator:
-    """A registered advantage estimator and what the loop must provide and do around it."""
+    """A registered advantage estimator and what the loop must provide and do around it.
+
+    There is no ``needs_reference``: no estimator reads the reference, since a method's KL is either already
+    in the per-token rewards it is given or in the loss; ``Objective.needs_reference`` says which.
+    """
 
     name: str
     fn: Callable[..., tuple[Tensor, Tensor | None, dict[str, Tensor]]]
@@ -252,10 +256,11 @@ def rloo_advantages(
     rewards: Tensor, mask: Tensor, *, group_size: int, values: Tensor | None = None, gamma: float = 1.0,
     lam: float = 0.95, eps: float = 1e-6,
 ) -> tuple[Tensor, None, dict[str, Tensor]]:
-    """Leave-one-out baseline, A_i = r_i - sum_{j != i} r_j / (G - 1) (Ahmadian et al. 2024, "Back to Basics", Sec. 3).
+    """Leave-one-out baseline, A_i = r_i - sum_{j != i} r_j / (G - 1) (Ahmadian et al. 2024, "Back to Basics").
 
-    The baseline of each response is the mean reward of the other responses to its prompt, so it does not
-    depend on the response itself and the estimate stays unbiased; equal to G / (G - 1) (r_i - mean(r)).
+    The baseline of each response is the mean reward of the other responses to its prompt (Kool et al. 2019,
+    "Buy 4 REINFORCE samples, get a baseline for free!"), so it does not depend on the response itself and
+    the estimate stays unbiased; equal to G / (G - 1) (r_i - mean(r)).
     Rows with no valid token are left out: G becomes the group's count n of valid rows, and a group with a
     single valid row (no other response to compare with) gives A = 0.
 

@@ -292,6 +292,20 @@ def test_gspo_sequence_ratio_by_hand():
     assert torch.all(logprobs.grad == 0)
 
 
+def test_gspo_token_gradient_with_advantages_along_the_row():
+    """GSPO-token (Zheng et al. 2025): per token sg[s] exp(logp_t - sg[logp_t]) with A_t = (1, 3), log-ratios
+    (0.1, 0.3), log s = 0.2, clip wide. Value -(1 + 3) / 2 e^0.2 = -2 e^0.2; gradient -A_t s / 2 per token,
+    (-e^0.2 / 2, -3 e^0.2 / 2), where the derivative of s itself would give -e^0.2 on both tokens."""
+    old = torch.tensor([[-1.0, -2.0]], dtype=F64)
+    logprobs = (old + torch.tensor([[0.1, 0.3]], dtype=F64)).requires_grad_()
+    loss, _ = clipped_policy_loss(logprobs, old, torch.tensor([[1.0, 3.0]], dtype=F64), torch.ones(1, 2) > 0,
+                                  clip_low=0.5, clip_high=0.5, ratio_level="sequence", aggregation="seq-mean-token-mean")
+    assert loss.item() == pytest.approx(-2 * math.exp(0.2), rel=1e-12)
+    loss.backward()
+    s = math.exp(0.2)
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-s / 2, -3 * s / 2]], dtype=F64), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("clip", [(0.2, 0.2), (3e-4, 4e-4)])
 def test_gspo_matches_the_sequence_level_formula_and_its_autograd(clip):
     """Against GSPO's sequence-level objective written directly, value and gradient, random rows (one skipped)."""
