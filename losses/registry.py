@@ -9,7 +9,8 @@ Each family has one call convention (shapes as in ``losses/__init__.py``):
                                           reduced from per-token log-probs per ``logps_reduction``;
                 needs_reference=False: fn(chosen_logprobs, chosen_mask, rejected_logprobs, rejected_mask,
                                           **kw), each (B, R) per-token log-probs and response masks
-- ``ppo``:      fn(logprobs, old_logprobs, advantages, mask, **kw)
+- ``ppo``:      fn(logprobs, old_logprobs, advantages, mask, **kw); ``advantage`` names the estimator
+                (``losses.get_advantage``) whose output it is meant for: "gae" for ppo, "grpo" for grpo
 
 A new objective is a new function decorated with ``@register(...)``; a function outside this
 repository decorated the same way can be named in a config as ``"package.module:function"``.
