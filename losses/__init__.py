@@ -16,9 +16,24 @@ Conventions shared by every function:
 
 Objectives are registered by name (``list_objectives()``); ``bind_objective(name, kwargs)`` checks
 config arguments against the signature, and ``"package.module:function"`` names one from elsewhere.
+Advantage estimators are registered the same way (``list_advantages()``, ``get_advantage(name)``), each
+declaring whether it needs a critic and whether the loop whitens its output; a ppo-family objective names
+the estimator it goes with (``Objective.advantage``). Losses aggregated per sequence are accumulated over
+micro-batches by each one's share of the sequences instead (``aggregation_unit``, ``aggregation_count``).
 """
 
-from .advantages import gae
+from .advantages import (
+    Estimator,
+    dr_grpo_advantages,
+    gae,
+    gae_advantages,
+    get_advantage,
+    grpo_advantages,
+    list_advantages,
+    register_advantage,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
 from .dpo import dpo_loss, hinge_loss, ipo_loss, preference_metrics
 from .kl import AdaptiveKLController, FixedKLController, kl_penalty, kl_shaped_rewards
 from .logprobs import (
@@ -31,6 +46,7 @@ from .logprobs import (
 )
 from .masking import as_bool_mask, masked_mean, masked_sum, masked_var, masked_whiten, upcast
 from .orpo import log1m_exp, orpo_loss
+from .policy import aggregate, aggregation_count, aggregation_unit, clipped_policy_loss
 from .ppo import ppo_policy_loss, ppo_value_loss
 from .registry import (
     LOGPS_REDUCTIONS,
@@ -43,24 +59,35 @@ from .registry import (
 )
 from .reward import pairwise_reward_loss
 from .sft import sft_loss
+from .shaping import soft_overlong_penalty
 
 __all__ = [
     "AdaptiveKLController",
+    "Estimator",
     "FixedKLController",
     "LOGPS_REDUCTIONS",
     "Objective",
     "Range",
+    "aggregate",
+    "aggregation_count",
+    "aggregation_unit",
     "as_bool_mask",
     "bind_objective",
+    "clipped_policy_loss",
     "dpo_loss",
+    "dr_grpo_advantages",
     "entropy_from_logits",
     "gae",
+    "gae_advantages",
     "gather_logprobs",
+    "get_advantage",
     "get_objective",
+    "grpo_advantages",
     "hinge_loss",
     "ipo_loss",
     "kl_penalty",
     "kl_shaped_rewards",
+    "list_advantages",
     "list_objectives",
     "log1m_exp",
     "masked_mean",
@@ -74,8 +101,12 @@ __all__ = [
     "preference_metrics",
     "reduce_logprobs",
     "register",
+    "register_advantage",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
     "sequence_sums",
     "sft_loss",
+    "soft_overlong_penalty",
     "split_pairs",
     "token_logprobs",
     "upcast",

@@ -9,7 +9,7 @@ from .masking import as_bool_mask, masked_mean, upcast
 from .registry import Range, register
 
 
-@register("ppo", family="ppo", needs_reference=True,
+@register("ppo", family="ppo", needs_reference=True, advantage="gae",
           ranges={"clip_coef": Range(gt=0, why="the trust region around ratio 1 (typical: 0.1 to 0.3)")})
 def ppo_policy_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_coef: float

@@ -9,7 +9,8 @@ Each family has one call convention (shapes as in ``losses/__init__.py``):
                                           reduced from per-token log-probs per ``logps_reduction``;
                 needs_reference=False: fn(chosen_logprobs, chosen_mask, rejected_logprobs, rejected_mask,
                                           **kw), each (B, R) per-token log-probs and response masks
-- ``ppo``:      fn(logprobs, old_logprobs, advantages, mask, **kw)
+- ``ppo``:      fn(logprobs, old_logprobs, advantages, mask, **kw); ``advantage`` names the estimator
+                (``losses.get_advantage``) whose output it is meant for: "gae" for ppo, "grpo" for grpo
 
 A new objective is a new function decorated with ``@register(...)``; a function outside this
 repository decorated the same way can be named in a config as ``"package.module:function"``.
@@ -72,12 +73,17 @@ class Objective:
     """For pairwise objectives with a reference: per-sequence log-probs as the "sum" or "mean" over tokens."""
     ranges: Mapping[str, Range] = field(default_factory=dict, hash=False)
     """The values each keyword argument may take; checked with the arguments when they are bound."""
+    advantage: str | None = None
+    """For the ppo family: the advantage estimator (``losses.get_advantage``) the objective goes with."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(
                 f"objective {self.name!r}: family must be one of {FAMILIES}, got {self.family!r}"
             )
+        if self.advantage is not None and self.family != "ppo":
+            raise ValueError(f"objective {self.name!r}: only the ppo family has an advantage estimator, "
+                             f"got advantage={self.advantage!r} for family {self.family!r}")
         if self.logps_reduction not in LOGPS_REDUCTIONS:
             raise ValueError(
                 f"objective {self.name!r}: logps_reduction must be one of {LOGPS_REDUCTIONS}, "
@@ -101,6 +107,7 @@ def register(
     defaults: Mapping[str, Any] | None = None,
     logps_reduction: str = "sum",
     ranges: Mapping[str, Range] | None = None,
+    advantage: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers ``fn`` as an objective under ``name`` (default: the function's name).
 
@@ -116,7 +123,10 @@ def register(
         defaults: keyword arguments applied before the user's; checked against the signature.
         logps_reduction: "sum" or "mean" of per-token log-probs (pairwise with a reference).
         ranges: the values each keyword argument may take; None: those of the function's first
-            registration (a variant keeps its base's ranges).
+            registration (a variant keeps its base's ranges). A keyword whose default is None may
+            also be given None (the feature off), whatever its range.
+        advantage: ppo family only: the name of the advantage estimator the objective goes with
+            (``losses.get_advantage``), e.g. "gae" for ppo, "grpo" for grpo.
 
     Returns:
         The decorator.
@@ -132,6 +142,7 @@ def register(
             defaults=dict(defaults or {}),
             logps_reduction=logps_reduction,
             ranges=dict(ranges if ranges is not None else first.ranges if isinstance(first, Objective) else {}),
+            advantage=advantage,
         )
         existing = _REGISTRY.get(objective.name)
         if existing is not None and _qualified_name(existing.fn) != _qualified_name(fn):
@@ -218,10 +229,13 @@ def _check_kwargs(name: str, fn: Callable[..., Any], kwargs: Mapping[str, Any], 
 
 
 def _check_ranges(objective: Objective, kwargs: Mapping[str, Any]) -> None:
+    params = inspect.signature(objective.fn).parameters
     for key, value in kwargs.items():
         allowed = objective.ranges.get(key)
         if allowed is None or allowed.contains(value):
             continue
+        if value is None and key in params and params[key].default is None:
+            continue  # None is the parameter's own default: the feature is off
         found = f"{value!r} ({type(value).__name__})" if isinstance(value, (str, bool)) else repr(value)
         why = f": {allowed.why}" if allowed.why else ""
         if isinstance(value, str):

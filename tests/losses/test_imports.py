@@ -34,6 +34,19 @@ REQUIRED = [
     "get_objective",
     "bind_objective",
     "list_objectives",
+    "clipped_policy_loss",
+    "aggregate",
+    "aggregation_unit",
+    "aggregation_count",
+    "get_advantage",
+    "list_advantages",
+    "register_advantage",
+    "gae_advantages",
+    "grpo_advantages",
+    "dr_grpo_advantages",
+    "rloo_advantages",
+    "reinforce_pp_advantages",
+    "soft_overlong_penalty",
 ]
 
 
@@ -60,6 +73,14 @@ def test_public_names_are_exported_and_documented():
         "gae",
         "kl_shaped_rewards",
         "masked_whiten",
+        "clipped_policy_loss",
+        "aggregate",
+        "gae_advantages",
+        "grpo_advantages",
+        "dr_grpo_advantages",
+        "rloo_advantages",
+        "reinforce_pp_advantages",
+        "soft_overlong_penalty",
     ]:
         doc = inspect.getdoc(getattr(losses, name))
         assert "Args:" in doc and "Returns:" in doc, name

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from losses import (
+    clipped_policy_loss,
     gae,
+    grpo_advantages,
     kl_penalty,
     kl_shaped_rewards,
     masked_mean,
@@ -15,6 +17,8 @@ from losses import (
     orpo_loss,
     ppo_policy_loss,
     ppo_value_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
     sft_loss,
 )
 
@@ -40,6 +44,15 @@ CASES = {
     "gae": (2, lambda x, m: gae(x[0], x[1], m, gamma=0.99, lam=0.95)[0]),
     "ppo_policy_loss": (3, lambda x, m: ppo_policy_loss(x[0], x[1], x[2], m, clip_coef=0.2)[0]),
     "ppo_value_loss": (3, lambda x, m: ppo_value_loss(x[0], x[1], x[2], m, clip_coef=0.2)[0]),
+    "grpo_loss": (4, lambda x, m: clipped_policy_loss(x[0], x[1], x[2], m, aggregation="seq-mean-token-mean",
+                                                      ref_logprobs=x[3], kl_coef=0.04)[0]),
+    "gspo_loss": (3, lambda x, m: clipped_policy_loss(x[0], x[1], x[2], m, ratio_level="sequence", clip_low=3e-4,
+                                                      clip_high=4e-4, aggregation="seq-mean-token-mean")[0]),
+    "dr_grpo_loss": (3, lambda x, m: clipped_policy_loss(x[0], x[1], x[2], m, aggregation="seq-mean-token-sum",
+                                                         max_length=R, dual_clip=3.0)[0]),
+    "grpo_advantages": (1, lambda x, m: grpo_advantages(x[0], m, group_size=2)[0]),
+    "rloo_advantages": (1, lambda x, m: rloo_advantages(x[0], m, group_size=2)[0]),
+    "reinforce_pp_advantages": (1, lambda x, m: reinforce_pp_advantages(x[0], m, group_size=1, gamma=0.9)[0]),
 }
 
 
@@ -55,7 +68,8 @@ def _value_and_grads(fn, xs, mask):
     out = fn(xs, mask)
     weights = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view(out.shape) if out.ndim else 1.0
     (out * weights).sum().backward()
-    return out.detach(), [x.grad for x in xs]
+    # an input the graph does not reach (old log-probs under GSPO's stop-gradient ratio) has gradient 0
+    return out.detach(), [torch.zeros_like(x) if x.grad is None else x.grad for x in xs]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

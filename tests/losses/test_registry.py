@@ -18,6 +18,12 @@ BUILTIN = {
     "hinge": ("pairwise", True),
     "orpo": ("pairwise", False),
     "ppo": ("ppo", True),
+    "grpo": ("ppo", True),
+    "dr_grpo": ("ppo", False),
+    "dapo": ("ppo", False),
+    "gspo": ("ppo", False),
+    "rloo": ("ppo", True),
+    "reinforce_pp": ("ppo", True),
 }
 
 
