@@ -58,7 +58,26 @@ class PPOConfig(Decoding):
     decoder's own, `rollout.generation.Decoding`; `sampling()` gives the rollout's SamplingConfig."""
 
     rollout_batch_size: int = 16
-    """Prompts sampled per PPO iteration, over all processes."""
+    """Prompts sampled per iteration, over all processes; each gives `group_size` rollouts."""
+    group_size: int = 1
+    """Responses sampled per prompt, G. The critic-free estimators compare a response with its group's: G of 2
+    or more (grpo, dr_grpo, rloo); PPO's gae needs none (G = 1)."""
+    advantage: str | None = None
+    """The advantage estimator (losses.advantages): gae, grpo, dr_grpo, rloo, reinforce_pp, or a registered
+    one. None: the objective's own (ppo -> gae, grpo -> grpo, rloo -> rloo, ...). A value function (the
+    value head or `critic`) is built only for an estimator that needs one."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (Yu et al. 2025): drop the groups whose rewards all tie (no advantage) and
+    sample more prompts until the batch is full, for at most `max_sampling_rounds` rounds; tied groups fill
+    what is still missing after that. Logged as groups/filtered and rollout/sampling_rounds."""
+    max_sampling_rounds: int = 3
+    overlong_filter: bool = False
+    """DAPO's overlong filtering: a response cut at max_new_tokens without EOS is masked out of the loss (it
+    still counts in its group's baseline)."""
+    overlong_buffer: int | None = None
+    """DAPO's soft overlong punishment: a response longer than max_new_tokens - overlong_buffer tokens loses up
+    to `overlong_penalty`, linearly over the buffer (Yu et al. 2025, eq. 13). None: off."""
+    overlong_penalty: float = 1.0
     rollout_micro_batch_size: int = 8
     """Rows per forward while generating, scoring and computing reference log-probs and values."""
 
@@ -73,8 +92,10 @@ class PPOConfig(Decoding):
     """Stop the run once a reward function has failed (raised or timed out) on more than this fraction of the
     rows it has scored; those rows are skipped until then. 1.0: never stop."""
 
-    kl_coef: float = 0.05
-    """Initial beta of the per-token KL penalty."""
+    kl_coef: float | None = None
+    """Initial beta of the per-token KL penalty in the reward. None: the advantage estimator's default (0.05
+    for PPO's gae and for rloo, 0.01 for reinforce_pp, 0 for grpo and dr_grpo, which put their KL in the
+    loss as the objective's kl_coef). 0 in the reward and in the loss loads no reference model."""
     kl_target: float | None = None
     """Adaptive controller (Ziegler et al. 2019) steering the KL to this target; None keeps beta fixed."""
     kl_horizon: float = 10000.0
@@ -110,7 +131,8 @@ class PPOConfig(Decoding):
         if self.rollout_logprobs not in ROLLOUT_LOGPROBS:
             raise PPOConfigError(f"ppo.rollout_logprobs={self.rollout_logprobs!r} is not one of "
                                  f"{list(ROLLOUT_LOGPROBS)}")
-        for key in ("rollout_batch_size", "rollout_micro_batch_size", "max_new_tokens", "epochs"):
+        for key in ("rollout_batch_size", "rollout_micro_batch_size", "max_new_tokens", "epochs", "group_size",
+                    "max_sampling_rounds"):
             if getattr(self, key) <= 0:
                 raise PPOConfigError(f"ppo.{key} must be positive, got {getattr(self, key)}")
         if self.temperature <= 0:
@@ -118,13 +140,25 @@ class PPOConfig(Decoding):
         for key in ("gamma", "lam"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise PPOConfigError(f"ppo.{key} must be in [0, 1], got {getattr(self, key)}")
-        for key in ("kl_coef", "vf_coef", "entropy_coef", "missing_eos_penalty"):
+        for key in ("kl_coef", "vf_coef", "entropy_coef", "missing_eos_penalty", "overlong_penalty"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise PPOConfigError(f"ppo.{key} must be 0 (off) or more, got {getattr(self, key)}; a negative "
                                      "weight rewards what it is meant to penalise")
         for key in ("value_clip", "kl_horizon", "score_clip", "max_approx_kl"):
             if getattr(self, key) is not None and not getattr(self, key) > 0:
                 raise PPOConfigError(f"ppo.{key} must be positive, got {getattr(self, key)}")
+        if self.overlong_buffer is not None and not 0 < self.overlong_buffer < self.max_new_tokens:
+            raise PPOConfigError(f"ppo.overlong_buffer must be between 0 and max_new_tokens={self.max_new_tokens} "
+                                 f"(exclusive), got {self.overlong_buffer}; null turns the punishment off")
+        if self.dynamic_sampling and self.group_size < 2:
+            raise PPOConfigError("ppo.dynamic_sampling drops groups whose rewards tie, so it needs ppo.group_size >= 2")
+        if self.advantage is not None:
+            from losses.advantages import get_advantage
+
+            try:
+                get_advantage(self.advantage)
+            except ValueError as error:
+                raise PPOConfigError(f"ppo.advantage: {error}") from None
         if not 0.0 <= self.max_skipped_fraction <= 1.0:
             raise PPOConfigError(f"ppo.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
         if self.kl_target is not None and self.kl_target <= 0:

@@ -74,6 +74,12 @@ class Estimator:
     whiten: bool
     """Whether the loop whitens the advantages over the whole rollout batch (every process), as PPO does for
     GAE; False for the group-normalised estimators, whose advantages are already on their own scale."""
+    kl_coef: float = 0.0
+    """The default coefficient of the per-token KL penalty in the rewards (the engine's ``ppo.kl_coef: null``):
+    0.05 for GAE (Ziegler et al. 2019) and RLOO (Ahmadian et al. 2024), 0.01 for REINFORCE++ (Hu 2025); 0 for
+    GRPO and Dr. GRPO, whose KL, if any, is in the loss."""
+    min_group_size: int = 1
+    """The smallest group a baseline can be formed from: 2 for the group estimators, 1 for GAE."""
     doc: str = ""
     """One line for listings: the first line of the function's docstring."""
 
@@ -82,7 +88,7 @@ _ESTIMATORS: dict[str, Estimator] = {}
 
 
 def register_advantage(
-    name: str, *, needs_critic: bool, whiten: bool
+    name: str, *, needs_critic: bool, whiten: bool, kl_coef: float = 0.0, min_group_size: int = 1
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers ``fn`` as the advantage estimator ``name``; the function is returned unchanged.
 
@@ -90,6 +96,8 @@ def register_advantage(
         name: registry key; must not already name a different function.
         needs_critic: whether the estimator reads ``values`` from a critic.
         whiten: whether the loop whitens its advantages over the global batch.
+        kl_coef: the default per-token KL coefficient in the rewards (see ``Estimator.kl_coef``).
+        min_group_size: the smallest ``group_size`` the estimator takes.
 
     Returns:
         The decorator.
@@ -100,7 +108,8 @@ def register_advantage(
         if existing is not None and existing.fn is not fn:
             raise ValueError(f"advantage estimator {name!r} is already registered for {existing.fn.__qualname__}")
         doc = (inspect.getdoc(fn) or "").partition("\n")[0]
-        _ESTIMATORS[name] = Estimator(name=name, fn=fn, needs_critic=needs_critic, whiten=whiten, doc=doc)
+        _ESTIMATORS[name] = Estimator(name=name, fn=fn, needs_critic=needs_critic, whiten=whiten, kl_coef=kl_coef,
+                                      min_group_size=min_group_size, doc=doc)
         return fn
 
     return decorator
@@ -165,7 +174,7 @@ def _zero_std_groups(scores: Tensor, valid: Tensor, mean: Tensor) -> Tensor:
     return ((spread == 0) & has_rows).sum().to(scores.dtype).div(has_rows.sum().clamp_min(1)).detach()
 
 
-@register_advantage("gae", needs_critic=True, whiten=True)
+@register_advantage("gae", needs_critic=True, whiten=True, kl_coef=0.05)
 def gae_advantages(
     rewards: Tensor, mask: Tensor, *, group_size: int, values: Tensor | None = None, gamma: float = 1.0,
     lam: float = 0.95, eps: float = 1e-6,
@@ -194,7 +203,7 @@ def gae_advantages(
     return advantages, returns, _advantage_metrics(advantages, mask)
 
 
-@register_advantage("grpo", needs_critic=False, whiten=False)
+@register_advantage("grpo", needs_critic=False, whiten=False, min_group_size=2)
 def grpo_advantages(
     rewards: Tensor, mask: Tensor, *, group_size: int, values: Tensor | None = None, gamma: float = 1.0,
     lam: float = 0.95, eps: float = 1e-6,
@@ -226,7 +235,7 @@ def grpo_advantages(
     return advantages, None, {**metrics, "advantages/zero_std_groups": _zero_std_groups(scores, valid, mean)}
 
 
-@register_advantage("dr_grpo", needs_critic=False, whiten=False)
+@register_advantage("dr_grpo", needs_critic=False, whiten=False, min_group_size=2)
 def dr_grpo_advantages(
     rewards: Tensor, mask: Tensor, *, group_size: int, values: Tensor | None = None, gamma: float = 1.0,
     lam: float = 0.95, eps: float = 1e-6,
@@ -251,7 +260,7 @@ def dr_grpo_advantages(
     return advantages, None, {**metrics, "advantages/zero_std_groups": _zero_std_groups(scores, valid, mean)}
 
 
-@register_advantage("rloo", needs_critic=False, whiten=False)
+@register_advantage("rloo", needs_critic=False, whiten=False, kl_coef=0.05, min_group_size=2)
 def rloo_advantages(
     rewards: Tensor, mask: Tensor, *, group_size: int, values: Tensor | None = None, gamma: float = 1.0,
     lam: float = 0.95, eps: float = 1e-6,
@@ -285,7 +294,7 @@ def rloo_advantages(
     return advantages, None, {**metrics, "advantages/zero_std_groups": _zero_std_groups(scores, valid, mean)}
 
 
-@register_advantage("reinforce_pp", needs_critic=False, whiten=True)
+@register_advantage("reinforce_pp", needs_critic=False, whiten=True, kl_coef=0.01)
 def reinforce_pp_advantages(
     rewards: Tensor, mask: Tensor, *, group_size: int, values: Tensor | None = None, gamma: float = 1.0,
     lam: float = 0.95, eps: float = 1e-6,

@@ -61,7 +61,8 @@ def _adapter_disabled(policy: nn.Module):
 @torch.no_grad()
 def make_experience(generation: Generation, scores: torch.Tensor, *, actor_critic: ActorCritic,
                     reference: nn.Module | None, temperature: float = 1.0, micro_batch_size: int = 8,
-                    valid: torch.Tensor | None = None) -> Experience:
+                    valid: torch.Tensor | None = None, with_values: bool = True,
+                    with_reference: bool = True) -> Experience:
     """Log-probs of the rollout policy and of the reference, and values, `micro_batch_size` rows at a time.
 
     The rollout policy's log-probs come from `generation.logprobs` when the sampling pass kept them (and the
@@ -74,6 +75,9 @@ def make_experience(generation: Generation, scores: torch.Tensor, *, actor_criti
         actor_critic: the (unwrapped) policy and value function; run in eval mode.
         reference: the frozen reference model, or None for the policy with its adapter disabled.
         valid: (B,) bool, False for rows to leave out of training (their reward failed).
+        with_values: False for an estimator without a value function: values are 0, and no value forward runs.
+        with_reference: False when no KL is used: no reference forward; ref_logprobs are the rollout policy's,
+            so every KL estimate is 0.
     """
     action_mask = generation.action_mask
     if valid is not None:
@@ -88,15 +92,17 @@ def make_experience(generation: Generation, scores: torch.Tensor, *, actor_criti
             rows = slice(i, i + micro_batch_size)
             seq, mask, act = generation.sequences[rows], generation.attention_mask[rows].long(), action_mask[rows]
             if generation.logprobs is None:
-                out, v = actor_critic(seq, mask, act, temperature=temperature)
+                out, v = actor_critic(seq, mask, act, temperature=temperature, with_values=with_values)
                 old.append(out.logprobs)
                 del out
             else:  # kept from the sampling pass: only the values may need a forward
                 old.append(generation.logprobs[rows] * act)
                 kept = actor_critic.critic is None and generation.values is not None
-                v = generation.values[rows] if kept else actor_critic.values(seq, mask, R)
-            values.append(v * act)
-            if reference is None:
+                v = None if not with_values else generation.values[rows] if kept else actor_critic.values(seq, mask, R)
+            values.append(v * act if v is not None else torch.zeros_like(old[-1]))
+            if not with_reference:
+                ref.append(old[-1].clone())
+            elif reference is None:
                 with _adapter_disabled(actor_critic.policy):
                     ref.append(response_logprobs(actor_critic.policy, seq, mask, act, temperature=temperature))
             else:

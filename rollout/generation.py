@@ -127,6 +127,36 @@ class Generation:
         return self.action_mask.sum(-1)
 
 
+def concat_generations(parts: Sequence[Generation], pad_token_id: int) -> Generation:
+    """The rows of several `Generation`s as one: prompts left-padded to the longest prompt, responses
+    right-padded to the longest response (pad tokens, False masks, 0 log-probs and values)."""
+    P = max(g.prompt_length for g in parts)
+    R = max(g.action_mask.shape[1] for g in parts)
+
+    def pad(t: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (left, right), value=value)
+
+    def both(g: Generation, t: torch.Tensor, value) -> torch.Tensor:  # a (b, P_g + R_g) tensor
+        prompt, response = t[:, :g.prompt_length], t[:, g.prompt_length:]
+        return torch.cat([pad(prompt, P - g.prompt_length, 0, value),
+                          pad(response, 0, R - response.shape[1], value)], 1)
+
+    def kept(name: str) -> torch.Tensor | None:
+        if getattr(parts[0], name) is None:
+            return None
+        return torch.cat([pad(getattr(g, name), 0, R - g.action_mask.shape[1], 0.0) for g in parts])
+
+    return Generation(
+        sequences=torch.cat([both(g, g.sequences, pad_token_id) for g in parts]),
+        attention_mask=torch.cat([both(g, g.attention_mask, False) for g in parts]),
+        action_mask=torch.cat([pad(g.action_mask, 0, R - g.action_mask.shape[1], False) for g in parts]),
+        no_eos=torch.cat([g.no_eos for g in parts]),
+        prompt_length=P,
+        logprobs=kept("logprobs"),
+        values=kept("values"),
+    )
+
+
 def eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
     """The EOS ids as a list; a policy without one cannot end a response, so that is an error."""
     if eos_token_id is None or (not isinstance(eos_token_id, int) and len(eos_token_id) == 0):

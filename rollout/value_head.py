@@ -54,11 +54,18 @@ class ActorCritic(nn.Module):
     state at sequence position P + t - 1. Only those R positions go through the LM head.
     """
 
-    def __init__(self, policy: nn.Module, value_head: ValueHead | None = None, critic: nn.Module | None = None):
+    def __init__(self, policy: nn.Module, value_head: ValueHead | None = None, critic: nn.Module | None = None,
+                 *, with_value_head: bool = True):
         super().__init__()
         self.policy = policy
         self.critic = critic
         hidden = (critic or policy).config.hidden_size
+        if not with_value_head:  # a critic-free estimator (GRPO, RLOO, ...): the policy alone
+            if value_head is not None or critic is not None:
+                raise ValueError("with_value_head=False takes neither a value head nor a critic")
+            self.value_head = None
+            self._critic_logits_to_keep = False
+            return
         self.value_head = value_head if value_head is not None else ValueHead(hidden)
         if self.value_head.hidden_size != hidden:
             raise ValueError(f"value head expects hidden size {self.value_head.hidden_size}, the backbone has {hidden}")
@@ -69,6 +76,8 @@ class ActorCritic(nn.Module):
         """Args: sequences (B, T), attention_mask (B, T), action_mask (B, R), the sampling temperature.
         Returns: the policy's `rollout.logprobs.ResponseOutput` (log-probs (B, R), logits (B, R, V) / temperature)
         and values (B, R) float32, or None without `with_values`."""
+        if with_values and self.value_head is None:
+            raise ValueError("this ActorCritic has no value function (with_value_head=False)")
         shared = with_values and self.critic is None
         out = response_forward(self.policy, sequences, attention_mask, action_mask, temperature=temperature,
                                hidden=shared)
