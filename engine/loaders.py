@@ -71,10 +71,16 @@ def total_steps(cfg: RunConfig, accelerator: Accelerator, loader: DataLoader) ->
 
 
 def optimizer_steps(accelerator: Accelerator, loader, position: Position, total: int) -> Iterator[list[dict]]:
-    """The micro-batches of each optimizer step, pass after pass, from `position` until step `total`.
+    """The micro-batches of each optimizer step, pass after pass, from `position` until step `total`."""
+    return step_batches(accelerator, loader, position, total, accelerator.gradient_accumulation_steps)
+
+
+def step_batches(accelerator: Accelerator, loader, position: Position, total: int, per_step: int
+                 ) -> Iterator[list[dict]]:
+    """The `per_step` batches of each step (an optimizer step's micro-batches, a PPO iteration's one batch of
+    prompts), pass after pass, from `position` until step `total`.
 
     The caller counts `position.step`; this keeps `position.epoch` and `position.batches_in_epoch`."""
-    accum = accelerator.gradient_accumulation_steps
     while position.step < total:
         # The prepared loader hands the epoch to the sampler (and to the skipping loader built from it).
         loader.set_epoch(position.epoch)
@@ -82,8 +88,8 @@ def optimizer_steps(accelerator: Accelerator, loader, position: Position, total:
         group = []
         for batch in batches:
             group.append(batch)
-            if len(group) == accum:
-                position.batches_in_epoch += accum
+            if len(group) == per_step:
+                position.batches_in_epoch += per_step
                 yield group
                 group = []
                 if position.step >= total:

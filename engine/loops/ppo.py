@@ -106,7 +106,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     # Sharded weights are gathered in every forward, so every process decodes until all are done.
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     finished = finished_everywhere if sharded else finished_locally
-    for batch in prompt_batches(accelerator, loader, position, iterations):
+    for (batch,) in loaders.step_batches(accelerator, loader, position, iterations, per_step=1):
         # The iteration's randomness (sampling, minibatch shuffles, dropout) depends on (seed, step, process)
         # alone, so a resumed run replays it exactly, whatever else drew from the RNG since the checkpoint
         # (a DataLoader draws a seed each time a pass starts).
@@ -321,20 +321,6 @@ def trim(exp: Experience, prompt_length: int) -> Experience:
         if getattr(exp, name) is not None:
             cut[name] = getattr(exp, name)[:, :width]
     return replace(exp, **cut)
-
-
-def prompt_batches(accelerator: Accelerator, loader, position: lifecycle.Position, iterations: int):
-    """One rollout batch of prompts per iteration, pass after pass, from `position` (resumable)."""
-    while position.step < iterations:
-        loader.set_epoch(position.epoch)  # the prepared loader hands it to the sampler
-        batches = accelerator.skip_first_batches(loader, position.batches_in_epoch) if position.batches_in_epoch \
-            else loader
-        for batch in batches:
-            position.batches_in_epoch += 1
-            yield batch
-            if position.step >= iterations:
-                return
-        position.epoch, position.batches_in_epoch = position.epoch + 1, 0
 
 
 def starting_value_head(name_or_path: str) -> ValueHead | None:
