@@ -195,7 +195,6 @@ def measure(run: Run, sizes: Sizes, cache: Path, peak_flops: float | None) -> di
     from benchmarks.engine_runner import _recording_optimizer
     from benchmarks.harness import FlopCounter, StepClock, matmul_peak_flops, peak_rss_mib, reset_peak_rss
     from engine import lifecycle, memory, models, optim, reference, train
-    from engine.loops import ppo as ppo_loop
 
     cuda = torch.cuda.is_available() and sizes is GPU
     model = shape_dir(run.shape, cache, "cuda" if cuda else "cpu")
@@ -251,7 +250,6 @@ def measure(run: Run, sizes: Sizes, cache: Path, peak_flops: float | None) -> di
         patch(mock.patch.object(reference, "load_policy", watched(reference.load_policy)))
         patch(mock.patch.object(lifecycle, "after_step", timed_after_step))
         patch(mock.patch.object(lifecycle, "save_final", no_final_save))
-        patch(mock.patch.object(ppo_loop, "save_final", no_final_save))
         patch(mock.patch.object(optim, "build_optimizer", _recording_optimizer(optim.build_optimizer, clock.info)))
         patch(mock.patch.object(train, "check_memory", recording_check))
         patch(mock.patch.object(train, "bind_objective", recorded_objective))

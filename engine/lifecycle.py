@@ -6,8 +6,10 @@ non-finite steps), and the final save.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 
@@ -178,34 +180,47 @@ def stop_if_needed(accelerator: Accelerator, cfg: RunConfig, logger: RunLogger, 
                          accelerator.is_main_process)
 
 
+StateDictOf = Callable[[str | None], dict | None]
+"""save_final's slice of the gathered state dict by submodule name (all of it for None); None when not sharded."""
+
+
 def shards_weights(accelerator: Accelerator) -> bool:
     """Whether each process holds only shards of the weights: FSDP or DeepSpeed ZeRO-3."""
     return sharding_mode(accelerator) is not None
 
 
-def save_final(accelerator: Accelerator, cfg: RunConfig, model, tokenizer, logger: RunLogger, total: int,
-               state_dict: dict | None = None, also=None) -> RunResult:
+def save_final(accelerator: Accelerator, cfg: RunConfig, model, tokenizer, logger: RunLogger, total: int, *,
+               part: str | None = None, extras: Callable[[Any, Path, StateDictOf], None] | None = None) -> RunResult:
     """`<output_dir>/final/`: the model (or adapter, or merged model) and tokenizer, from the main process.
 
-    With sharded weights the full state dict is gathered first, on every process (a collective), unless the
-    caller passes it as `state_dict`; the main process writes it once, with `also(directory)` if given (more
-    parts beside it), into `.tmp_final` renamed into place: a run killed mid-export leaves no `final/`
+    `model` is the prepared model; `part` names the submodule of it saved as the model (PPO's actor-critic
+    saves its `policy`), and `extras(unwrapped_model, directory, state_dict_of)` writes more files beside it
+    (PPO's value head and critic). With sharded weights (FSDP, ZeRO-3) the unwrapped modules hold only this
+    process's shards or empty placeholders, so the full state dict is gathered first, on every process (a
+    collective), and each part is written from its slice, `state_dict_of(name)` (None when not sharded). The
+    main process writes into `.tmp_final`, renamed into place: a run killed mid-export leaves no `final/`
     that looks like a model, and a full disk leaves nothing half written."""
     from engine import models
 
     final_dir = Path(cfg.output_dir) / "final"
     tmp = final_dir.with_name(FINAL_TMP)
     accelerator.wait_for_everyone()
-    if state_dict is None and shards_weights(accelerator):
-        state_dict = accelerator.get_state_dict(model)
+    gathered = accelerator.get_state_dict(model) if shards_weights(accelerator) else None
+
+    def state_dict_of(name: str | None) -> dict | None:
+        if gathered is None or name is None:
+            return gathered
+        return {key.removeprefix(f"{name}."): value for key, value in gathered.items() if key.startswith(f"{name}.")}
+
     full = False
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped = accelerator.unwrap_model(model)
         try:
-            models.save_final(accelerator.unwrap_model(model), tokenizer, tmp, merge=cfg.export.merge,
-                              state_dict=state_dict)
-            if also is not None:
-                also(tmp)
+            models.save_final(getattr(unwrapped, part) if part else unwrapped, tokenizer, tmp,
+                              merge=cfg.export.merge, state_dict=state_dict_of(part))
+            if extras is not None:
+                extras(unwrapped, tmp, state_dict_of)
             publish(tmp, final_dir)
         except Exception as error:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -139,7 +139,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                           extra_state={"kl_controller": kl_ctl.state_dict(), "scorer": scorer.state_dict()})
 
     # 8. The policy (or adapter) and tokenizer in <output_dir>/final/, the value head beside them.
-    return save_final(accelerator, cfg, actor_critic, tokenizer, logger, iterations)
+    return lifecycle.save_final(accelerator, cfg, actor_critic, tokenizer, logger, iterations, part="policy",
+                                extras=save_value_parts)
 
 
 @torch.no_grad()
@@ -249,28 +250,13 @@ def ppo_update(exp: Experience, *, accelerator: Accelerator, actor_critic, optim
     return metrics.compute(accelerator) | {k: float(v) for k, v in step_info.items()} | {"policy/epochs": epochs_done}
 
 
-def save_final(accelerator: Accelerator, cfg: RunConfig, actor_critic, tokenizer, logger: RunLogger,
-               iterations: int) -> lifecycle.RunResult:
-    """Step 8: the policy (or adapter) and tokenizer in <output_dir>/final/, the value head beside them, a
-    separate critic in final/critic/.
-
-    Sharded weights (FSDP, ZeRO-3): the whole actor-critic is gathered on every process (a collective) and
-    each part is written from its slice of that state dict; the unwrapped modules hold only this process's
-    shards (FSDP) or empty placeholders (ZeRO-3)."""
-    parts: dict[str, dict | None] = {"policy": None, "value_head": None, "critic": None}
-    if lifecycle.shards_weights(accelerator):
-        full = accelerator.get_state_dict(actor_critic)
-        parts = {name: {key.removeprefix(f"{name}."): value for key, value in full.items()
-                        if key.startswith(f"{name}.")} for name in parts}
-    unwrapped = accelerator.unwrap_model(actor_critic)
-
-    def value_parts(directory: Path) -> None:  # into final/ before it is renamed into place
-        save_value_head(unwrapped.value_head, directory, state_dict=parts["value_head"])
-        if unwrapped.critic is not None:
-            unwrapped.critic.save_pretrained(directory / CRITIC_DIR, state_dict=parts["critic"])
-
-    return lifecycle.save_final(accelerator, cfg, unwrapped.policy, tokenizer, logger, iterations,
-                             state_dict=parts["policy"], also=value_parts)
+def save_value_parts(actor_critic: ActorCritic, directory: Path, state_dict_of: lifecycle.StateDictOf) -> None:
+    """Step 8's files beside the policy, written into final/ before it is renamed into place: the value head,
+    and a separate critic in final/critic/. Under sharded weights (FSDP, ZeRO-3) each is written from its
+    slice of the actor-critic's gathered state dict (see `lifecycle.save_final`), not from the modules."""
+    save_value_head(actor_critic.value_head, directory, state_dict=state_dict_of("value_head"))
+    if actor_critic.critic is not None:
+        actor_critic.critic.save_pretrained(directory / CRITIC_DIR, state_dict=state_dict_of("critic"))
 
 
 def use_sampling_logprobs(cfg: RunConfig, policy) -> bool:

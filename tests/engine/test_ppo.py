@@ -18,7 +18,7 @@ from data.tiny_tokenizer import build_tokenizer
 from engine import lifecycle, optim
 from engine.config import OptimConfig, RunConfig, from_dict
 from engine.logging import RunLogger
-from engine.loops.ppo import global_moments, minibatch_rows, ppo_update, rollout, save_final
+from engine.loops.ppo import global_moments, minibatch_rows, ppo_update, rollout, save_value_parts
 from losses import AdaptiveKLController, bind_objective, masked_whiten
 from rollout.generation import SamplingConfig
 from rollout.scoring import RewardFunction, Scorer
@@ -225,7 +225,8 @@ def test_sharded_weights_are_saved_from_the_gathered_state_dict(tmp_path, monkey
     cfg = run_config({"output_dir": str(tmp_path), "objective": {"name": "ppo"}})
     logger = RunLogger(tmp_path, total_steps=1, start_step=0, enabled=True, progress_bar=False, desc="ppo")
 
-    result = save_final(accelerator, cfg, model, tokenizer, logger, 1)
+    result = lifecycle.save_final(accelerator, cfg, model, tokenizer, logger, 1, part="policy",
+                                  extras=save_value_parts)
 
     assert calls == [model]  # gathered once, for every part
     written = {"value_head": load_file(str(result.final_dir / "value_head.safetensors")),
