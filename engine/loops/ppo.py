@@ -136,7 +136,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
             rows = [[p, r, float(s)] for p, r, s in list(zip(batch["prompt"], responses, exp.scores))[:ppo.log_samples]]
             logger.table("samples", ["prompt", "response", "score"], rows, position.step)
         lifecycle.after_step(accelerator, cfg, logger, position, iterations, metrics, None,
-                          extra_state={"kl_controller": kl_ctl.state_dict(), "scorer": scorer.state_dict()})
+                             extra_state={"kl_controller": kl_ctl.state_dict(), "scorer": scorer.state_dict()})
 
     # 8. The policy (or adapter) and tokenizer in <output_dir>/final/, the value head beside them.
     return lifecycle.save_final(accelerator, cfg, actor_critic, tokenizer, logger, iterations, part="policy",
@@ -237,7 +237,7 @@ def ppo_update(exp: Experience, *, accelerator: Accelerator, actor_critic, optim
                     accelerator.backward(loss * share)
                     if accelerator.sync_gradients:
                         step_info = optim.optimizer_step(accelerator, actor_critic, optimizer, scheduler,
-                                                          cfg.optim.max_grad_norm)
+                                                         cfg.optim.max_grad_norm)
                 tokens = part.action_mask.sum()
                 metrics.add({"loss/total": loss, **pg_metrics, **vf_metrics, "policy/entropy": entropy}, tokens)
                 minibatch_kl.add({"kl": pg_metrics["policy/approx_kl"]}, tokens)
