@@ -1,7 +1,7 @@
 """The engine's side of a measurement: its own entry point and loops, timed at each optimizer step.
 
 SFT, reward, DPO and ORPO run `engine.train.main` unchanged; the clock reads the time at each
-`common.after_step` (the loop's own end of step, logging included), and every model the loop loads is
+`lifecycle.after_step` (the loop's own end of step, logging included), and every model the loop loads is
 watched by the FLOP counter. The final save is skipped: it is not part of a step. PPO calls the loop's own
 `rollout` and `ppo_update` on the models and scorer the PPO loop would build.
 """
@@ -36,7 +36,7 @@ def _check_retired(overrides: tuple[str, ...]) -> None:
 
 
 def _recording_optimizer(build, record: dict):
-    """`common.build_optimizer`, noting which AdamW kernel the loop got (torch's `fused` default is None)."""
+    """`optim.build_optimizer`, noting which AdamW kernel the loop got (torch's `fused` default is None)."""
     def build_and_record(*args, **kwargs):
         optimizer = build(*args, **kwargs)
         record["optimizer"] = type(optimizer).__name__
@@ -61,8 +61,7 @@ def run_engine(objective: str, size: str, *, steps: int | None = None, overrides
     _check_retired(overrides)
     if objective == "ppo":
         return run_engine_ppo(size, steps=steps, overrides=overrides)
-    from engine import models, reference, train
-    from engine.loops import common
+    from engine import lifecycle, models, optim, reference, train
 
     spec = SIZES[size]
     counter = FlopCounter()
@@ -76,7 +75,7 @@ def run_engine(objective: str, size: str, *, steps: int | None = None, overrides
             return _without_position_ids(model) if "bench.drop_position_ids" in prototypes else model
         return load_and_watch
 
-    after_step = common.after_step
+    after_step = lifecycle.after_step
 
     def timed_after_step(*args, **kwargs):
         after_step(*args, **kwargs)
@@ -84,16 +83,16 @@ def run_engine(objective: str, size: str, *, steps: int | None = None, overrides
 
     def no_final_save(accelerator, cfg, model, tokenizer, logger, total):
         logger.close()
-        return common.RunResult(Path(cfg.output_dir), None, total, logger.history)
+        return lifecycle.RunResult(Path(cfg.output_dir), None, total, logger.history)
 
     with tempfile.TemporaryDirectory(prefix="bench-") as out, ExitStack() as stack:
         stack.enter_context(mock.patch.object(models, "load_policy", watched(models.load_policy)))
         stack.enter_context(mock.patch.object(models, "load_reward_model", watched(models.load_reward_model)))
         stack.enter_context(mock.patch.object(reference, "load_policy", watched(reference.load_policy)))
-        stack.enter_context(mock.patch.object(common, "after_step", timed_after_step))
-        stack.enter_context(mock.patch.object(common, "save_final", no_final_save))
-        stack.enter_context(mock.patch.object(common, "build_optimizer",
-                                              _recording_optimizer(common.build_optimizer, clock.info)))
+        stack.enter_context(mock.patch.object(lifecycle, "after_step", timed_after_step))
+        stack.enter_context(mock.patch.object(lifecycle, "save_final", no_final_save))
+        stack.enter_context(mock.patch.object(optim, "build_optimizer",
+                                              _recording_optimizer(optim.build_optimizer, clock.info)))
         train.main(engine_args(objective, size, out, steps=steps, overrides=overrides))
     return clock
 
@@ -138,9 +137,9 @@ def run_engine_ppo(size: str, *, steps: int | None = None, overrides: tuple[str,
     from torch.utils.data import DataLoader
 
     from data import build_datasets, make_collator
-    from engine import models
+    from engine import models, optim
     from engine.hostmem import keep_freed_memory
-    from engine.loops import common, ppo
+    from engine.loops import ppo
     from losses import FixedKLController, bind_objective
     from rollout.value_head import ActorCritic
 
@@ -173,9 +172,9 @@ def run_engine_ppo(size: str, *, steps: int | None = None, overrides: tuple[str,
         sampling = cfg.ppo.sampling()
         loader = DataLoader(data.train, batch_size=cfg.ppo.rollout_batch_size, shuffle=True, drop_last=True,
                             collate_fn=make_collator("prompt", tokenizer), generator=torch.Generator().manual_seed(0))
-        optimizer = _recording_optimizer(common.build_optimizer, clock.info)(actor_critic, cfg.optim)
+        optimizer = _recording_optimizer(optim.build_optimizer, clock.info)(actor_critic, cfg.optim)
         actor_critic, optimizer = accelerator.prepare(actor_critic, optimizer)
-        scheduler = common.build_scheduler(optimizer, cfg.optim, 10**6)
+        scheduler = optim.build_scheduler(optimizer, cfg.optim, 10**6)
         kl_ctl = FixedKLController(cfg.ppo.kl_coef)
         eos = ppo.stop_ids(tokenizer, policy)
 

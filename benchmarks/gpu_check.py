@@ -194,9 +194,7 @@ def measure(run: Run, sizes: Sizes, cache: Path, peak_flops: float | None) -> di
 
     from benchmarks.engine_runner import _recording_optimizer
     from benchmarks.harness import FlopCounter, StepClock, matmul_peak_flops, peak_rss_mib, reset_peak_rss
-    from engine import memory, models, reference, train
-    from engine.loops import common
-    from engine.loops import ppo as ppo_loop
+    from engine import lifecycle, memory, models, optim, reference, train
 
     cuda = torch.cuda.is_available() and sizes is GPU
     model = shape_dir(run.shape, cache, "cuda" if cuda else "cpu")
@@ -219,7 +217,7 @@ def measure(run: Run, sizes: Sizes, cache: Path, peak_flops: float | None) -> di
 
     def no_final_save(accelerator, cfg, model, tokenizer, logger, total, *args, **kwargs):
         logger.close()
-        return common.RunResult(Path(cfg.output_dir), None, total, logger.history)
+        return lifecycle.RunResult(Path(cfg.output_dir), None, total, logger.history)
 
     def recording_check(cfg, family, *, needs_reference, device, **kwargs):
         recorded["estimate"] = memory.estimate_memory(cfg, family, needs_reference=needs_reference,
@@ -240,7 +238,7 @@ def measure(run: Run, sizes: Sizes, cache: Path, peak_flops: float | None) -> di
             return loss, metrics
         return objective, recorded
 
-    after_step, check_memory, bind_objective = common.after_step, train.check_memory, train.bind_objective
+    after_step, check_memory, bind_objective = lifecycle.after_step, train.check_memory, train.bind_objective
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
@@ -250,10 +248,9 @@ def measure(run: Run, sizes: Sizes, cache: Path, peak_flops: float | None) -> di
         patch(mock.patch.object(models, "load_policy", watched(models.load_policy)))
         patch(mock.patch.object(models, "load_reward_model", watched(models.load_reward_model)))
         patch(mock.patch.object(reference, "load_policy", watched(reference.load_policy)))
-        patch(mock.patch.object(common, "after_step", timed_after_step))
-        patch(mock.patch.object(common, "save_final", no_final_save))
-        patch(mock.patch.object(ppo_loop, "save_final", no_final_save))
-        patch(mock.patch.object(common, "build_optimizer", _recording_optimizer(common.build_optimizer, clock.info)))
+        patch(mock.patch.object(lifecycle, "after_step", timed_after_step))
+        patch(mock.patch.object(lifecycle, "save_final", no_final_save))
+        patch(mock.patch.object(optim, "build_optimizer", _recording_optimizer(optim.build_optimizer, clock.info)))
         patch(mock.patch.object(train, "check_memory", recording_check))
         patch(mock.patch.object(train, "bind_objective", recorded_objective))
         result = train.main(engine_argv(run, sizes, model, cache, out))

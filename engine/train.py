@@ -43,8 +43,8 @@ from engine import signals, tracking  # noqa: E402
 from engine.checkpoint import clean_partial, resolve_resume  # noqa: E402
 from engine.config import ConfigError, RunConfig, describe_config, format_config, load_config, save_config  # noqa: E402
 from engine.hostmem import keep_freed_memory  # noqa: E402
+from engine.lifecycle import RunResult, RunStopped, TrainingDiverged  # noqa: E402
 from engine.loops import pairwise, reward, sft  # noqa: E402
-from engine.loops.common import RunResult, RunStopped, TrainingDiverged  # noqa: E402
 from engine.memory import check_memory  # noqa: E402
 from engine.tiny import resolve_model_path  # noqa: E402
 from engine.validate import check_startup  # noqa: E402

@@ -9,7 +9,7 @@ ppo.check_sizes), an output directory that cannot be written and paths that do n
 model: pad == EOS where a reward is read (data.check_tokenizer), no pad token at all there
 (check_pad_tokens) and a template that writes BOS twice (data's Formatter). LoRA with gradient
 checkpointing but no input gradients is checked on the loaded model, by `check_gradient_flow`
-(common.build_optimizer).
+(engine.optim.build_optimizer).
 """
 
 from __future__ import annotations

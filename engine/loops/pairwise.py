@@ -8,17 +8,17 @@ import torch
 from accelerate import Accelerator
 
 from data import build_datasets, make_collator
-from engine import models
+from engine import lifecycle, loaders, models
 from engine.config import ConfigError, RunConfig, to_dict
-from engine.logging import RunLogger
 from engine.logprobs import label_logprobs
-from engine.loops import common
+from engine.loops import supervised
+from engine.metrics import MeanMetrics
 from engine.reference import add_row_index, make_reference
 from engine.shared_prompt import use_shared_prompt
 from losses import Objective, reduce_logprobs, split_pairs
 
 
-def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> common.RunResult:
+def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> lifecycle.RunResult:
     # 1. Tokenizer, policy and pairs; `row_index` lets a precomputed reference find each pair's log-probs.
     tokenizer = models.load_tokenizer(cfg.model)
     policy = models.load_policy(cfg.model, for_training=True,
@@ -34,13 +34,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                                            share_row_tokens=cfg.data.share_prompt_row_tokens))
 
     # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
-    train_loader = common.train_loader(train_rows, collate, cfg, "preference")
-    eval_loader = common.eval_loader(eval_rows, collate, cfg)
-    optimizer = common.build_optimizer(policy, cfg.optim)
-    policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)
-    eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
-    total = common.total_steps(cfg, accelerator, train_loader)
-    scheduler = accelerator.prepare(common.build_scheduler(optimizer, cfg.optim, total))
+    run = supervised.setup(cfg, accelerator, policy, train_rows, eval_rows, collate, "preference")
+    policy, eval_loader = run.model, run.eval_loader
 
     # 3. The reference (a frozen copy, the policy with its adapter off, or log-probs computed once now).
     reference = None
@@ -57,11 +52,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
             reference.precompute(rows, collate, batch_size=cfg.batch.eval_batch_size or cfg.batch.micro_batch_size,
                                  split=split, extra_key=to_dict(cfg.data))
 
-    # 4. Resume: weights, optimizer, schedule, RNG states and the data position.
-    position = common.resume(accelerator, cfg, [policy])
-    logger = RunLogger.for_run(cfg, accelerator, total_steps=total, start_step=position.step, desc=objective.name)
-
-    def loss_on(batch, split: str, pairs: int | None = None):
+    # 4. The loss of a (micro-)batch and the evaluation.
+    def loss_on(batch, split: str = "train", pairs: int | None = None):
         # One forward over the batch; the log-probs' rows [0, B) are the chosen sequences, [B, 2B) the
         # rejected (shared-prompt batches included); the objective on the first `pairs` pairs (all when None).
         keep = slice(pairs)
@@ -75,43 +67,25 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
 
     def evaluate() -> dict[str, float]:
         policy.eval()
-        means = common.MeanMetrics()
+        means = MeanMetrics()
         with torch.no_grad():
-            for batch, counted in common.eval_batches(accelerator, eval_loader, cfg.eval.max_batches):
+            for batch, counted in loaders.eval_batches(accelerator, eval_loader, cfg.eval.max_batches):
                 # the repeats that pad the last round, and a batch past eval.max_batches, weigh nothing (one
                 # pair is scored so every metric key exists)
-                pairs = common.real_rows(accelerator, len(batch["labels"]) // 2) if counted else 0
+                pairs = loaders.real_rows(accelerator, len(batch["labels"]) // 2) if counted else 0
                 loss, metrics = loss_on(batch, "eval", max(pairs, 1))
                 means.add({"loss": loss, **metrics}, pairs)
         policy.train()
         return {f"eval/{key}": value for key, value in means.compute(accelerator).items()}
 
-    if eval_loader is not None and position.step == 0:
-        logger.log(0, evaluate())  # where every eval curve starts
+    # 5. Resume, then optimizer steps, each micro-batch of pairs weighted by its share of the step's pairs (all
+    # processes): policy log-probs of both responses, reference log-probs, the objective; log, evaluate and
+    # checkpoint on their schedules.
+    logger = supervised.train_steps(cfg, accelerator, run, loss_on, evaluate=evaluate, desc=objective.name,
+                                    units=lambda batch: len(batch["labels"]) // 2)
 
-    # 5. Optimizer steps, each over `accumulation` micro-batches of pairs.
-    policy.train()
-    for micro_batches in common.optimizer_steps(accelerator, train_loader, position, total):
-        shares = common.loss_shares(accelerator, [len(b["labels"]) // 2 for b in micro_batches])
-        step_metrics = common.MeanMetrics()
-        for batch, share in zip(micro_batches, shares):
-            with accelerator.accumulate(policy):
-                # 5a. Policy log-probs of both responses, reference log-probs, the objective.
-                loss, metrics = loss_on(batch, "train")
-                # 5b. Backward; gradients are synced across processes on the last micro-batch only.
-                accelerator.backward(loss * share)
-                if accelerator.sync_gradients:
-                    step_info = common.optimizer_step(accelerator, policy, optimizer, scheduler, cfg.optim.max_grad_norm)
-            step_metrics.add({"loss": loss, **metrics}, len(batch["labels"]) // 2)
-
-        # 6. Log, evaluate and checkpoint on their schedules.
-        position.step += 1
-        metrics = step_metrics.compute(accelerator) | {k: float(v) for k, v in step_info.items()}
-        common.after_step(accelerator, cfg, logger, position, total, metrics,
-                          evaluate if eval_loader is not None else None)
-
-    # 7. The final model (or adapter) and tokenizer in <output_dir>/final/.
-    return common.save_final(accelerator, cfg, policy, tokenizer, logger, total)
+    # 6. The final model (or adapter) and tokenizer in <output_dir>/final/.
+    return lifecycle.save_final(accelerator, cfg, policy, tokenizer, logger, run.total)
 
 
 def with_row_index(collate):

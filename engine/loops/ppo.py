@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader
 
 from data import DataConfig, build_datasets, make_collator
 from data.tokenize import reward_pair_encoder
-from engine import models
+from engine import lifecycle, loaders, models, optim
 from engine.config import ConfigError, RunConfig
 from engine.distributed import finished_everywhere
 from engine.logging import RunLogger
-from engine.loops import common
+from engine.metrics import MeanMetrics
 from engine.tiny import resolve_model_path
 from losses import (
     AdaptiveKLController,
@@ -57,7 +57,7 @@ from rollout.value_head import (
 )
 
 
-def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> common.RunResult:
+def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> lifecycle.RunResult:
     ppo = cfg.ppo
     minibatches = check_sizes(cfg, accelerator.num_processes)
 
@@ -80,25 +80,25 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
 
     # 2. Prompt loader (one rollout batch per iteration), optimizer and schedule, placed by Accelerate.
     loader = DataLoader(data.train, batch_size=ppo.rollout_batch_size // accelerator.num_processes,
-                        sampler=common.EpochSampler(len(data.train), cfg.seed), collate_fn=make_collator("prompt", tokenizer),
+                        sampler=loaders.EpochSampler(len(data.train), cfg.seed), collate_fn=make_collator("prompt", tokenizer),
                         drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
-    optimizer = common.build_optimizer(actor_critic, cfg.optim)
+    optimizer = optim.build_optimizer(actor_critic, cfg.optim)
     actor_critic, optimizer, loader = accelerator.prepare(actor_critic, optimizer, loader)
     if len(loader) == 0:
         raise ConfigError(f"the prompt split has {len(data.train)} rows, fewer than ppo.rollout_batch_size="
                           f"{ppo.rollout_batch_size}; lower it or add prompts")
     iterations = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(loader)))
-    scheduler = accelerator.prepare(common.build_scheduler(optimizer, cfg.optim, iterations * ppo.epochs * minibatches))
+    scheduler = accelerator.prepare(optim.build_scheduler(optimizer, cfg.optim, iterations * ppo.epochs * minibatches))
     kl_ctl = (AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.kl_target is not None
               else FixedKLController(ppo.kl_coef))
 
     # 3. Resume: adapter or weights with the value head, optimizer, schedule, RNG states, data position,
     # the KL coefficient and the score normaliser.
-    position = common.Position()
-    loaded = common.load_resume(accelerator, cfg, [actor_critic])
+    position = lifecycle.Position()
+    loaded = lifecycle.load_resume(accelerator, cfg, [actor_critic])
     if loaded is not None:
         state = loaded[1]
-        position = common.Position(**state["position"])
+        position = lifecycle.Position(**state["position"])
         kl_ctl.load_state_dict(state["kl_controller"])
         scorer.load_state_dict(state["scorer"])
     logger = RunLogger.for_run(cfg, accelerator, total_steps=iterations, start_step=position.step, desc="ppo")
@@ -106,7 +106,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     # Sharded weights are gathered in every forward, so every process decodes until all are done.
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     finished = finished_everywhere if sharded else finished_locally
-    for batch in prompt_batches(accelerator, loader, position, iterations):
+    for (batch,) in loaders.step_batches(accelerator, loader, position, iterations, per_step=1):
         # The iteration's randomness (sampling, minibatch shuffles, dropout) depends on (seed, step, process)
         # alone, so a resumed run replays it exactly, whatever else drew from the RNG since the checkpoint
         # (a DataLoader draws a seed each time a pass starts).
@@ -135,11 +135,12 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         if position.step % cfg.logging.every_steps == 0 or position.step == iterations:
             rows = [[p, r, float(s)] for p, r, s in list(zip(batch["prompt"], responses, exp.scores))[:ppo.log_samples]]
             logger.table("samples", ["prompt", "response", "score"], rows, position.step)
-        common.after_step(accelerator, cfg, logger, position, iterations, metrics, None,
-                          extra_state={"kl_controller": kl_ctl.state_dict(), "scorer": scorer.state_dict()})
+        lifecycle.after_step(accelerator, cfg, logger, position, iterations, metrics, None,
+                             extra_state={"kl_controller": kl_ctl.state_dict(), "scorer": scorer.state_dict()})
 
     # 8. The policy (or adapter) and tokenizer in <output_dir>/final/, the value head beside them.
-    return save_final(accelerator, cfg, actor_critic, tokenizer, logger, iterations)
+    return lifecycle.save_final(accelerator, cfg, actor_critic, tokenizer, logger, iterations, part="policy",
+                                extras=save_value_parts)
 
 
 @torch.no_grad()
@@ -147,7 +148,7 @@ def rollout(batch: dict, *, actor_critic: ActorCritic, reference, scorer: Scorer
             cfg: RunConfig, kl_coef: float, eos_token_id: int | list[int] | None = None,
             finished: Callable[[torch.Tensor], bool] = finished_locally,
             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-            ) -> tuple[Experience, list[str], common.MeanMetrics, dict[str, float]]:
+            ) -> tuple[Experience, list[str], MeanMetrics, dict[str, float]]:
     """Steps 1-5 of an iteration on one process's prompts: the Experience with rewards, advantages and
     returns, the response texts, per-row statistics, and this process's timings. `all_reduce` sums a
     tensor over the processes (e.g. `accelerator.reduce(t, "sum")`); whitening then uses the statistics
@@ -185,7 +186,7 @@ def rollout(batch: dict, *, actor_critic: ActorCritic, reference, scorer: Scorer
     exp = replace(exp, rewards=rewards, advantages=advantages, returns=returns)
 
     valid = exp.action_mask.any(-1)
-    stats = common.MeanMetrics()
+    stats = MeanMetrics()
     explained = 1 - (global_moments(returns - exp.values, exp.action_mask, all_reduce)[1]
                      / global_moments(returns, exp.action_mask, all_reduce)[1].clamp_min(1e-8))
     stats.add({
@@ -213,14 +214,14 @@ def ppo_update(exp: Experience, *, accelerator: Accelerator, actor_critic, optim
     minibatches = cfg.ppo.rollout_batch_size // cfg.batch.global_batch_size
     offset = accelerator.process_index * len(exp.sequences)  # the prepared loader gives each process a slice
     prompt_length = exp.sequences.shape[1] - exp.action_mask.shape[1]
-    metrics, step_info, epochs_done = common.MeanMetrics(), {}, 0
+    metrics, step_info, epochs_done = MeanMetrics(), {}, 0
     actor_critic.train()
     for _ in range(ppo.epochs):
         stop = False
         for rows in minibatch_rows(len(exp.sequences), minibatches, offset, generator):
             micro_batches = [trim(exp.select(i), prompt_length) for i in rows.split(cfg.batch.micro_batch_size)]
-            shares = common.loss_shares(accelerator, [part.action_mask.sum() for part in micro_batches])
-            minibatch_kl = common.MeanMetrics()
+            shares = optim.loss_shares(accelerator, [part.action_mask.sum() for part in micro_batches])
+            minibatch_kl = MeanMetrics()
             for part, share in zip(micro_batches, shares):
                 with accelerator.accumulate(actor_critic):
                     # logits / temperature: the distribution the tokens were sampled from, for the ratio and the
@@ -235,8 +236,8 @@ def ppo_update(exp: Experience, *, accelerator: Accelerator, actor_critic, optim
                     loss = pg_loss + ppo.vf_coef * vf_loss - ppo.entropy_coef * entropy
                     accelerator.backward(loss * share)
                     if accelerator.sync_gradients:
-                        step_info = common.optimizer_step(accelerator, actor_critic, optimizer, scheduler,
-                                                          cfg.optim.max_grad_norm)
+                        step_info = optim.optimizer_step(accelerator, actor_critic, optimizer, scheduler,
+                                                         cfg.optim.max_grad_norm)
                 tokens = part.action_mask.sum()
                 metrics.add({"loss/total": loss, **pg_metrics, **vf_metrics, "policy/entropy": entropy}, tokens)
                 minibatch_kl.add({"kl": pg_metrics["policy/approx_kl"]}, tokens)
@@ -249,28 +250,13 @@ def ppo_update(exp: Experience, *, accelerator: Accelerator, actor_critic, optim
     return metrics.compute(accelerator) | {k: float(v) for k, v in step_info.items()} | {"policy/epochs": epochs_done}
 
 
-def save_final(accelerator: Accelerator, cfg: RunConfig, actor_critic, tokenizer, logger: RunLogger,
-               iterations: int) -> common.RunResult:
-    """Step 8: the policy (or adapter) and tokenizer in <output_dir>/final/, the value head beside them, a
-    separate critic in final/critic/.
-
-    Sharded weights (FSDP, ZeRO-3): the whole actor-critic is gathered on every process (a collective) and
-    each part is written from its slice of that state dict; the unwrapped modules hold only this process's
-    shards (FSDP) or empty placeholders (ZeRO-3)."""
-    parts: dict[str, dict | None] = {"policy": None, "value_head": None, "critic": None}
-    if common.shards_weights(accelerator):
-        full = accelerator.get_state_dict(actor_critic)
-        parts = {name: {key.removeprefix(f"{name}."): value for key, value in full.items()
-                        if key.startswith(f"{name}.")} for name in parts}
-    unwrapped = accelerator.unwrap_model(actor_critic)
-
-    def value_parts(directory: Path) -> None:  # into final/ before it is renamed into place
-        save_value_head(unwrapped.value_head, directory, state_dict=parts["value_head"])
-        if unwrapped.critic is not None:
-            unwrapped.critic.save_pretrained(directory / CRITIC_DIR, state_dict=parts["critic"])
-
-    return common.save_final(accelerator, cfg, unwrapped.policy, tokenizer, logger, iterations,
-                             state_dict=parts["policy"], also=value_parts)
+def save_value_parts(actor_critic: ActorCritic, directory: Path, state_dict_of: lifecycle.StateDictOf) -> None:
+    """Step 8's files beside the policy, written into final/ before it is renamed into place: the value head,
+    and a separate critic in final/critic/. Under sharded weights (FSDP, ZeRO-3) each is written from its
+    slice of the actor-critic's gathered state dict (see `lifecycle.save_final`), not from the modules."""
+    save_value_head(actor_critic.value_head, directory, state_dict=state_dict_of("value_head"))
+    if actor_critic.critic is not None:
+        actor_critic.critic.save_pretrained(directory / CRITIC_DIR, state_dict=state_dict_of("critic"))
 
 
 def use_sampling_logprobs(cfg: RunConfig, policy) -> bool:
@@ -321,20 +307,6 @@ def trim(exp: Experience, prompt_length: int) -> Experience:
         if getattr(exp, name) is not None:
             cut[name] = getattr(exp, name)[:, :width]
     return replace(exp, **cut)
-
-
-def prompt_batches(accelerator: Accelerator, loader, position: common.Position, iterations: int):
-    """One rollout batch of prompts per iteration, pass after pass, from `position` (resumable)."""
-    while position.step < iterations:
-        loader.set_epoch(position.epoch)  # the prepared loader hands it to the sampler
-        batches = accelerator.skip_first_batches(loader, position.batches_in_epoch) if position.batches_in_epoch \
-            else loader
-        for batch in batches:
-            position.batches_in_epoch += 1
-            yield batch
-            if position.step >= iterations:
-                return
-        position.epoch, position.batches_in_epoch = position.epoch + 1, 0
 
 
 def starting_value_head(name_or_path: str) -> ValueHead | None:

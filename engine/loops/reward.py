@@ -6,15 +6,14 @@ import torch
 from accelerate import Accelerator
 
 from data import build_datasets, make_collator
-from engine import models
+from engine import lifecycle, loaders, models
 from engine.config import RunConfig
-from engine.logging import RunLogger
-from engine.loops import common
+from engine.loops import supervised
 from engine.shared_prompt import is_shared, pair_scores, use_shared_prompt
 from losses import Objective
 
 
-def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> common.RunResult:
+def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> lifecycle.RunResult:
     # 1. Tokenizer (it must have a pad token: the score is read at the last non-pad token), pairs, model.
     tokenizer = models.load_tokenizer(cfg.model)
     model = models.load_reward_model(cfg.model, num_labels=1, for_training=True,
@@ -27,18 +26,10 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                             share_row_tokens=cfg.data.share_prompt_row_tokens)
 
     # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
-    train_loader = common.train_loader(data.train, collate, cfg, "preference")
-    eval_loader = common.eval_loader(data.eval, collate, cfg)
-    optimizer = common.build_optimizer(model, cfg.optim)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
-    total = common.total_steps(cfg, accelerator, train_loader)
-    scheduler = accelerator.prepare(common.build_scheduler(optimizer, cfg.optim, total))
+    run = supervised.setup(cfg, accelerator, model, data.train, data.eval, collate, "preference")
+    model, eval_loader = run.model, run.eval_loader
 
-    # 3. Resume: weights, optimizer, schedule, RNG states and the data position.
-    position = common.resume(accelerator, cfg, [model])
-    logger = RunLogger.for_run(cfg, accelerator, total_steps=total, start_step=position.step, desc="reward")
-
+    # 3. The scores of a batch's pairs, the loss of a micro-batch, and the evaluation.
     def scores(batch) -> tuple[torch.Tensor, torch.Tensor]:
         if is_shared(batch):
             return pair_scores(model, batch)
@@ -46,15 +37,20 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
         return rewards.chunk(2)
 
+    def loss_on(batch):
+        # Score chosen and rejected in one forward; the objective on the pair of scores.
+        chosen, rejected = scores(batch)
+        return loss_fn(chosen, rejected, margin=batch.get("margin"))
+
     def evaluate() -> dict[str, float]:
         model.eval()
         chosen, rejected, margins = [], [], []
         with torch.no_grad():
-            for batch, counted in common.eval_batches(accelerator, eval_loader, cfg.eval.max_batches):
+            for batch, counted in loaders.eval_batches(accelerator, eval_loader, cfg.eval.max_batches):
                 c, r = scores(batch)
                 # gathered batch by batch, keeping only the rows that count: not the repeats that pad the
                 # last round, nor a batch past eval.max_batches
-                rows = common.real_rows(accelerator, len(c)) if counted else 0
+                rows = loaders.real_rows(accelerator, len(c)) if counted else 0
                 keep = accelerator.gather((torch.arange(len(c), device=c.device) < rows).int()).bool()
                 chosen.append(accelerator.gather(c)[keep])
                 rejected.append(accelerator.gather(r)[keep])
@@ -64,30 +60,10 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         loss, metrics = loss_fn(chosen, rejected, margin=margin)
         return {"eval/loss": loss.item(), **{f"eval/{k}": v.item() for k, v in metrics.items()}}
 
-    if eval_loader is not None and position.step == 0:
-        logger.log(0, evaluate())  # where every eval curve starts
+    # 4. Resume, then optimizer steps, each micro-batch of pairs weighted by its share of the step's pairs (all
+    # processes); log, evaluate and checkpoint on their schedules.
+    logger = supervised.train_steps(cfg, accelerator, run, loss_on, evaluate=evaluate, desc="reward",
+                                    units=lambda batch: len(batch["labels"]) // 2)
 
-    # 4. Optimizer steps, each over `accumulation` micro-batches of pairs.
-    model.train()
-    for micro_batches in common.optimizer_steps(accelerator, train_loader, position, total):
-        shares = common.loss_shares(accelerator, [len(b["labels"]) // 2 for b in micro_batches])
-        step_metrics = common.MeanMetrics()
-        for batch, share in zip(micro_batches, shares):
-            with accelerator.accumulate(model):
-                # 4a. Score chosen and rejected in one forward; the objective on the pair of scores.
-                chosen, rejected = scores(batch)
-                loss, metrics = loss_fn(chosen, rejected, margin=batch.get("margin"))
-                # 4b. Backward; gradients are synced across processes on the last micro-batch only.
-                accelerator.backward(loss * share)
-                if accelerator.sync_gradients:
-                    step_info = common.optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm)
-            step_metrics.add({"loss": loss, **metrics}, len(chosen))
-
-        # 5. Log, evaluate and checkpoint on their schedules.
-        position.step += 1
-        metrics = step_metrics.compute(accelerator) | {k: float(v) for k, v in step_info.items()}
-        common.after_step(accelerator, cfg, logger, position, total, metrics,
-                          evaluate if eval_loader is not None else None)
-
-    # 6. The final model (or adapter) and tokenizer in <output_dir>/final/.
-    return common.save_final(accelerator, cfg, model, tokenizer, logger, total)
+    # 5. The final model (or adapter) and tokenizer in <output_dir>/final/.
+    return lifecycle.save_final(accelerator, cfg, model, tokenizer, logger, run.total)

@@ -8,15 +8,14 @@ import torch
 from accelerate import Accelerator
 
 from data import build_datasets, make_collator
-from engine import models
+from engine import lifecycle, loaders, models
 from engine.config import RunConfig
-from engine.logging import RunLogger
 from engine.logprobs import label_logprobs
-from engine.loops import common
+from engine.loops import supervised
 from losses import Objective
 
 
-def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> common.RunResult:
+def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> lifecycle.RunResult:
     # 1. Tokenizer, tokenised rows (completion-only labels) and the policy.
     tokenizer = models.load_tokenizer(cfg.model)
     policy = models.load_policy(cfg.model, for_training=True,
@@ -26,33 +25,29 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     collate = make_collator("sft", tokenizer, packing=cfg.data.packing)
 
     # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
-    train_loader = common.train_loader(data.train, collate, cfg, "sft")
-    eval_loader = common.eval_loader(data.eval, collate, cfg)
-    optimizer = common.build_optimizer(policy, cfg.optim)
-    policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)
-    eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
-    total = common.total_steps(cfg, accelerator, train_loader)
-    scheduler = accelerator.prepare(common.build_scheduler(optimizer, cfg.optim, total))
+    run = supervised.setup(cfg, accelerator, policy, data.train, data.eval, collate, "sft")
+    policy, eval_loader = run.model, run.eval_loader
 
-    # 3. Resume: weights, optimizer, schedule, RNG states and the data position.
-    position = common.resume(accelerator, cfg, [policy])
-    logger = RunLogger.for_run(cfg, accelerator, total_steps=total, start_step=position.step, desc="sft")
-
+    # 3. The forward, the loss of a micro-batch, and the evaluation.
     def forward(batch):
         # A packed batch has no attention mask: its position ids keep the sequences apart, with no cache.
         # The LM head runs only where a label is; `logits` are those K positions' (K, V) rows.
         logprobs, mask, logits = label_logprobs(policy, batch, return_logits=True)
         return logits, logprobs, mask
 
+    def loss_on(batch):
+        _, logprobs, mask = forward(batch)  # per-token log-probs of the labels
+        return loss_fn(logprobs, mask)
+
     def evaluate() -> dict[str, float]:
         policy.eval()
         sums = torch.zeros(3, device=accelerator.device)  # summed NLL, correct argmax tokens, tokens
         with torch.no_grad():
-            for batch, counted in common.eval_batches(accelerator, eval_loader, cfg.eval.max_batches):
+            for batch, counted in loaders.eval_batches(accelerator, eval_loader, cfg.eval.max_batches):
                 logits, logprobs, mask = forward(batch)
                 correct = torch.zeros_like(mask).masked_scatter(mask, logits.argmax(-1) == batch["labels"][:, 1:][mask])
                 # the rows padding the last round, or a whole batch past eval.max_batches, count nothing
-                repeats = slice(common.real_rows(accelerator, len(mask)) if counted else 0, None)
+                repeats = slice(loaders.real_rows(accelerator, len(mask)) if counted else 0, None)
                 mask[repeats], correct[repeats] = False, False
                 sums += torch.stack([-(logprobs * mask).sum(), correct.sum(), mask.sum()]).float()
         policy.train()
@@ -60,33 +55,10 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         loss = nll / max(tokens, 1)
         return {"eval/loss": loss, "eval/token_accuracy": correct / max(tokens, 1), "eval/perplexity": math.exp(loss)}
 
-    if eval_loader is not None and position.step == 0:
-        logger.log(0, evaluate())  # where every eval curve starts
+    # 4. Resume, then optimizer steps, each micro-batch weighted by its share of the step's trained tokens
+    # (all processes); log, evaluate and checkpoint on their schedules.
+    logger = supervised.train_steps(cfg, accelerator, run, loss_on, evaluate=evaluate, desc="sft",
+                                    units=lambda batch: (batch["labels"][:, 1:] != -100).sum(), sum_as="tokens")
 
-    # 4. Optimizer steps, each over `accumulation` micro-batches.
-    policy.train()
-    for micro_batches in common.optimizer_steps(accelerator, train_loader, position, total):
-        # 4a. Weight each micro-batch by its share of the step's trained tokens (all processes).
-        shares = common.loss_shares(accelerator, [(b["labels"][:, 1:] != -100).sum() for b in micro_batches])
-        step_metrics, tokens = common.MeanMetrics(), []
-        for batch, share in zip(micro_batches, shares):
-            with accelerator.accumulate(policy):
-                # 4b. Forward, per-token log-probs of the labels, the objective.
-                _, logprobs, mask = forward(batch)
-                loss, metrics = loss_fn(logprobs, mask)
-                # 4c. Backward; gradients are synced across processes on the last micro-batch only.
-                accelerator.backward(loss * share)
-                if accelerator.sync_gradients:
-                    step_info = common.optimizer_step(accelerator, policy, optimizer, scheduler, cfg.optim.max_grad_norm)
-            step_metrics.add({"loss": loss, **metrics}, mask.sum())
-            tokens.append(mask.sum())
-
-        # 5. Log, evaluate and checkpoint on their schedules.
-        position.step += 1
-        metrics = step_metrics.compute(accelerator)
-        metrics.update({k: float(v) for k, v in step_info.items()}, tokens=float(accelerator.reduce(sum(tokens), "sum")))
-        common.after_step(accelerator, cfg, logger, position, total, metrics,
-                          evaluate if eval_loader is not None else None)
-
-    # 6. The final model (or adapter) and tokenizer in <output_dir>/final/.
-    return common.save_final(accelerator, cfg, policy, tokenizer, logger, total)
+    # 5. The final model (or adapter) and tokenizer in <output_dir>/final/.
+    return lifecycle.save_final(accelerator, cfg, policy, tokenizer, logger, run.total)

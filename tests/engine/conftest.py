@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import models
-from engine.loops import common
+from engine import loaders, models
 
 
 @pytest.fixture
@@ -18,4 +17,4 @@ def no_model_load(monkeypatch):
 
     monkeypatch.setattr(models, "load_policy", refuse)
     monkeypatch.setattr(models, "load_reward_model", refuse)
-    monkeypatch.setattr(common, "optimizer_steps", refuse)
+    monkeypatch.setattr(loaders, "optimizer_steps", refuse)

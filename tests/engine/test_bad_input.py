@@ -6,9 +6,8 @@ import shutil
 
 import pytest
 
-from engine import models
+from engine import loaders, models
 from engine.config import ConfigError
-from engine.loops import common
 from engine.tiny import resolve_model_path
 from tests.engine.runs import run
 
@@ -20,7 +19,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(common, "optimizer_steps", refuse)
+    monkeypatch.setattr(loaders, "optimizer_steps", refuse)
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from accelerate import Accelerator
 
 from engine.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from engine.config import OptimConfig, RunConfig, from_dict
-from engine.loops.common import build_scheduler, resume
+from engine.lifecycle import resume
+from engine.optim import build_scheduler
 
 
 def _prepared():

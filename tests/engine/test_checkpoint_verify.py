@@ -22,9 +22,8 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
-from engine import models, train
+from engine import lifecycle, models, train
 from engine.checkpoint import MANIFEST, list_checkpoints, load_checkpoint, save_checkpoint
-from engine.loops import common
 from tests.engine.runs import SMALL, TINY
 from tests.engine.test_reliability import SETTINGS, _resumed_matches
 
@@ -207,7 +206,7 @@ def test_a_real_disk_that_fills_mid_save_then_gets_room_resumes_the_same_command
         pytest.skip("needs root and `mount -t tmpfs` (a small real disk to fill)")
     try:
         out, filler, filled = disk / "run", disk / f"filler-{uuid.uuid4().hex}", []
-        real_save = common.save_checkpoint
+        real_save = lifecycle.save_checkpoint
 
         def fill_then_save(accelerator, output_dir, state, **kwargs):
             if state["step"] == 4 and not filled:
@@ -216,7 +215,7 @@ def test_a_real_disk_that_fills_mid_save_then_gets_room_resumes_the_same_command
                     file.write(bytes(shutil.disk_usage(disk).free - (1 << 20)))
             return real_save(accelerator, output_dir, state, **kwargs)
 
-        monkeypatch.setattr(common, "save_checkpoint", fill_then_save)
+        monkeypatch.setattr(lifecycle, "save_checkpoint", fill_then_save)
         code, err = _cli(capsys, f"output_dir={out}", "checkpoint.resume_from=latest")
         assert code == 2, err[-3000:]
         assert "disk full while writing checkpoint step 4 (0.00 GiB free" in err and "Traceback" not in err

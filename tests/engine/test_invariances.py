@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from engine import lifecycle
 from engine.checkpoint import list_checkpoints
-from engine.loops import common
 from engine.tiny import resolve_model_path
 from tests.engine.runs import run, series
 
@@ -26,14 +26,14 @@ def test_resume_from_latest_continues_exactly_like_an_uninterrupted_run(tmp_path
                 "checkpoint.every_steps=3", "optim.scheduler=cosine", "optim.warmup_steps=2"]
     full = run("sft.yaml", tmp_path / "full", *settings)
 
-    after_step = common.after_step
+    after_step = lifecycle.after_step
 
     def interrupt_at_step_3(accelerator, cfg, logger, position, *args):
         after_step(accelerator, cfg, logger, position, *args)
         if position.step == 3:
             raise Interrupted
 
-    monkeypatch.setattr(common, "after_step", interrupt_at_step_3)
+    monkeypatch.setattr(lifecycle, "after_step", interrupt_at_step_3)
     with pytest.raises(Interrupted):
         run("sft.yaml", tmp_path / "cut", *settings)
     monkeypatch.undo()

@@ -360,6 +360,6 @@ def test_an_adapter_keeps_only_its_weights_from_a_state_dict_passed_in(tmp_path,
 def test_one_process_does_not_shard_weights():
     from accelerate import Accelerator
 
-    from engine.loops.common import shards_weights
+    from engine.lifecycle import shards_weights
 
     assert not shards_weights(Accelerator(cpu=True))

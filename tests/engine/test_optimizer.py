@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from engine.config import OptimConfig
-from engine.loops.common import (
+from engine.optim import (
     SKIPPED,
     build_optimizer,
     build_scheduler,

@@ -15,10 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from data import DataConfig, build_datasets, make_collator
 from data.synthetic import judge
 from data.tiny_tokenizer import build_tokenizer
+from engine import lifecycle, optim
 from engine.config import OptimConfig, RunConfig, from_dict
 from engine.logging import RunLogger
-from engine.loops import common
-from engine.loops.ppo import global_moments, minibatch_rows, ppo_update, rollout, save_final
+from engine.loops.ppo import global_moments, minibatch_rows, ppo_update, rollout, save_value_parts
 from losses import AdaptiveKLController, bind_objective, masked_whiten
 from rollout.generation import SamplingConfig
 from rollout.scoring import RewardFunction, Scorer
@@ -137,7 +137,7 @@ def test_one_ppo_iteration_equals_a_plain_per_row_reference():
     accelerator = Accelerator(cpu=True, gradient_accumulation_plugin=GradientAccumulationPlugin(
         num_steps=2, sync_with_dataloader=False), step_scheduler_with_optimizer=False)
     optimizer = torch.optim.SGD(actor_critic.parameters(), lr=LR)
-    scheduler = common.build_scheduler(optimizer, OptimConfig(scheduler="constant"), 2)
+    scheduler = optim.build_scheduler(optimizer, OptimConfig(scheduler="constant"), 2)
     model, optimizer = accelerator.prepare(actor_critic, optimizer)
     torch.manual_seed(123)
     metrics = ppo_update(exp, accelerator=accelerator, actor_critic=model, optimizer=optimizer,
@@ -220,12 +220,13 @@ def test_sharded_weights_are_saved_from_the_gathered_state_dict(tmp_path, monkey
     model = accelerator.prepare(ActorCritic(small_llama(tokenizer, 0), critic=small_llama(tokenizer, 1)))
     gathered = {key: value.detach() + 1 for key, value in accelerator.unwrap_model(model).state_dict().items()}
     calls = []
-    monkeypatch.setattr(common, "shards_weights", lambda acc: True)
+    monkeypatch.setattr(lifecycle, "shards_weights", lambda acc: True)
     monkeypatch.setattr(accelerator, "get_state_dict", lambda m: calls.append(m) or gathered)
     cfg = run_config({"output_dir": str(tmp_path), "objective": {"name": "ppo"}})
     logger = RunLogger(tmp_path, total_steps=1, start_step=0, enabled=True, progress_bar=False, desc="ppo")
 
-    result = save_final(accelerator, cfg, model, tokenizer, logger, 1)
+    result = lifecycle.save_final(accelerator, cfg, model, tokenizer, logger, 1, part="policy",
+                                  extras=save_value_parts)
 
     assert calls == [model]  # gathered once, for every part
     written = {"value_head": load_file(str(result.final_dir / "value_head.safetensors")),

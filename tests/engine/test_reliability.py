@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.checkpoint import clean_partial, list_checkpoints, save_checkpoint
-from engine.loops.common import TrainingDiverged
+from engine.lifecycle import TrainingDiverged
 from losses import register, sft_loss
 from tests.engine.runs import REPO_ROOT, SMALL, TINY, run, series
 
@@ -113,9 +113,9 @@ def test_sigterm_finishes_the_step_saves_and_exits_then_resumes_exactly(tmp_path
 
 
 def test_in_process_a_signal_raises_run_stopped_and_the_handlers_are_restored(tmp_path, monkeypatch):
-    from engine.loops import common
+    from engine import lifecycle, optim
 
-    step_fn, calls = common.optimizer_step, []
+    step_fn, calls = optim.optimizer_step, []
 
     def signalled_in_step_2(*args, **kwargs):
         calls.append(1)
@@ -123,9 +123,9 @@ def test_in_process_a_signal_raises_run_stopped_and_the_handlers_are_restored(tm
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, once: the step still finishes
         return step_fn(*args, **kwargs)
 
-    monkeypatch.setattr(common, "optimizer_step", signalled_in_step_2)
+    monkeypatch.setattr(optim, "optimizer_step", signalled_in_step_2)
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(common.RunStopped, match="stopped by signal 2 after step 2") as stopped:
+    with pytest.raises(lifecycle.RunStopped, match="stopped by signal 2 after step 2") as stopped:
         run("sft.yaml", tmp_path, *SETTINGS)
     assert stopped.value.result.stopped_by == signal.SIGINT and stopped.value.result.steps == 2
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2"]
@@ -133,11 +133,11 @@ def test_in_process_a_signal_raises_run_stopped_and_the_handlers_are_restored(tm
 
 
 def test_ppo_stops_on_a_signal_after_its_iteration_and_resumes_from_it(tmp_path, monkeypatch):
-    from engine.loops import common
+    from engine import lifecycle, optim
     from tests.engine.test_ppo_runs import SMALL as PPO_SMALL
     from tests.engine.test_ppo_runs import run_ppo
 
-    step_fn, calls = common.optimizer_step, []
+    step_fn, calls = optim.optimizer_step, []
 
     def signalled_in_the_first_update(*args, **kwargs):
         calls.append(1)
@@ -146,8 +146,8 @@ def test_ppo_stops_on_a_signal_after_its_iteration_and_resumes_from_it(tmp_path,
         return step_fn(*args, **kwargs)
 
     settings = [*PPO_SMALL, "max_steps=2", "checkpoint.every_steps=0"]
-    monkeypatch.setattr(common, "optimizer_step", signalled_in_the_first_update)
-    with pytest.raises(common.RunStopped, match="stopped by signal 15 after step 1"):
+    monkeypatch.setattr(optim, "optimizer_step", signalled_in_the_first_update)
+    with pytest.raises(lifecycle.RunStopped, match="stopped by signal 15 after step 1"):
         run_ppo(tmp_path, *settings)
     monkeypatch.undo()
     assert len(calls) == 4  # the iteration's 2 epochs x 2 minibatches all ran
@@ -283,10 +283,9 @@ def _pause(ready: Path, until=lambda: False, seconds: float = 300) -> None:
 
 
 def _main(fault: str, step: int, ready: Path, argv: list[str]) -> None:
-    from engine import signals, train
-    from engine.loops import common
+    from engine import optim, signals, train
 
-    step_fn, calls = common.optimizer_step, []
+    step_fn, calls = optim.optimizer_step, []
 
     def optimizer_step(*args, **kwargs):
         calls.append(1)
@@ -308,7 +307,7 @@ def _main(fault: str, step: int, ready: Path, argv: list[str]) -> None:
             _pause(ready)
         return torch_save(obj, f, *args, **kwargs)
 
-    common.optimizer_step = optimizer_step
+    optim.optimizer_step = optimizer_step
     torch.save = save
     sys.argv = ["engine/train.py", *argv]
     train.cli()

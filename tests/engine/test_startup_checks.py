@@ -14,9 +14,8 @@ from transformers import AutoTokenizer
 
 from data import DataError
 from data.tokenize import CHATML
-from engine import models, validate
+from engine import models, optim, validate
 from engine.config import ConfigError, LoraConfig, ModelConfig, RunConfig, load_config
-from engine.loops import common
 from engine.memory import load_model_config
 from engine.tiny import resolve_model_path
 from tests.engine.runs import TINY, run
@@ -84,11 +83,11 @@ def test_a_template_that_writes_bos_twice_is_refused_before_a_model_loads(tmp_pa
 def test_lora_with_checkpointing_needs_input_gradients():
     cfg = ModelConfig(gradient_checkpointing=True, lora=LoraConfig(enabled=True, r=2))
     model = models.load_policy(cfg)
-    common.build_optimizer(model, RunConfig().optim)  # the loader enables input gradients
+    optim.build_optimizer(model, RunConfig().optim)  # the loader enables input gradients
 
     model.get_base_model().disable_input_require_grads()
     with pytest.raises(ConfigError, match="no input gradients.*enable_input_require_grads"):
-        common.build_optimizer(model, RunConfig().optim)
+        optim.build_optimizer(model, RunConfig().optim)
 
 
 def _accelerator(kind, zero_stage=None):

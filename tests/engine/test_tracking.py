@@ -17,8 +17,8 @@ import pytest
 from mlflow.tracking import MlflowClient  # the wandb and mlflow extras are part of dev
 from wandb.proto import wandb_internal_pb2
 
+from engine import lifecycle, optim
 from engine.config import ConfigError, load_config
-from engine.loops import common
 from tests.engine.runs import REPO_ROOT, TINY, run
 from tests.engine.test_ppo_runs import SMALL as PPO_SMALL
 from tests.engine.test_ppo_runs import run_ppo
@@ -160,7 +160,7 @@ def test_a_run_stopped_after_a_checkpoint_and_resumed_continues_the_same_tracker
     out = offline / "run"
     settings = ["max_steps=4", "checkpoint.every_steps=0", "checkpoint.resume_from=latest", BOTH,
                 "logging.project=resume-test"]
-    step_fn, calls = common.optimizer_step, []
+    step_fn, calls = optim.optimizer_step, []
 
     def signalled_in_step_2(*args, **kwargs):
         calls.append(1)
@@ -168,8 +168,8 @@ def test_a_run_stopped_after_a_checkpoint_and_resumed_continues_the_same_tracker
             os.kill(os.getpid(), signal.SIGTERM)
         return step_fn(*args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(common.RunStopped, match="after step 2"):
-        patch.setattr(common, "optimizer_step", signalled_in_step_2)
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(lifecycle.RunStopped, match="after step 2"):
+        patch.setattr(optim, "optimizer_step", signalled_in_step_2)
         run("sft.yaml", out, *settings)
     first = json.loads((out / "trackers.json").read_text())["trackers"]
     state = json.loads((out / "checkpoints" / "step_2" / "trainer_state.json").read_text())
