@@ -78,6 +78,9 @@ class PPOConfig(Decoding):
     """DAPO's soft overlong punishment: a response longer than max_new_tokens - overlong_buffer tokens loses up
     to `overlong_penalty`, linearly over the buffer (Yu et al. 2025, eq. 13). None: off."""
     overlong_penalty: float = 1.0
+    solved_threshold: float | None = None
+    """A response scoring at least this counts as solved, for the group metrics groups/all_solved and
+    groups/none_solved (verifiable rewards: 1.0). None: those two are not logged."""
     rollout_micro_batch_size: int = 8
     """Rows per forward while generating, scoring and computing reference log-probs and values."""
 

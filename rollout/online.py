@@ -84,7 +84,7 @@ def sample(policy, batch: dict, sampling, *, tokenizer, eos_token_id, finished, 
 
 
 def collect(batch: dict, *, ppo, rollout_cfg, actor_critic: ActorCritic, reference, scorer: Scorer, tokenizer,
-            estimator: Estimator, kl_coef: float, with_reference: bool = True, keep_logprobs: bool = False,
+            estimator: Estimator, kl_coef: float, sampling=None, with_reference: bool = True, keep_logprobs: bool = False,
             eos_token_id=None, finished: Callable[[torch.Tensor], bool] = finished_locally,
             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
             next_batch: Callable[[], dict] | None = None, seed: int | None = None, row_offset: int = 0) -> Rollout:
@@ -92,6 +92,7 @@ def collect(batch: dict, *, ppo, rollout_cfg, actor_critic: ActorCritic, referen
 
     Args:
         batch: a prompt collator's batch (input_ids, attention_mask, prompt, extras) of P prompts.
+        sampling: the SamplingConfig; None: `ppo.sampling()`.
         actor_critic: the unwrapped policy, with its value head when the estimator needs one.
         reference: the frozen reference model, or None for the policy with its adapter off.
         with_reference: False when no KL is used anywhere: no reference forward, KL 0.
@@ -102,6 +103,7 @@ def collect(batch: dict, *, ppo, rollout_cfg, actor_critic: ActorCritic, referen
         seed, row_offset: see `sample`; used when `ppo.group_size` > 1.
     """
     G = ppo.group_size
+    sampling = sampling or ppo.sampling()
     timer = time.perf_counter()
     value_head = actor_critic.value_head if keep_logprobs and actor_critic.critic is None else None
     if not estimator.needs_critic:
@@ -109,7 +111,7 @@ def collect(batch: dict, *, ppo, rollout_cfg, actor_critic: ActorCritic, referen
 
     def draw(prompts: dict, round_: int):
         rows = repeat_prompts(prompts, G) if G > 1 else prompts
-        gen = sample(actor_critic.policy, rows, ppo.sampling(), tokenizer=tokenizer, eos_token_id=eos_token_id,
+        gen = sample(actor_critic.policy, rows, sampling, tokenizer=tokenizer, eos_token_id=eos_token_id,
                      finished=finished, with_logprobs=keep_logprobs, value_head=value_head, rollout_cfg=rollout_cfg,
                      seed=None if G == 1 else seed * 31 + round_, row_offset=row_offset)
         texts = tokenizer.batch_decode(gen.responses.masked_fill(~gen.action_mask, tokenizer.pad_token_id),
@@ -186,7 +188,7 @@ def collect(batch: dict, *, ppo, rollout_cfg, actor_critic: ActorCritic, referen
                                           / global_moments(returns, exp.action_mask, all_reduce)[1].clamp_min(1e-8))
         stats["val/mean"] = masked_mean(exp.values, exp.action_mask)
     if G > 1:
-        stats.update(group_stats(scores, G, valid=scored.valid))
+        stats.update(group_stats(scores, G, solved_threshold=ppo.solved_threshold, valid=scored.valid))
         stats.update({k: v for k, v in adv_metrics.items()})
     if ppo.overlong_filter:
         stats["rollout/overlong_filtered"] = (gen.action_mask.any(-1) & ~valid).float().mean()

@@ -13,6 +13,7 @@ One iteration, in the order of lm-human-preferences (Ziegler et al. 2019) and cl
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -34,18 +35,19 @@ from engine.metrics import MeanMetrics
 from engine.tiny import resolve_model_path
 from losses import (
     AdaptiveKLController,
+    Estimator,
     FixedKLController,
     Objective,
+    aggregation_count,
     entropy_from_logits,
-    gae,
-    kl_shaped_rewards,
+    get_advantage,
+    get_objective,
     masked_mean,
-    masked_sum,
-    masked_whiten,
     ppo_value_loss,
 )
-from rollout.experience import Experience, make_experience
-from rollout.generation import SamplingConfig, eos_ids, finished_locally, generate
+from rollout.experience import Experience
+from rollout.generation import SamplingConfig, eos_ids, finished_locally
+from rollout.online import collect
 from rollout.scoring import RewardFunction, RewardModel, Scorer, default_format, load_reward_function
 from rollout.value_head import (
     CRITIC_DIR,
@@ -60,17 +62,23 @@ from rollout.value_head import (
 def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_fn) -> lifecycle.RunResult:
     ppo = cfg.ppo
     minibatches = check_sizes(cfg, accelerator.num_processes)
+    estimator = advantage_estimator(cfg)
+    reward_kl, with_reference = kl_settings(cfg, loss_fn)
 
-    # 1. Tokenizer, policy with its value head (or a separate critic), frozen reference, rewards, prompts.
+    # 1. Tokenizer, policy with its value head (or a separate critic) when the estimator needs a value function,
+    # the frozen reference when a KL is used, rewards, prompts.
     tokenizer = models.load_tokenizer(cfg.model)
     no_dropout = models.disables_dropout(cfg.model, "ppo")
     policy = models.load_policy(cfg.model, for_training=True, disable_dropout=no_dropout)
     eos = stop_ids(tokenizer, policy)
-    critic = (models.load_policy(replace(cfg.model, name_or_path=ppo.critic), for_training=True,
-                                 disable_dropout=no_dropout) if ppo.critic else None)
-    actor_critic = ActorCritic(policy, starting_value_head(ppo.critic or cfg.model.name_or_path), critic=critic)
+    if estimator.needs_critic:
+        critic = (models.load_policy(replace(cfg.model, name_or_path=ppo.critic), for_training=True,
+                                     disable_dropout=no_dropout) if ppo.critic else None)
+        actor_critic = ActorCritic(policy, starting_value_head(ppo.critic or cfg.model.name_or_path), critic=critic)
+    else:
+        actor_critic = ActorCritic(policy, with_value_head=False)
     reference = None
-    if cfg.reference.mode != "disabled":
+    if with_reference and cfg.reference.mode != "disabled":
         ref_cfg = models.reference_model_config(cfg.model, cfg.reference.name_or_path)
         reference = _to_device(models.load_policy(ref_cfg, for_training=False), accelerator.device)
     scorer = build_scorer(cfg, accelerator)
@@ -89,8 +97,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                           f"{ppo.rollout_batch_size}; lower it or add prompts")
     iterations = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(loader)))
     scheduler = accelerator.prepare(optim.build_scheduler(optimizer, cfg.optim, iterations * ppo.epochs * minibatches))
-    kl_ctl = (AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.kl_target is not None
-              else FixedKLController(ppo.kl_coef))
+    kl_ctl = (AdaptiveKLController(reward_kl, ppo.kl_target, ppo.kl_horizon) if ppo.kl_target is not None
+              else FixedKLController(reward_kl))
 
     # 3. Resume: adapter or weights with the value head, optimizer, schedule, RNG states, data position,
     # the KL coefficient and the score normaliser.
@@ -101,22 +109,26 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         position = lifecycle.Position(**state["position"])
         kl_ctl.load_state_dict(state["kl_controller"])
         scorer.load_state_dict(state["scorer"])
-    logger = RunLogger.for_run(cfg, accelerator, total_steps=iterations, start_step=position.step, desc="ppo")
+    logger = RunLogger.for_run(cfg, accelerator, total_steps=iterations, start_step=position.step, desc=cfg.objective.name)
 
     # Sharded weights are gathered in every forward, so every process decodes until all are done.
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     finished = finished_everywhere if sharded else finished_locally
-    for (batch,) in loaders.step_batches(accelerator, loader, position, iterations, per_step=1):
+    batches = loaders.step_batches(accelerator, loader, position, iterations, per_step=1)
+    for (batch,) in batches:
         # The iteration's randomness (sampling, minibatch shuffles, dropout) depends on (seed, step, process)
         # alone, so a resumed run replays it exactly, whatever else drew from the RNG since the checkpoint
         # (a DataLoader draws a seed each time a pass starts).
         set_seed(cfg.seed + 100_003 * position.step + accelerator.process_index)
-        # 4. Steps 1-5: generate, score, reference log-probs and values, KL-shaped rewards, GAE.
+        # 4. Steps 1-5: generate, score, reference log-probs and values, KL-shaped rewards, advantages.
         exp, responses, stats, times = rollout(batch, actor_critic=accelerator.unwrap_model(actor_critic),
                                         reference=reference, scorer=scorer, tokenizer=tokenizer, sampling=sampling,
                                         cfg=cfg, kl_coef=kl_ctl.value, eos_token_id=eos, finished=finished,
-                                        all_reduce=lambda t: accelerator.reduce(t.to(accelerator.device), "sum"))
-        # 5. Step 6: epochs x shuffled minibatches of the clipped policy and value losses; the shuffles are
+                                        all_reduce=lambda t: accelerator.reduce(t.to(accelerator.device), "sum"),
+                                        next_batch=lambda: next(batches)[0], step=position.step,
+                                        row_offset=accelerator.process_index * len(batch["prompt"]) * ppo.group_size,
+                                        with_reference=with_reference)
+        # 5. Step 6: epochs x shuffled minibatches of the clipped policy (and value) losses; the shuffles are
         # drawn alike on every process (seeded by the step alone), so the minibatches are the global batch's.
         start = time.perf_counter()
         shuffle = torch.Generator().manual_seed(cfg.seed + 100_003 * position.step)
@@ -126,114 +138,109 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
 
         # 6. Step 7: move the KL coefficient toward its target with this batch's KL per response.
         metrics = stats.compute(accelerator) | update | times
-        metrics["objective/kl_coef"] = kl_ctl.value
-        kl_ctl.update(metrics["objective/kl"], n_steps=ppo.rollout_batch_size)
+        if reward_kl > 0 or ppo.kl_target is not None:
+            metrics["objective/kl_coef"] = kl_ctl.value
+            kl_ctl.update(metrics["objective/kl"], n_steps=ppo.rollout_batch_size * ppo.group_size)
 
         # 7. Log (sample generations as a table) and checkpoint on their schedules; stop on a signal, or after
         # optim.max_bad_steps iterations in a row whose last update had a non-finite gradient.
         position.step += 1
         if position.step % cfg.logging.every_steps == 0 or position.step == iterations:
-            rows = [[p, r, float(s)] for p, r, s in list(zip(batch["prompt"], responses, exp.scores))[:ppo.log_samples]]
+            rows = [[p, r, float(s)] for p, r, s in list(zip(exp_prompts(exp, batch, ppo.group_size), responses,
+                                                             exp.scores))[:ppo.log_samples]]
             logger.table("samples", ["prompt", "response", "score"], rows, position.step)
         lifecycle.after_step(accelerator, cfg, logger, position, iterations, metrics, None,
                              extra_state={"kl_controller": kl_ctl.state_dict(), "scorer": scorer.state_dict()})
 
     # 8. The policy (or adapter) and tokenizer in <output_dir>/final/, the value head beside them.
     return lifecycle.save_final(accelerator, cfg, actor_critic, tokenizer, logger, iterations, part="policy",
-                                extras=save_value_parts)
+                                extras=save_value_parts if estimator.needs_critic else None)
+
+
+def advantage_estimator(cfg: RunConfig) -> Estimator:
+    """`ppo.advantage`, or the objective's own estimator (PPO's: gae)."""
+    return get_advantage(cfg.ppo.advantage or get_objective(cfg.objective.name).advantage or "gae")
+
+
+def kl_settings(cfg: RunConfig, loss_fn) -> tuple[float, bool]:
+    """The KL coefficient in the rewards (`ppo.kl_coef`, or the estimator's default), and whether any KL is
+    used (in the rewards, an adaptive target, or the loss's `kl_coef`): without one no reference model loads."""
+    reward_kl = cfg.ppo.kl_coef if cfg.ppo.kl_coef is not None else advantage_estimator(cfg).kl_coef
+    in_loss = float(getattr(loss_fn, "keywords", {}).get("kl_coef", 0.0) or 0.0)
+    return reward_kl, reward_kl > 0 or cfg.ppo.kl_target is not None or in_loss > 0
+
+
+def exp_prompts(exp: Experience, batch: dict, group_size: int) -> list[str]:
+    """The prompt of each rollout row: each of the batch's prompts repeated for its group."""
+    return [p for p in batch["prompt"] for _ in range(group_size)][:len(exp.sequences)]
 
 
 @torch.no_grad()
 def rollout(batch: dict, *, actor_critic: ActorCritic, reference, scorer: Scorer, tokenizer, sampling: SamplingConfig,
             cfg: RunConfig, kl_coef: float, eos_token_id: int | list[int] | None = None,
             finished: Callable[[torch.Tensor], bool] = finished_locally,
-            all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-            ) -> tuple[Experience, list[str], MeanMetrics, dict[str, float]]:
-    """Steps 1-5 of an iteration on one process's prompts: the Experience with rewards, advantages and
-    returns, the response texts, per-row statistics, and this process's timings. `all_reduce` sums a
-    tensor over the processes (e.g. `accelerator.reduce(t, "sum")`); whitening then uses the statistics
-    of the whole rollout batch."""
-    ppo, rows = cfg.ppo, len(batch["prompt"])
-    timer = time.perf_counter()
-    # 1. Sample with the unwrapped policy and its KV cache; keep the log-probs (and a value head on the policy:
-    # its values) when they stand for those of a forward of the rollout policy.
-    keep = use_sampling_logprobs(cfg, actor_critic.policy)
-    shared_head = actor_critic.value_head if keep and actor_critic.critic is None else None
-    gen = generate(actor_critic.policy, batch["input_ids"], batch["attention_mask"], sampling,
-                   eos_token_id=eos_token_id if eos_token_id is not None else tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id, finished=finished, with_logprobs=keep, value_head=shared_head,
-                   rollout=cfg.rollout)
-    responses = tokenizer.batch_decode(gen.responses.masked_fill(~gen.action_mask, tokenizer.pad_token_id),
-                                       skip_special_tokens=True)
-    generation_time, timer = time.perf_counter() - timer, time.perf_counter()
-    # 2. Score from text (each reward model re-tokenises), minus the penalty for a missing EOS.
-    extras = batch.get("extras") or [{} for _ in range(rows)]
-    fields = {key: [row.get(key) for row in extras] for key in dict.fromkeys(k for row in extras for k in row)}
-    scored = scorer(batch["prompt"], responses, no_eos=gen.no_eos, fields=fields)
-    scoring_time, timer = time.perf_counter() - timer, time.perf_counter()
-    # 3. Log-probs of the rollout policy and the reference, values; micro-batched, no gradients.
-    exp = make_experience(gen, scored.scores.to(gen.sequences.device), actor_critic=actor_critic, reference=reference,
-                          temperature=ppo.temperature, micro_batch_size=ppo.rollout_micro_batch_size,
-                          valid=scored.valid)
-    # 4. r_t = -beta KL_t, plus the score on the last response token.
-    rewards, kl = kl_shaped_rewards(exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.action_mask,
-                                    kl_coef=kl_coef, estimator=ppo.kl_estimator)
-    # 5. GAE; whitened over the tokens of every process, population variance as lm-human-preferences' whiten.
-    advantages, returns = gae(rewards, exp.values, exp.action_mask, gamma=ppo.gamma, lam=ppo.lam)
-    if ppo.whiten_advantages:
-        mean, var = global_moments(advantages, exp.action_mask, all_reduce)
-        advantages = masked_whiten(advantages, exp.action_mask, mean=mean, var=var)
-    exp = replace(exp, rewards=rewards, advantages=advantages, returns=returns)
-
-    valid = exp.action_mask.any(-1)
+            all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            next_batch: Callable[[], dict] | None = None, step: int = 0, row_offset: int = 0,
+            with_reference: bool = True) -> tuple[Experience, list[str], MeanMetrics, dict[str, float]]:
+    """Steps 1-5 of an iteration on one process's prompts (`rollout.online.collect`): the Experience with
+    rewards, advantages and returns, the response texts, per-row statistics, and this process's timings.
+    `all_reduce` sums a tensor over the processes (e.g. `accelerator.reduce(t, "sum")`); whitening then uses
+    the statistics of the whole rollout batch. `step` and `row_offset` (the global index of this process's
+    first rollout row) seed group sampling."""
+    result = collect(batch, ppo=cfg.ppo, rollout_cfg=cfg.rollout, actor_critic=actor_critic, reference=reference,
+                     scorer=scorer, tokenizer=tokenizer, estimator=advantage_estimator(cfg), kl_coef=kl_coef,
+                     sampling=sampling, with_reference=with_reference,
+                     keep_logprobs=use_sampling_logprobs(cfg, actor_critic.policy),
+                     eos_token_id=eos_token_id if eos_token_id is not None else tokenizer.eos_token_id,
+                     finished=finished, all_reduce=all_reduce, next_batch=next_batch,
+                     seed=cfg.seed + 100_003 * step, row_offset=row_offset)
     stats = MeanMetrics()
-    explained = 1 - (global_moments(returns - exp.values, exp.action_mask, all_reduce)[1]
-                     / global_moments(returns, exp.action_mask, all_reduce)[1].clamp_min(1e-8))
-    stats.add({
-        **{k: v for k, v in scored.metrics.items() if k.startswith("objective/")},
-        "objective/kl": masked_mean(kl.sum(-1), valid),
-        "objective/rlhf_reward": masked_mean(rewards.sum(-1), valid),
-        "rollout/response_length": gen.response_length.float().mean(),
-        "rollout/no_eos": gen.no_eos.float().mean(),
-        "val/explained_var": explained,
-        "val/mean": masked_mean(exp.values, exp.action_mask),
-        "rollout/skipped": (~scored.valid).float().mean(),
-    }, rows)
-    times = {"time/generation": generation_time, "time/scoring": scoring_time,
-             "time/experience": time.perf_counter() - timer}
-    return exp, responses, stats, times
+    stats.add(result.stats, len(result.experience.sequences))
+    return result.experience, result.responses, stats, result.times
 
 
 def ppo_update(exp: Experience, *, accelerator: Accelerator, actor_critic, optimizer, scheduler, loss_fn,
                cfg: RunConfig, generator: torch.Generator | None = None) -> dict[str, float]:
     """Step 6: `ppo.epochs` passes over shuffled minibatches, each one optimizer step of accumulated
-    micro-batches weighted by their share of the minibatch's tokens; stops early past `ppo.max_approx_kl`.
-    `generator` draws the shuffles; seeded alike on every process, it makes each minibatch the same rows
-    of the global rollout batch however many processes hold it (see `minibatch_rows`)."""
+    micro-batches weighted by their share of the minibatch's tokens, or of its sequences for a loss that
+    averages per sequence (`losses.aggregation_unit`); stops early past `ppo.max_approx_kl`. The value loss
+    is added only where there is a value function. `generator` draws the shuffles; seeded alike on every
+    process, it makes each minibatch the same rows of the global rollout batch however many processes hold it
+    (see `minibatch_rows`)."""
     ppo = cfg.ppo
-    minibatches = cfg.ppo.rollout_batch_size // cfg.batch.global_batch_size
+    minibatches = rollout_rows(cfg) // cfg.batch.global_batch_size
     offset = accelerator.process_index * len(exp.sequences)  # the prepared loader gives each process a slice
     prompt_length = exp.sequences.shape[1] - exp.action_mask.shape[1]
+    with_values = accelerator.unwrap_model(actor_critic).value_head is not None
+    extra = loss_arguments(loss_fn, cfg)
+    aggregation = getattr(loss_fn, "keywords", {}).get("aggregation", "token-mean")
     metrics, step_info, epochs_done = MeanMetrics(), {}, 0
     actor_critic.train()
     for _ in range(ppo.epochs):
         stop = False
         for rows in minibatch_rows(len(exp.sequences), minibatches, offset, generator):
             micro_batches = [trim(exp.select(i), prompt_length) for i in rows.split(cfg.batch.micro_batch_size)]
-            shares = optim.loss_shares(accelerator, [part.action_mask.sum() for part in micro_batches])
+            shares = optim.loss_shares(accelerator, [aggregation_count(part.action_mask, aggregation)
+                                                     for part in micro_batches])
             minibatch_kl = MeanMetrics()
             for part, share in zip(micro_batches, shares):
                 with accelerator.accumulate(actor_critic):
                     # logits / temperature: the distribution the tokens were sampled from, for the ratio and the
                     # entropy alike
                     out, values = actor_critic(part.sequences, part.attention_mask, part.action_mask,
-                                               temperature=ppo.temperature)
-                    pg_loss, pg_metrics = loss_fn(out.logprobs, part.old_logprobs, part.advantages, part.action_mask)
-                    vf_loss, vf_metrics = ppo_value_loss(values, part.values, part.returns, part.action_mask,
-                                                         clip_coef=ppo.value_clip)
+                                               temperature=ppo.temperature, with_values=with_values)
+                    kwargs = {"ref_logprobs": part.ref_logprobs} if "ref_logprobs" in extra else {}
+                    kwargs |= {k: v for k, v in extra.items() if k != "ref_logprobs"}
+                    pg_loss, pg_metrics = loss_fn(out.logprobs, part.old_logprobs, part.advantages, part.action_mask,
+                                                  **kwargs)
+                    loss, vf_metrics = pg_loss, {}
+                    if with_values:
+                        vf_loss, vf_metrics = ppo_value_loss(values, part.values, part.returns, part.action_mask,
+                                                             clip_coef=ppo.value_clip)
+                        loss = loss + ppo.vf_coef * vf_loss
                     with torch.set_grad_enabled(ppo.entropy_coef != 0):
                         entropy = masked_mean(entropy_from_logits(out.logits), part.action_mask)
-                    loss = pg_loss + ppo.vf_coef * vf_loss - ppo.entropy_coef * entropy
+                    loss = loss - ppo.entropy_coef * entropy
                     accelerator.backward(loss * share)
                     if accelerator.sync_gradients:
                         step_info = optim.optimizer_step(accelerator, actor_critic, optimizer, scheduler,
@@ -248,6 +255,21 @@ def ppo_update(exp: Experience, *, accelerator: Accelerator, actor_critic, optim
         if stop:
             break
     return metrics.compute(accelerator) | {k: float(v) for k, v in step_info.items()} | {"policy/epochs": epochs_done}
+
+
+def loss_arguments(loss_fn, cfg: RunConfig) -> dict:
+    """What the update passes the policy loss beyond its four tensors: the reference's log-probs to a loss
+    with a KL term (`ref_logprobs`; a placeholder here), and the generation budget as the constant length of
+    a loss summed per sequence (`max_length`) when the config leaves it unset."""
+    fn = getattr(loss_fn, "func", loss_fn)
+    params = inspect.signature(fn).parameters
+    bound = getattr(loss_fn, "keywords", {})
+    extra = {}
+    if "ref_logprobs" in params and float(bound.get("kl_coef", 0.0) or 0.0) > 0:
+        extra["ref_logprobs"] = None
+    if "max_length" in params and bound.get("max_length") is None:
+        extra["max_length"] = cfg.ppo.max_new_tokens
+    return extra
 
 
 def save_value_parts(actor_critic: ActorCritic, directory: Path, state_dict_of: lifecycle.StateDictOf) -> None:
@@ -268,20 +290,6 @@ def use_sampling_logprobs(cfg: RunConfig, policy) -> bool:
         return choice == "sampling"
     return (cfg.mixed_precision == "no" and not models.is_quantised(policy)
             and all(p.dtype == torch.float32 for p in policy.parameters() if p.is_floating_point()))
-
-
-def global_moments(values: torch.Tensor, mask: torch.Tensor,
-                   all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and population variance of `values` (B, R) over the `mask` of every process, in float64.
-
-    Two passes (the mean, then squared deviations from it) rather than sums of squares, which cancel
-    catastrophically when the mean is large against the spread."""
-    reduce = all_reduce or (lambda t: t)
-    values = values.double()
-    count = reduce(mask.sum().double()).clamp_min(1)
-    mean = reduce(masked_sum(values, mask)) / count
-    var = reduce(masked_sum((values - mean).square(), mask)) / count
-    return mean, var
 
 
 def minibatch_rows(rows: int, minibatches: int, offset: int = 0,
@@ -324,17 +332,34 @@ def stop_ids(tokenizer, policy) -> list[int]:
     return eos_ids(list(dict.fromkeys(ids)) or None)
 
 
+def rollout_rows(cfg: RunConfig) -> int:
+    """Rollouts per iteration over all processes: prompts x responses per prompt."""
+    return cfg.ppo.rollout_batch_size * cfg.ppo.group_size
+
+
 def check_sizes(cfg: RunConfig, num_processes: int) -> int:
     """Minibatches per rollout batch; every division exact, so each optimizer step sees as many rows."""
     ppo, batch = cfg.ppo, cfg.batch
     if cfg.reference.mode == "precomputed":
         raise ConfigError("reference.mode=precomputed cannot serve PPO: the responses are new every iteration; "
                           "use reference.mode=copy, or disabled with LoRA")
-    if ppo.rollout_batch_size % batch.global_batch_size:
-        raise ConfigError(f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of "
-                          f"batch.global_batch_size={batch.global_batch_size} (the PPO minibatch)")
+    estimator = advantage_estimator(cfg)
+    if ppo.group_size < estimator.min_group_size:
+        raise ConfigError(f"the {estimator.name} advantage compares each response with the others of its group: "
+                          f"set ppo.group_size to {estimator.min_group_size} or more (got {ppo.group_size})")
+    if ppo.critic and not estimator.needs_critic:
+        raise ConfigError(f"ppo.critic={ppo.critic!r} is a value function, which the {estimator.name} advantage "
+                          "does not use; unset it, or set ppo.advantage=gae")
+    if rollout_rows(cfg) % batch.global_batch_size:
+        rows = (f"ppo.rollout_batch_size={ppo.rollout_batch_size}" if ppo.group_size == 1 else
+                f"ppo.rollout_batch_size x ppo.group_size = {rollout_rows(cfg)}")
+        raise ConfigError(f"{rows} must be a multiple of batch.global_batch_size={batch.global_batch_size} "
+                          "(the PPO minibatch, in rollouts)")
+    if ppo.rollout_batch_size % num_processes:
+        raise ConfigError(f"ppo.rollout_batch_size={ppo.rollout_batch_size} must divide among the "
+                          f"{num_processes} processes (each samples whole groups of its own prompts)")
     batch.accumulation_steps(num_processes)
-    return ppo.rollout_batch_size // batch.global_batch_size
+    return rollout_rows(cfg) // batch.global_batch_size
 
 
 def build_scorer(cfg: RunConfig, accelerator: Accelerator) -> Scorer:

@@ -18,9 +18,10 @@ from data.tiny_tokenizer import build_tokenizer
 from engine import lifecycle, optim
 from engine.config import OptimConfig, RunConfig, from_dict
 from engine.logging import RunLogger
-from engine.loops.ppo import global_moments, minibatch_rows, ppo_update, rollout, save_value_parts
+from engine.loops.ppo import minibatch_rows, ppo_update, rollout, save_value_parts
 from losses import AdaptiveKLController, bind_objective, masked_whiten
 from rollout.generation import SamplingConfig
+from rollout.online import global_moments
 from rollout.scoring import RewardFunction, Scorer
 from rollout.value_head import ActorCritic
 
