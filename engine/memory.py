@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from engine.config import ConfigError, ModelConfig, RunConfig
+from losses import get_objective
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -207,7 +208,14 @@ def estimate_memory(cfg: RunConfig, family: str, *, needs_reference: bool = Fals
         rows = cfg.batch.micro_batch_size * (2 if family in ("pairwise", "reward") else 1)
     parts["activations"] = activation_bytes(shape, model, rows, length, compute)
 
-    if family == "ppo" or needs_reference:
+    needs_critic = False
+    if family == "ppo":  # the online family: a value function and a reference only where the run uses them
+        from engine.ppo_config import advantage_estimator, kl_settings
+
+        needs_critic = advantage_estimator(cfg).needs_critic
+        needs_reference = kl_settings(cfg, {**get_objective(cfg.objective.name).defaults,
+                                            **dict(cfg.objective.kwargs)})[1]
+    if needs_reference:
         if cfg.reference.mode == "copy":
             parts["reference"] = weight_bytes(shape, model, training=False)
         elif cfg.reference.mode == "precomputed":
@@ -224,7 +232,7 @@ def estimate_memory(cfg: RunConfig, family: str, *, needs_reference: bool = Fals
                                      for s in reward_shapes)
         rollout_rows = cfg.ppo.rollout_micro_batch_size
         parts["kv cache"] = 2 * shape.layers * shape.kv_dim * length * rollout_rows * compute
-        if cfg.ppo.critic:
+        if cfg.ppo.critic and needs_critic:
             parts["critic"] = parts["weights"] + parts.get("adapters", 0) + parts["gradients"] + parts["optimizer"]
             estimate.notes.append("ppo.critic counted as a second policy of the same shape")
     parts["runtime"] = GiB if device_type == "cuda" else GiB // 2

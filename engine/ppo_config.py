@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from losses import Estimator, get_advantage, get_objective
 from losses.kl import KL_ESTIMATORS
 from rollout.generation import Decoding, SamplingConfig
 
@@ -156,8 +157,6 @@ class PPOConfig(Decoding):
         if self.dynamic_sampling and self.group_size < 2:
             raise PPOConfigError("ppo.dynamic_sampling drops groups whose rewards tie, so it needs ppo.group_size >= 2")
         if self.advantage is not None:
-            from losses.advantages import get_advantage
-
             try:
                 get_advantage(self.advantage)
             except ValueError as error:
@@ -178,3 +177,17 @@ class PPOConfig(Decoding):
         """The rollout's sampling: the Decoding fields, `rollout_micro_batch_size` rows at a time."""
         return SamplingConfig(**{f.name: getattr(self, f.name) for f in fields(Decoding)},
                               micro_batch_size=self.rollout_micro_batch_size)
+
+
+def advantage_estimator(cfg) -> Estimator:
+    """The run's advantage estimator: `ppo.advantage`, or the objective's own (PPO's: gae). `cfg` is a RunConfig."""
+    return get_advantage(cfg.ppo.advantage or get_objective(cfg.objective.name).advantage or "gae")
+
+
+def kl_settings(cfg, loss_kwargs: Mapping[str, Any]) -> tuple[float, bool]:
+    """The KL coefficient in the rewards (`ppo.kl_coef`, or the estimator's default), and whether any KL is
+    used: in the rewards, an adaptive target, or the loss's own `kl_coef` (in `loss_kwargs`, the objective's
+    bound keyword arguments). Without one no reference model loads."""
+    reward_kl = cfg.ppo.kl_coef if cfg.ppo.kl_coef is not None else advantage_estimator(cfg).kl_coef
+    in_loss = float(loss_kwargs.get("kl_coef", 0.0) or 0.0)
+    return reward_kl, reward_kl > 0 or cfg.ppo.kl_target is not None or in_loss > 0

@@ -32,16 +32,14 @@ from engine.config import ConfigError, RunConfig
 from engine.distributed import finished_everywhere
 from engine.logging import RunLogger
 from engine.metrics import MeanMetrics
+from engine.ppo_config import advantage_estimator, kl_settings
 from engine.tiny import resolve_model_path
 from losses import (
     AdaptiveKLController,
-    Estimator,
     FixedKLController,
     Objective,
     aggregation_count,
     entropy_from_logits,
-    get_advantage,
-    get_objective,
     masked_mean,
     ppo_value_loss,
 )
@@ -63,7 +61,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     ppo = cfg.ppo
     minibatches = check_sizes(cfg, accelerator.num_processes)
     estimator = advantage_estimator(cfg)
-    reward_kl, with_reference = kl_settings(cfg, loss_fn)
+    reward_kl, with_reference = kl_settings(cfg, getattr(loss_fn, "keywords", {}))
 
     # 1. Tokenizer, policy with its value head (or a separate critic) when the estimator needs a value function,
     # the frozen reference when a KL is used, rewards, prompts.
@@ -155,19 +153,6 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     # 8. The policy (or adapter) and tokenizer in <output_dir>/final/, the value head beside them.
     return lifecycle.save_final(accelerator, cfg, actor_critic, tokenizer, logger, iterations, part="policy",
                                 extras=save_value_parts if estimator.needs_critic else None)
-
-
-def advantage_estimator(cfg: RunConfig) -> Estimator:
-    """`ppo.advantage`, or the objective's own estimator (PPO's: gae)."""
-    return get_advantage(cfg.ppo.advantage or get_objective(cfg.objective.name).advantage or "gae")
-
-
-def kl_settings(cfg: RunConfig, loss_fn) -> tuple[float, bool]:
-    """The KL coefficient in the rewards (`ppo.kl_coef`, or the estimator's default), and whether any KL is
-    used (in the rewards, an adaptive target, or the loss's `kl_coef`): without one no reference model loads."""
-    reward_kl = cfg.ppo.kl_coef if cfg.ppo.kl_coef is not None else advantage_estimator(cfg).kl_coef
-    in_loss = float(getattr(loss_fn, "keywords", {}).get("kl_coef", 0.0) or 0.0)
-    return reward_kl, reward_kl > 0 or cfg.ppo.kl_target is not None or in_loss > 0
 
 
 def exp_prompts(exp: Experience, batch: dict, group_size: int) -> list[str]:

@@ -131,10 +131,10 @@ def test_each_named_choice_has_one_definition():
     """The KL estimators, reference modes, log-prob reductions and data families are the owners' own tuples."""
     from benchmarks import workloads
     from engine import ppo_config, reference
-    from losses import kl, registry
+    from losses import kl, logprobs, registry
 
     assert ppo_config.KL_ESTIMATORS is kl.KL_ESTIMATORS
-    assert reference.REDUCTIONS is registry.LOGPS_REDUCTIONS
+    assert reference.LOGPS_REDUCTIONS is logprobs.LOGPS_REDUCTIONS is registry.LOGPS_REDUCTIONS
     assert not hasattr(reference, "MODES")
     assert workloads.FAMILY == {"sft": "sft", "reward": "preference", "dpo": "preference", "orpo": "preference",
                                 "ppo": "prompt"}  # read from validate.DATA_FAMILY through each objective's family
