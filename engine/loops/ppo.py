@@ -199,7 +199,7 @@ def ppo_update(exp: Experience, *, accelerator: Accelerator, actor_critic, optim
     with_values = accelerator.unwrap_model(actor_critic).value_head is not None
     extra = loss_arguments(loss_fn, cfg)
     aggregation = getattr(loss_fn, "keywords", {}).get("aggregation", "token-mean")
-    metrics, step_info, epochs_done = MeanMetrics(), {}, 0
+    metrics, losses, step_info, epochs_done = MeanMetrics(), MeanMetrics(), {}, 0
     actor_critic.train()
     for _ in range(ppo.epochs):
         stop = False
@@ -230,8 +230,12 @@ def ppo_update(exp: Experience, *, accelerator: Accelerator, actor_critic, optim
                     if accelerator.sync_gradients:
                         step_info = optim.optimizer_step(accelerator, actor_critic, optimizer, scheduler,
                                                          cfg.optim.max_grad_norm)
+                # the losses weighted as they are averaged (tokens, or sequences), the per-token statistics by tokens
                 tokens = part.action_mask.sum()
-                metrics.add({"loss/total": loss, **pg_metrics, **vf_metrics, "policy/entropy": entropy}, tokens)
+                logged = {"loss/total": loss, **pg_metrics, **vf_metrics, "policy/entropy": entropy}
+                losses.add({k: v for k, v in logged.items() if k.startswith("loss/")},
+                           aggregation_count(part.action_mask, aggregation))
+                metrics.add({k: v for k, v in logged.items() if not k.startswith("loss/")}, tokens)
                 minibatch_kl.add({"kl": pg_metrics["policy/approx_kl"]}, tokens)
             if ppo.max_approx_kl is not None and minibatch_kl.compute(accelerator)["kl"] > ppo.max_approx_kl:
                 stop = True
@@ -239,7 +243,8 @@ def ppo_update(exp: Experience, *, accelerator: Accelerator, actor_critic, optim
         epochs_done += 1
         if stop:
             break
-    return metrics.compute(accelerator) | {k: float(v) for k, v in step_info.items()} | {"policy/epochs": epochs_done}
+    return (losses.compute(accelerator) | metrics.compute(accelerator) | {k: float(v) for k, v in step_info.items()}
+            | {"policy/epochs": epochs_done})
 
 
 def loss_arguments(loss_fn, cfg: RunConfig) -> dict:
