@@ -7,10 +7,11 @@
 3. on-policy preference pairs: four samples of the SFT model per training prompt, a correct one (judge 1.0)
    against the worst (engine/generate.py --pairs-by --min-chosen-score), into <out>/pairs.jsonl;
 4. a reward model on the task's preference pairs, starting from the SFT model;
-5. DPO and 6. ORPO on the on-policy pairs, and 7. PPO (rewarded by the task's judge; configs/quickstart/ppo.yaml
-   shows how to reward it with the reward model instead), each starting from the SFT model;
-8. evaluation of every policy against the SFT model on held-out prompts and pairs (engine/evaluate.py);
-9. report.md and report.html with the table, training curves and samples (engine/report.py).
+5. DPO and 6. ORPO on the on-policy pairs, 7. PPO (rewarded by the task's judge; configs/quickstart/ppo.yaml
+   shows how to reward it with the reward model instead), and the critic-free 8. GRPO and 9. RLOO (4 samples
+   per prompt, rewarded by the judge, no value head), each starting from the SFT model;
+10. evaluation of every policy against the SFT model on held-out prompts and pairs (engine/evaluate.py);
+11. report.md and report.html with the table, training curves and samples (engine/report.py).
 
 Every step is an ordinary command, printed as it starts: `python -m engine.train` with a config from
 configs/quickstart/, `python -m engine.generate` or `python -m engine.evaluate`. Steps whose inputs are ready
@@ -36,15 +37,16 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs" / "quickstart"
-METHODS = ("sft", "dpo", "orpo", "ppo")
+METHODS = ("sft", "dpo", "orpo", "ppo", "grpo", "rloo")
 # (stage, the metric its progress line reports)
 TRAINING = (("sft", "eval/loss"), ("reward", "eval/rewards/accuracies"), ("dpo", "rewards/accuracies"),
-            ("orpo", "rewards/accuracies"), ("ppo", "objective/score"))
+            ("orpo", "rewards/accuracies"), ("ppo", "objective/score"), ("grpo", "objective/score"),
+            ("rloo", "objective/score"))
 # the CI-sized variant: fewer optimizer steps (PPO: iterations) and evaluation prompts. The reward model runs
 # beside the pairs step; its 120 steps at lr 1e-3 rank 0.815 of held-out pairs (40 at 5e-4: 0.58) and ended
 # about 30 s after the pairs on a loaded 2-core CPU.
 CI_OVERRIDES = {"sft": ["max_steps=200"], "reward": ["max_steps=120", "optim.lr=1e-3"], "dpo": ["max_steps=30"],
-                "orpo": ["max_steps=30"], "ppo": ["max_steps=10"]}
+                "orpo": ["max_steps=30"], "ppo": ["max_steps=10"], "grpo": ["max_steps=10"], "rloo": ["max_steps=10"]}
 PAIRS = "pairs.jsonl"
 SAMPLING = ["--prompts", "synthetic", "--num-samples", "4", "--max-new-tokens", "16",
             "--pairs-by", "data.synthetic:judge_reward", "--min-chosen-score", "1", "--batch-size", "128"]

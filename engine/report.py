@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-STAGES = ("sft", "reward", "dpo", "orpo", "ppo")
+STAGES = ("sft", "reward", "dpo", "orpo", "ppo", "grpo", "rloo")
 # (column, metric key in eval/<method>.json, format)
 COLUMNS = (
     ("judge score", "judge/score", "{:.3f}"),
@@ -36,6 +36,8 @@ CURVES = {
     "dpo": ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"),
     "orpo": ("loss", "rewards/accuracies", "loss/nll", "logps/log_odds_ratio"),
     "ppo": ("objective/score", "objective/kl", "rollout/response_length", "policy/clipfrac"),
+    "grpo": ("objective/score", "groups/reward_std", "policy/kl_ref", "rollout/response_length"),
+    "rloo": ("objective/score", "groups/reward_std", "objective/kl", "rollout/response_length"),
 }
 
 

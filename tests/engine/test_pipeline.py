@@ -29,7 +29,7 @@ def quickstart(tmp_path_factory):
 
 def test_ci_quickstart_runs_every_step_writes_the_report_and_a_rerun_skips_them(quickstart):
     out, summary, first, again, second = quickstart
-    methods = ["sft", "dpo", "orpo", "ppo"]
+    methods = ["sft", "dpo", "orpo", "ppo", "grpo", "rloo"]
     assert list(summary["judge_score"]) == methods
     for stage in ["reward", *methods]:
         assert (out / stage / "final").is_dir() and (out / stage / "done.json").exists()
@@ -55,8 +55,8 @@ def test_ci_quickstart_every_method_beats_sft_on_the_judge(quickstart):
     ORPO 0.721, PPO 0.699 (200 held-out prompts). Those gains (PPO's +0.006) are below the SFT models' seed
     spread (0.011 in the full quickstart), so this bar has no margin: the CI variant is too short for one."""
     scores = quickstart[1]["judge_score"]
-    assert set(scores) == {"sft", "dpo", "orpo", "ppo"}
-    for method in ("dpo", "orpo", "ppo"):
+    assert set(scores) == {"sft", "dpo", "orpo", "ppo", "grpo", "rloo"}
+    for method in ("dpo", "orpo", "ppo", "grpo", "rloo"):
         assert scores[method] > scores["sft"], f"{method} {scores[method]:.3f} <= sft {scores['sft']:.3f}"
 
 
