@@ -7,14 +7,14 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.families import FAMILIES
 from engine.tiny import REPO_ROOT, build_tiny_model, cache_root
-from engine.validate import DATA_FAMILY
 from losses import get_objective
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 OBJECTIVES = ("sft", "reward", "dpo", "orpo", "ppo")
-FAMILY = {name: DATA_FAMILY[get_objective(name).family][0] for name in OBJECTIVES}  # the data family each reads
+FAMILY = {name: FAMILIES[get_objective(name).family].data for name in OBJECTIVES}  # the data family each reads
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from engine.config import ConfigError, ModelConfig, RunConfig
+from engine.families import FAMILIES
 from losses import get_objective
 
 GiB = 1024**3
@@ -186,7 +187,8 @@ def estimate_memory(cfg: RunConfig, family: str, *, needs_reference: bool = Fals
     if shape is None:
         shape = model_shape(load_model_config(model.name_or_path, trust_remote_code=model.trust_remote_code),
                             model.lora.r if model.lora.enabled else 0, model.lora.target_modules)
-    if family == "reward":  # a sequence-classification model: a one-row score head instead of the LM head
+    facts = FAMILIES[family]
+    if facts.model == "reward":  # a sequence-classification model: a one-row score head instead of the LM head
         shape = replace(shape, params=shape.params - shape.head_params, head_params=0)
     estimate = Estimate()
     parts = estimate.parts
@@ -200,16 +202,16 @@ def estimate_memory(cfg: RunConfig, family: str, *, needs_reference: bool = Fals
     parts["optimizer"] = trainable * (2 * param_bytes if state is None else state)
 
     compute = 2 if cfg.mixed_precision != "no" or model.quant.bits else DTYPE_BYTES[model.dtype]
-    if family == "ppo":
+    if facts.online:
         length = cfg.data.max_prompt_length + cfg.ppo.max_new_tokens
         rows = cfg.batch.micro_batch_size
     else:
         length = cfg.data.max_length
-        rows = cfg.batch.micro_batch_size * (2 if family in ("pairwise", "reward") else 1)
+        rows = cfg.batch.micro_batch_size * facts.sequences_per_example
     parts["activations"] = activation_bytes(shape, model, rows, length, compute)
 
     needs_critic = False
-    if family == "ppo":  # the online family: a value function and a reference only where the run uses them
+    if facts.online:  # a value function and a reference only where the online run uses them
         from engine.ppo_config import advantage_estimator, kl_settings
 
         needs_critic = advantage_estimator(cfg).needs_critic
@@ -221,7 +223,7 @@ def estimate_memory(cfg: RunConfig, family: str, *, needs_reference: bool = Fals
         elif cfg.reference.mode == "precomputed":
             estimate.notes.append("reference.mode=precomputed: a reference copy is loaded once before training, "
                                   "when the policy has no adapter to switch off, and freed")
-    if family == "ppo":
+    if facts.online:
         reward_cfg = cfg.reward_model or replace(model, lora=replace(model.lora, enabled=False))
         if reward_shapes is None:
             reward_shapes = [model_shape(load_model_config(path, trust_remote_code=reward_cfg.trust_remote_code))
@@ -281,15 +283,15 @@ def _options(cfg: RunConfig, family: str, needs_reference: bool) -> list[tuple[s
         option("model.gradient_checkpointing=true", **{"model.gradient_checkpointing": True})
     if cfg.batch.micro_batch_size > 1:
         option("batch.micro_batch_size=1 (global_batch_size kept: more accumulation)", **{"batch.micro_batch_size": 1})
-    if (needs_reference or family == "ppo") and cfg.reference.mode == "copy":
+    if (needs_reference or FAMILIES[family].online) and cfg.reference.mode == "copy":
         if model.lora.enabled:
             option("reference.mode=disabled (the policy with its adapter off)", **{"reference.mode": "disabled"})
-        if family != "ppo":
+        if not FAMILIES[family].online:
             option("reference.mode=precomputed (log-probs computed once, no model while training)",
                    **{"reference.mode": "precomputed"})
     if cfg.optim.optimizer == "adamw":
         option("optim.optimizer=paged_adamw_8bit", **{"optim.optimizer": "paged_adamw_8bit"})
-    if family == "ppo" and cfg.ppo.rollout_micro_batch_size > 1:
+    if FAMILIES[family].online and cfg.ppo.rollout_micro_batch_size > 1:
         option("ppo.rollout_micro_batch_size=1 (a smaller KV cache)", **{"ppo.rollout_micro_batch_size": 1})
     return options
 

@@ -45,7 +45,6 @@ _GROUP_PATTERNS = (
 )
 # As TRL's DPO, ORPO and PPO trainers: a log-prob ratio against an eval-mode reference (or rollout) starts at 1
 # only if the training forward has no dropout either.
-DROPOUT_FREE_FAMILIES = ("pairwise", "ppo")
 # Config fields that set a dropout (or LayerDrop) rate: OPT's `dropout`, GPT-2's `attn_pdrop`, BERT's
 # `hidden_dropout_prob`, OPT's `layerdrop`.
 _DROPOUT_FIELD = re.compile(r"dropout|pdrop|layerdrop")
@@ -250,7 +249,9 @@ def check_lora_targets(cfg: ModelConfig, model_config, *, task_type: str = "CAUS
 
 def disables_dropout(cfg: ModelConfig, family: str) -> bool:
     """`model.disable_dropout` resolved for a family: None means on for the preference and PPO families."""
-    return cfg.disable_dropout if cfg.disable_dropout is not None else family in DROPOUT_FREE_FAMILIES
+    from engine.families import FAMILIES
+
+    return cfg.disable_dropout if cfg.disable_dropout is not None else FAMILIES[family].dropout_free
 
 
 def dropout_fields(cfg: ModelConfig) -> dict[str, float]:

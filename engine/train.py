@@ -42,6 +42,7 @@ from accelerate.utils import GradientAccumulationPlugin, parse_flag_from_env, se
 from engine import signals, tracking  # noqa: E402
 from engine.checkpoint import clean_partial, resolve_resume  # noqa: E402
 from engine.config import ConfigError, RunConfig, describe_config, format_config, load_config, save_config  # noqa: E402
+from engine.families import FAMILIES  # noqa: E402
 from engine.hostmem import keep_freed_memory  # noqa: E402
 from engine.lifecycle import RunResult, RunStopped, TrainingDiverged  # noqa: E402
 from engine.loops import pairwise, reward, sft  # noqa: E402
@@ -156,7 +157,7 @@ def check_inputs(cfg: RunConfig, objective: Objective) -> None:
         raise ConfigError("reference.mode=disabled switches off the policy's LoRA adapter, but model.lora.enabled "
                           "is false; set model.lora.enabled=true or reference.mode=copy")
 
-    if objective.family == "ppo":
+    if FAMILIES[objective.family].online:
         _check_reward_functions(cfg)
     for key, model_cfg in (("model", cfg.model), ("reward_model", cfg.reward_model)):
         if model_cfg is not None:

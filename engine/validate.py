@@ -19,13 +19,10 @@ import warnings
 from pathlib import Path
 
 from engine.config import ConfigError, RunConfig
+from engine.families import FAMILIES
 from losses import Objective
 
 SENTINEL = "\u2063TURN\u2063"
-# Objective family -> (the data family it reads, whether pad may equal EOS). Reward and PPO read a score at
-# the last non-pad token, so pad must differ from EOS there (not for DPO/ORPO).
-DATA_FAMILY = {"sft": ("sft", True), "reward": ("preference", False), "pairwise": ("preference", True),
-               "ppo": ("prompt", False)}
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}  # per trainable parameter
 
 
@@ -38,12 +35,13 @@ def check_startup(cfg: RunConfig, objective: Objective, accelerator) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path),
                                               trust_remote_code=cfg.model.trust_remote_code)
-    data_family, allow_pad_as_eos = DATA_FAMILY[objective.family]
+    family = FAMILIES[objective.family]
+    data_family, allow_pad_as_eos = family.data, family.pad_may_be_eos
     if tokenizer.pad_token_id is not None:  # none at all: check_pad_tokens, or EOS pads (load_tokenizer)
         check_tokenizer(tokenizer, data_family, allow_pad_as_eos=allow_pad_as_eos)
     check_pad_tokens(cfg, objective.family, tokenizer)
     Formatter(cfg.data, tokenizer)  # a template that writes BOS twice, a prompt_format without {prompt}
-    if objective.family == "ppo":
+    if family.online:
         check_turns_end_with_a_stop_token(cfg, tokenizer, stop_tokens(tokenizer, cfg.model.name_or_path))
     check_quantised_distribution(cfg, accelerator)
     check_export_merge(cfg, accelerator)
@@ -54,7 +52,7 @@ def check_startup(cfg: RunConfig, objective: Objective, accelerator) -> None:
         if cfg.model.lora.enabled:
             from engine.models import check_lora_targets
 
-            check_lora_targets(cfg.model, model_config, task_type="SEQ_CLS" if objective.family == "reward" else "CAUSAL_LM")
+            check_lora_targets(cfg.model, model_config, task_type="SEQ_CLS" if family.model == "reward" else "CAUSAL_LM")
         check_disk(cfg, model_config)
     except (OSError, ValueError, ImportError) as error:
         if isinstance(error, ConfigError):
@@ -72,8 +70,8 @@ def check_pad_tokens(cfg: RunConfig, family: str, tokenizer) -> None:
 
     from engine.tiny import resolve_model_path
 
-    checked = [] if DATA_FAMILY[family][1] else [("model.name_or_path", cfg.model.name_or_path, tokenizer)]
-    if family == "ppo":
+    checked = [] if FAMILIES[family].pad_may_be_eos else [("model.name_or_path", cfg.model.name_or_path, tokenizer)]
+    if FAMILIES[family].online:
         base = cfg.reward_model or cfg.model
         sources = [(f"ppo.rewards[{i}].model", s.model) for i, s in enumerate(cfg.ppo.rewards) if s.model]
         if not cfg.ppo.rewards and cfg.reward_model is not None:
@@ -87,7 +85,7 @@ def check_pad_tokens(cfg: RunConfig, family: str, tokenizer) -> None:
     for key, path, tok in checked:
         if tok.pad_token_id is not None:
             continue
-        role = "policy" if key == "model.name_or_path" and family == "ppo" else "reward model"
+        role = "policy" if key == "model.name_or_path" and FAMILIES[family].online else "reward model"
         raise ConfigError(
             f"the {role} {key}={path!r} has no pad token in its tokenizer, and {family} reads a score at the "
             "last non-pad token, so it cannot pad with the EOS as SFT and DPO do. Add a pad token and save the "
@@ -147,7 +145,7 @@ def check_positions(cfg: RunConfig, family: str, limit: int | None) -> None:
     if limit is None:
         return
     where = f"the {limit} positions of model.name_or_path={cfg.model.name_or_path!r} (max_position_embeddings)"
-    if family == "ppo":
+    if FAMILIES[family].online:
         prompt = cfg.data.max_prompt_length or cfg.data.max_length
         if prompt + cfg.ppo.max_new_tokens > limit:
             raise ConfigError(f"prompts of up to {prompt} tokens (data.max_prompt_length) plus ppo.max_new_tokens="
@@ -162,13 +160,13 @@ def check_attention(cfg: RunConfig, family: str) -> None:
 
     from engine.models import resolve_attention
 
-    resolve_attention(cfg.model, kind="reward" if family == "reward" else "causal")
+    resolve_attention(cfg.model, kind=FAMILIES[family].model)
     # a reference from another checkpoint, and PPO's separate critic, load with the policy's settings
-    others = [cfg.reference.name_or_path] if family in ("pairwise", "ppo") else []
-    others += [cfg.ppo.critic] if family == "ppo" else []
+    others = [cfg.reference.name_or_path] if FAMILIES[family].dropout_free else []  # the two with a reference
+    others += [cfg.ppo.critic] if FAMILIES[family].online else []
     for path in filter(None, others):
         resolve_attention(replace(cfg.model, name_or_path=path))
-    if family != "ppo":
+    if not FAMILIES[family].online:
         return
     base, key = (cfg.reward_model, "reward_model") if cfg.reward_model is not None else (cfg.model, "model")
     for spec in cfg.ppo.rewards or ((cfg.reward_model and cfg.reward_model.name_or_path),):

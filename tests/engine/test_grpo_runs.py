@@ -118,3 +118,19 @@ def test_bad_group_settings_stop_before_any_model_loads(tmp_path, monkeypatch, o
     monkeypatch.setattr(models, "load_policy", lambda *a, **k: pytest.fail("a model loaded"))
     code, stderr = run_cli(CONFIGS / "grpo.yaml", tmp_path / "bad", *SMALL, *overrides)
     assert code == 2 and message in stderr and "Traceback" not in stderr, stderr
+
+
+def test_grpo_with_lora_takes_its_reference_from_the_adapter_switched_off(tmp_path, monkeypatch):
+    """LoRA with reference.mode=disabled: the reference log-probs are the base model's (the adapter off), no
+    second model loads, and final/ holds the adapter alone (no value head)."""
+    loaded = []
+    real = models.load_policy
+    monkeypatch.setattr(models, "load_policy", lambda cfg, **kw: loaded.append(kw) or real(cfg, **kw))
+    result = run_online("grpo.yaml", tmp_path / "lora", *SMALL, "model.lora.enabled=true", "model.lora.r=4",
+                        "reference.mode=disabled", "max_steps=2", "optim.lr=1e-2")
+    assert [kw["for_training"] for kw in loaded] == [True]
+    assert (result.final_dir / "adapter_model.safetensors").is_file()
+    assert not (result.final_dir / "value_head.safetensors").exists()
+    kl = [r["policy/kl_ref"] for r in result.history]
+    # the first rollout's policy is the base (LoRA's B starts at 0): KL 0; after one update it has moved
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] > 1e-5, kl

@@ -16,6 +16,7 @@ from data import DataError
 from data.tokenize import CHATML
 from engine import models, optim, validate
 from engine.config import ConfigError, LoraConfig, ModelConfig, RunConfig, load_config
+from engine.families import FAMILIES
 from engine.memory import load_model_config
 from engine.tiny import resolve_model_path
 from tests.engine.runs import TINY, run
@@ -47,7 +48,8 @@ def test_pad_equal_to_eos_is_allowed_where_no_reward_is_read():
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("tiny"))
     _pad_is_eos(tokenizer)
     for family in ("sft", "pairwise"):
-        check_tokenizer(tokenizer, validate.DATA_FAMILY[family][0], allow_pad_as_eos=validate.DATA_FAMILY[family][1])
+        facts = FAMILIES[family]
+        check_tokenizer(tokenizer, facts.data, allow_pad_as_eos=facts.pad_may_be_eos)
 
 
 def _chatml_with_special_turns(tokenizer):
