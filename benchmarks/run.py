@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --size tiny                                # CI smoke: engine only, seconds
     python -m benchmarks.run --size small --peer trl --repeats 3        # engine vs TRL, alternating
+    python -m benchmarks.run --size small --peer trl --objectives grpo rloo --repeats 3   # GRPO, RLOO vs TRL
     python -m benchmarks.run --size small --techniques --repeats 3      # each technique on vs off
     python -m benchmarks.run --device cuda --size llama-1b --peer trl --objectives dpo --repeats 3 --decoding
 
@@ -22,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.harness import machine, median, table, write_json
-from benchmarks.workloads import OBJECTIVES, SIZES
+from benchmarks.workloads import DEFAULT_OBJECTIVES, OBJECTIVES, SIZES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRL_OLD_PYTHON = os.environ.get("BENCH_TRL_OLD_PYTHON", "/tmp/trl-old/bin/python")
@@ -156,7 +157,8 @@ def alternate(first: tuple, second: tuple, repeats: int, size: str, threads: int
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
+    parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(DEFAULT_OBJECTIVES),
+                        help="default: " + " ".join(DEFAULT_OBJECTIVES) + " (grpo and rloo when named)")
     parser.add_argument("--peer", choices=("none", "trl"), default="none")
     parser.add_argument("--peer-defaults", action="store_true",
                         help="TRL with its own defaults (gradient checkpointing on) against the engine with "
