@@ -19,7 +19,7 @@ from unittest import mock
 import torch
 
 from benchmarks.harness import FlopCounter, StepClock
-from benchmarks.workloads import FAMILY, GROUP_OBJECTIVES, ONLINE, SIZES, engine_args, model_dir
+from benchmarks.workloads import FAMILY, GROUP_OBJECTIVES, ONLINE, SIZES, engine_args, model_dir, prompt_order
 
 
 def _engine_rows(objective: str, size: str):
@@ -234,8 +234,9 @@ def judge(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
 
 def run_trl_group(objective: str, size: str, *, steps: int | None = None, options: dict | None = None,
                   device: str = "cpu", precision: str = "fp32") -> StepClock:
-    """TRL's GRPOTrainer or RLOOTrainer on the engine's settings (`engine_runner.ppo_config`): the same prompt
-    token ids (the trainer's `_tokenize_prompts` returns the engine's), `group_size` responses of exactly
+    """TRL's GRPOTrainer or RLOOTrainer on the engine's settings (`engine_runner.ppo_config`): the same prompts
+    in the same order (`workloads.prompt_order`) with the same token ids (the trainer's `_tokenize_prompts`
+    returns the engine's), `group_size` responses of exactly
     `max_new_tokens` tokens (`min_new_tokens` in `generation_kwargs`), the judge as the reward function, one
     pass (num_iterations 1) in optimizer steps of `group_minibatch` rollouts, fused AdamW at lr 1e-4, clipping
     1.0. GRPO: beta 0.04, k3 in the loss, loss_type "grpo" (the engine's seq-mean-token-mean). RLOO: beta 0.05,
@@ -256,7 +257,9 @@ def run_trl_group(objective: str, size: str, *, steps: int | None = None, option
     generated = [0]  # response tokens of this iteration
     rows, tokenizer, _ = _engine_rows(objective, size)
     prompt_ids = dict(zip(rows["prompt"], rows["prompt_input_ids"]))
-    data = Dataset.from_dict({"prompt": rows["prompt"]})
+    # the engine's prompts in the engine's order; with shuffle_dataset=False each generation batch takes the next
+    # group_prompts of them, as the engine's loader does
+    data = Dataset.from_dict({"prompt": [rows["prompt"][i] for i in prompt_order(len(rows))]})
     if objective == "grpo":
         from trl import GRPOConfig as Config
         from trl import GRPOTrainer as Trainer
@@ -303,7 +306,7 @@ def run_trl_group(objective: str, size: str, *, steps: int | None = None, option
                        steps_per_generation=per_iteration, max_steps=per_iteration * (1 + (steps or spec.ppo_steps)),
                        num_generations=spec.group_size, max_completion_length=spec.max_new_tokens,
                        generation_kwargs={"min_new_tokens": spec.max_new_tokens}, temperature=1.0,
-                       num_iterations=1, epsilon=0.2, disable_dropout=True, **loss)
+                       num_iterations=1, epsilon=0.2, disable_dropout=True, shuffle_dataset=False, **loss)
         args = Config(**(common | (options or {})))
         trainer = TokenisedTrainer(model=policy, reward_funcs=[judge], args=args, train_dataset=data,
                                    processing_class=tokenizer, callbacks=[Clock()])

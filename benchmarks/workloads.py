@@ -73,6 +73,19 @@ SIZES = {
 }
 
 
+def prompt_order(rows: int, seed: int = 0) -> list[int]:
+    """The order in which the engine runner's online loader draws prompts, `DataLoader(shuffle=True,
+    generator=torch.Generator().manual_seed(seed))`, read from such a loader over the row indices (its iterator
+    draws a base seed from the generator before the sampler's permutation, so a bare randperm would differ).
+    TRL's GRPO and RLOO trainers are given the rows in this order, unshuffled, so both sides sample the same
+    prompts in every iteration."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(range(rows), batch_size=rows, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    return [int(i) for batch in loader for i in batch]
+
+
 def model_dir(size: str, kind: str) -> Path:
     """The seeded build of `size` (kind "causal" or "reward"), made on first use; the directory name carries a
     hash of the model config, so an edited config is a new build."""
