@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --size tiny                                # CI smoke: engine only, seconds
     python -m benchmarks.run --size small --peer trl --repeats 3        # engine vs TRL, alternating
+    python -m benchmarks.run --size small --peer trl --objectives grpo rloo --repeats 3   # GRPO, RLOO vs TRL
     python -m benchmarks.run --size small --techniques --repeats 3      # each technique on vs off
     python -m benchmarks.run --device cuda --size llama-1b --peer trl --objectives dpo --repeats 3 --decoding
 
@@ -22,11 +23,12 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.harness import machine, median, table, write_json
-from benchmarks.workloads import OBJECTIVES, SIZES
+from benchmarks.workloads import DEFAULT_OBJECTIVES, OBJECTIVES, SIZES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRL_OLD_PYTHON = os.environ.get("BENCH_TRL_OLD_PYTHON", "/tmp/trl-old/bin/python")
 PEER_MALLOC_TUNING = "BENCH_PEER_MALLOC_TUNING"
+BASELINE = "BENCH_BASELINE"  # the checkout whose engine the "baseline" runner measures (--baseline)
 
 # (objective, technique, engine overrides without it, with it)
 TECHNIQUES = (
@@ -39,6 +41,10 @@ TECHNIQUES = (
     ("orpo", "shared-prompt batches", ("data.share_prompt=false",), ("data.share_prompt=true",)),
     ("sft", "padding-free packing", (), ("data.packing=true",)),
     ("ppo", "value head on the policy instead of a critic copy", (), ("ppo.critic=null",)),
+    ("grpo", "rollout log-probs from the sampling pass", ("ppo.rollout_logprobs=recompute",),
+     ("ppo.rollout_logprobs=sampling",)),
+    ("rloo", "rollout log-probs from the sampling pass", ("ppo.rollout_logprobs=recompute",),
+     ("ppo.rollout_logprobs=sampling",)),
     ("orpo", "no position_ids on right-padded batches (prototype)", (), ("bench.drop_position_ids=true",)),
 )
 
@@ -89,22 +95,30 @@ def measure_one(runner: str, objective: str, size: str, threads: int, overrides:
 
 def spawn(runner: str, objective: str, size: str, threads: int, overrides: tuple[str, ...] = (),
           steps: int | None = None, device: str = "cpu", precision: str = "fp32") -> dict:
-    """`measure_one` in a fresh process; PPO's peer runs in the old-TRL environment."""
+    """`measure_one` in a fresh process; PPO's peer runs in the old-TRL environment. The "baseline" runner is
+    the engine of the checkout at $BENCH_BASELINE, measured by that checkout's own benchmark code, on this
+    checkout's model files (RLHF_ENGINE_CACHE, unless set)."""
     python = TRL_OLD_PYTHON if runner == "trl" and objective == "ppo" else sys.executable
+    root, extra_env = REPO_ROOT, {}
+    if runner == "baseline":
+        from engine.tiny import cache_root
+
+        root, extra_env = Path(os.environ[BASELINE]).resolve(), {"RLHF_ENGINE_CACHE": str(cache_root())}
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        command = [python, "-m", "benchmarks.run", "--worker", runner, objective, "--size", size,
+        worker = "engine" if runner == "baseline" else runner
+        command = [python, "-m", "benchmarks.run", "--worker", worker, objective, "--size", size,
                    "--threads", str(threads), "--out", out.name, *(["--steps", str(steps)] if steps else []),
                    "--device", device, "--precision", precision,
                    *[f"--override={o}" for o in overrides]]
-        env = os.environ | {"OMP_NUM_THREADS": str(threads), "TRL_EXPERIMENTAL_SILENCE": "1",
-                            "TOKENIZERS_PARALLELISM": "false",
-                            # the repo first; a PYTHONPATH given (e.g. TRL installed with pip --target) after it
-                            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
-                                                          if p)}
-        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+        env = os.environ | extra_env | {
+            "OMP_NUM_THREADS": str(threads), "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false",
+            # the repo first; a PYTHONPATH given (e.g. TRL installed with pip --target) after it
+            "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             return {"runner": runner, "objective": objective, "error": done.stderr[-2000:]}
-        return json.loads(Path(out.name).read_text())
+        return json.loads(Path(out.name).read_text()) | ({"runner": runner, "checkout": str(root)}
+                                                         if runner == "baseline" else {})
 
 
 SUMMARY_KEYS = ("samples_per_s", "tokens_per_s", "step_seconds", "peak_rss_mib", "peak_memory_mib", "mfu", "matmul_peak_gflops",
@@ -156,8 +170,13 @@ def alternate(first: tuple, second: tuple, repeats: int, size: str, threads: int
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
+    parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(DEFAULT_OBJECTIVES),
+                        help="default: " + " ".join(DEFAULT_OBJECTIVES) + " (grpo and rloo when named)")
     parser.add_argument("--peer", choices=("none", "trl"), default="none")
+    parser.add_argument("--baseline", default=None, metavar="CHECKOUT",
+                        help="instead of a peer: the engine of another checkout (e.g. a `git worktree add` of an "
+                             "earlier commit), run by its own benchmark code, alternating with this one; the "
+                             "ratios are this checkout / the baseline")
     parser.add_argument("--peer-defaults", action="store_true",
                         help="TRL with its own defaults (gradient checkpointing on) against the engine with "
                              "model.gradient_checkpointing=true; default: both without checkpointing")
@@ -203,11 +222,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.peer_malloc_tuning:
         os.environ[PEER_MALLOC_TUNING] = "1"  # the worker processes inherit it
+    if args.baseline:
+        if args.peer != "none" or args.techniques:
+            parser.error("--baseline compares two engines: give it without --peer and --techniques")
+        os.environ[BASELINE] = args.baseline
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
     payload: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "baseline": args.baseline,
                      "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
                      "size": args.size, "threads": args.threads, "repeats": args.repeats, "machine": machine(),
                      "device": args.device, "precision": precision, "rows": []}
@@ -228,6 +252,12 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         for objective in args.objectives:
             log(objective)
+            if args.baseline:
+                engine_runs, base_runs = alternate(("engine", objective, engine_adamw),
+                                                   ("baseline", objective, engine_adamw), args.repeats, args.size,
+                                                   args.threads, args.steps, log, args.device, precision)
+                groups.append(({"objective": objective}, {"engine": engine_runs, "baseline": base_runs}))
+                continue
             if args.peer == "none":
                 runs = [spawn("engine", objective, args.size, args.threads, engine_adamw, args.steps, args.device,
                               precision) for _ in range(args.repeats)]
@@ -278,7 +308,7 @@ def format_table(payload: dict) -> str:
                          "gain": row["throughput_ratio"], "memory": row["memory_ratio"],
                          "mfu": row["with"].get("mfu")})
             continue
-        for side in ("engine", "peer"):
+        for side in ("engine", "peer", "baseline"):
             if side in row:
                 flat.append({"objective": row["objective"], "runner": side, **row[side],
                              "ratio": row.get("throughput_ratio") if side == "engine" else None,
@@ -292,7 +322,9 @@ def format_table(payload: dict) -> str:
                    ("tokens/s", "tokens_per_s", ".0f"), ("step s", "step_seconds", ".3f"),
                    ("peak GPU MiB" if payload.get("device") == "cuda" else "peak RSS MiB", "peak_memory_mib", ".0f"),
                    ("MFU", "mfu", ".3f"),
-                   ("engine/peer throughput", "ratio", ".2f"), ("engine/peer memory", "memory", ".2f"),
+                   *([("engine/baseline throughput", "ratio", ".2f"), ("engine/baseline memory", "memory", ".2f")]
+                     if any(r["runner"] == "baseline" for r in flat) else
+                     [("engine/peer throughput", "ratio", ".2f"), ("engine/peer memory", "memory", ".2f")]),
                    ("gen s", "time/generation", ".3f"), ("score s", "time/scoring", ".3f"),
                    ("exp s", "time/experience", ".3f"), ("train s", "time/training", ".3f"),
                    ("gen tok/s", "generation_tokens_per_s", ".0f")]

@@ -5,8 +5,8 @@ tokenised, so both train on identical token ids), same batch, float32, AdamW wit
 weight decay, clipping at 1.0 and a constant learning rate. The AdamW is the trainer's default (`optim`:
 adamw_torch_fused with transformers >= 5 and torch >= 2.8), as the engine's is torch's fused one by default;
 `optim=adamw_torch` (with the engine's `optim.fused=false`) compares the non-fused kernels. Each measurement
-records the optimizer the trainer built (`optimizer`, `adamw_fused`). SFT, reward, DPO and ORPO use the
-installed TRL (the `bench` extra, trl>=1.0); PPO needs trl<=1.12 (the last release with
+records the optimizer the trainer built (`optimizer`, `adamw_fused`). SFT, reward, DPO, ORPO, GRPO and RLOO
+use the installed TRL (the `bench` extra, trl>=1.0); PPO needs trl<=1.12 (the last release with
 `trl.experimental.ppo.PPOTrainer`), run from its own virtual environment.
 """
 
@@ -19,7 +19,7 @@ from unittest import mock
 import torch
 
 from benchmarks.harness import FlopCounter, StepClock
-from benchmarks.workloads import FAMILY, SIZES, engine_args, model_dir
+from benchmarks.workloads import FAMILY, GROUP_OBJECTIVES, ONLINE, SIZES, engine_args, model_dir, prompt_order
 
 
 def _engine_rows(objective: str, size: str):
@@ -29,7 +29,7 @@ def _engine_rows(objective: str, size: str):
     from engine.config import load_config
 
     with tempfile.TemporaryDirectory() as out:
-        args = engine_args("sft" if objective == "ppo" else objective, size, out)
+        args = engine_args("sft" if objective in ONLINE else objective, size, out)
         cfg = load_config(args[1], args[2:])
     tokenizer = models.load_tokenizer(cfg.model)
     return build_datasets(FAMILY[objective], cfg.data, tokenizer).train, tokenizer, cfg
@@ -65,6 +65,8 @@ def run_trl(objective: str, size: str, *, steps: int | None = None, options: dic
     """`options` go to the trainer's config (e.g. gradient_checkpointing=False, TRL's default being True)."""
     if objective == "ppo":
         return run_trl_ppo(size, steps=steps, options=options)
+    if objective in GROUP_OBJECTIVES:
+        return run_trl_group(objective, size, steps=steps, options=options, device=device, precision=precision)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
     options = options or {}
@@ -220,4 +222,99 @@ def run_trl_ppo(size: str, *, steps: int | None = None, options: dict | None = N
                                  reward_model=reward_model, train_dataset=data, value_model=value_model,
                                  callbacks=[Clock()])
             trainer.train()
+    return clock
+
+
+def judge(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """The engine's reward function (`workloads.REWARD_FUNCTION`) in TRL's `reward_funcs` signature."""
+    from data.synthetic import judge_reward
+
+    return judge_reward(prompts, completions)
+
+
+def run_trl_group(objective: str, size: str, *, steps: int | None = None, options: dict | None = None,
+                  device: str = "cpu", precision: str = "fp32") -> StepClock:
+    """TRL's GRPOTrainer or RLOOTrainer on the engine's settings (`engine_runner.ppo_config`): the same prompts
+    in the same order (`workloads.prompt_order`) with the same token ids (the trainer's `_tokenize_prompts`
+    returns the engine's), `group_size` responses of exactly
+    `max_new_tokens` tokens (`min_new_tokens` in `generation_kwargs`), the judge as the reward function, one
+    pass (num_iterations 1) in optimizer steps of `group_minibatch` rollouts, fused AdamW at lr 1e-4, clipping
+    1.0. GRPO: beta 0.04, k3 in the loss, loss_type "grpo" (the engine's seq-mean-token-mean). RLOO: beta 0.05,
+    TRL's default, a k1 KL summed into the reward. Timed per rollout batch (`steps_per_generation` optimizer
+    steps); generation and scoring by wrapping the trainer's own `_generate` and `_calculate_rewards`.
+    `options` go to the trainer's config and replace the settings above."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    spec = SIZES[size]
+    counter = FlopCounter()
+    per_iteration = spec.group_rollouts // spec.group_minibatch  # optimizer steps per rollout batch
+    clock = StepClock(counter, warmup=1, rows_per_step=spec.group_rollouts, device=device)
+    # seconds of this iteration: generation and scoring, and the whole rollout around them (with the trainer's
+    # log-prob forwards of the policy and the reference); the training phase is the rest of the iteration
+    phases = {"time/generation": 0.0, "time/scoring": 0.0, "rollout": 0.0}
+    last_tick = [time.perf_counter()]
+    generated = [0]  # response tokens of this iteration
+    rows, tokenizer, _ = _engine_rows(objective, size)
+    prompt_ids = dict(zip(rows["prompt"], rows["prompt_input_ids"]))
+    # the engine's prompts in the engine's order; with shuffle_dataset=False each generation batch takes the next
+    # group_prompts of them, as the engine's loader does
+    data = Dataset.from_dict({"prompt": [rows["prompt"][i] for i in prompt_order(len(rows))]})
+    if objective == "grpo":
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
+
+        loss = dict(beta=0.04, loss_type="grpo", scale_rewards="group")
+    else:
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as Trainer
+
+        loss = dict(beta=0.05, normalize_advantages=False)
+
+    class TokenisedTrainer(Trainer):
+        def _tokenize_prompts(self, prompts):
+            return [list(prompt_ids[p]) for p in prompts], None, {}  # the engine's ids: template, BOS, ...
+
+    def timed(fn, key):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            phases[key] += time.perf_counter() - start
+            if key == "time/generation":  # (prompt_ids, completion_ids, ...): lists of token ids per row
+                generated[0] += sum(len(ids) for ids in out[1])
+            return out
+        return run
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            _record_optimizer(clock, optimizer)
+            if state.global_step % per_iteration:
+                return
+            clock.info["response_tokens_per_step"] = generated[0]
+            gen, scoring, rollout = phases["time/generation"], phases["time/scoring"], phases["rollout"]
+            clock.tick(**{"time/generation": gen, "time/scoring": scoring, "time/experience": rollout - gen - scoring,
+                          "time/training": time.perf_counter() - last_tick[0] - rollout},
+                       generated_tokens=generated[0])
+            phases.update({k: 0.0 for k in phases})
+            generated[0] = 0
+            last_tick[0] = time.perf_counter()
+
+    policy = counter.watch(AutoModelForCausalLM.from_pretrained(model_dir(size, "causal"), dtype=torch.float32))
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
+        common = _common_args(size, out, steps, device, precision)
+        common |= dict(per_device_train_batch_size=spec.group_minibatch, gradient_accumulation_steps=1,
+                       steps_per_generation=per_iteration, max_steps=per_iteration * (1 + (steps or spec.ppo_steps)),
+                       num_generations=spec.group_size, max_completion_length=spec.max_new_tokens,
+                       generation_kwargs={"min_new_tokens": spec.max_new_tokens}, temperature=1.0,
+                       num_iterations=1, epsilon=0.2, disable_dropout=True, shuffle_dataset=False, **loss)
+        args = Config(**(common | (options or {})))
+        trainer = TokenisedTrainer(model=policy, reward_funcs=[judge], args=args, train_dataset=data,
+                                   processing_class=tokenizer, callbacks=[Clock()])
+        if trainer.ref_model is not None:
+            counter.watch(trainer.ref_model)
+        clock.info["reference_loaded"] = trainer.ref_model is not None
+        trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions, "rollout")
+        trainer._generate = timed(trainer._generate, "time/generation")
+        trainer._calculate_rewards = timed(trainer._calculate_rewards, "time/scoring")
+        trainer.train()
     return clock

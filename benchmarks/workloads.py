@@ -13,8 +13,12 @@ from losses import get_objective
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
-OBJECTIVES = ("sft", "reward", "dpo", "orpo", "ppo")
+OBJECTIVES = ("sft", "reward", "dpo", "orpo", "ppo", "grpo", "rloo")
+DEFAULT_OBJECTIVES = ("sft", "reward", "dpo", "orpo", "ppo")  # what `benchmarks.run` measures unless told
+GROUP_OBJECTIVES = ("grpo", "rloo")  # critic-free: `Size.group_size` responses per prompt, a reward function
+ONLINE = ("ppo", *GROUP_OBJECTIVES)  # an iteration is a rollout and its update
 FAMILY = {name: FAMILIES[get_objective(name).family].data for name in OBJECTIVES}  # the data family each reads
+REWARD_FUNCTION = "data.synthetic:judge_reward"  # the group objectives' programmatic reward, on both sides
 
 
 @dataclass(frozen=True)
@@ -35,11 +39,20 @@ class Size:
     #                                         instead of the data layer's own synthetic rows (4-10 letters)
     max_length: int = 64  # data.max_length
     max_prompt_length: int = 32  # data.max_prompt_length
+    group_size: int = 4  # GRPO / RLOO responses per prompt (TRL's num_generations)
+    group_prompts: int = 8  # GRPO / RLOO prompts per iteration: group_prompts x group_size rollouts
+    group_minibatch: int = 16  # GRPO / RLOO rollouts per optimizer step, one micro-batch
+
+    @property
+    def group_rollouts(self) -> int:
+        """Rollouts per GRPO / RLOO iteration."""
+        return self.group_prompts * self.group_size
 
 
 SIZES = {
     "tiny": Size("tiny", REPO_ROOT / "configs" / "tiny" / "model.json", batch=4, steps=2, warmup=1,
-                 synthetic_size=100, rollout_batch=4, max_new_tokens=4, ppo_epochs=1, minibatch=4, peak_repeats=1, ppo_steps=2),
+                 synthetic_size=100, rollout_batch=4, max_new_tokens=4, ppo_epochs=1, minibatch=4, peak_repeats=1, ppo_steps=2,
+                 group_prompts=2, group_minibatch=4),
     # vocabulary 32000 (a real LM's head), 43.7M parameters; the headline size since 2026-11-21
     "small": Size("small", CONFIGS / "small.json", batch=16, steps=6, warmup=2,
                   synthetic_size=400, rollout_batch=16, max_new_tokens=16, ppo_epochs=2, minibatch=8, peak_repeats=5, ppo_steps=2),
@@ -58,6 +71,19 @@ SIZES = {
                      rollout_batch=64, max_new_tokens=256, ppo_epochs=1, minibatch=8, peak_repeats=3, ppo_steps=2,
                      letters=(200, 240), max_length=512, max_prompt_length=256),
 }
+
+
+def prompt_order(rows: int, seed: int = 0) -> list[int]:
+    """The order in which the engine runner's online loader draws prompts, `DataLoader(shuffle=True,
+    generator=torch.Generator().manual_seed(seed))`, read from such a loader over the row indices (its iterator
+    draws a base seed from the generator before the sampler's permutation, so a bare randperm would differ).
+    TRL's GRPO and RLOO trainers are given the rows in this order, unshuffled, so both sides sample the same
+    prompts in every iteration."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(range(rows), batch_size=rows, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    return [int(i) for batch in loader for i in batch]
 
 
 def model_dir(size: str, kind: str) -> Path:

@@ -120,19 +120,23 @@ def test_the_clock_drops_warmup_steps_and_reports_medians():
     assert summary["peak_rss_mib"] >= summary["rss_at_start_mib"] > 0
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """`python -m benchmarks.run --size tiny --objectives sft dpo ppo --steps 1`, measured in this process."""
-    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+def run_in_process(out, *argv: str) -> tuple[dict, dict]:
+    """`python -m benchmarks.run ARGV --json OUT` with every measurement in this process."""
     spawn = bench_run.spawn
     bench_run.spawn = lambda runner, objective, size, threads, overrides=(), steps=None, device="cpu", \
         precision="fp32": bench_run.measure_one(runner, objective, size, threads, overrides, steps, device, precision)
     try:
-        payload = bench_run.main(["--size", "tiny", "--objectives", "sft", "dpo", "ppo", "--steps", "1",
-                                  "--json", str(out)])
+        payload = bench_run.main([*argv, "--json", str(out)])
     finally:
         bench_run.spawn = spawn
     return payload, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """`python -m benchmarks.run --size tiny --objectives sft dpo ppo --steps 1`, measured in this process."""
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    return run_in_process(out, "--size", "tiny", "--objectives", "sft", "dpo", "ppo", "--steps", "1")
 
 
 def test_the_json_has_every_field_with_sane_values(tiny_run):
@@ -252,3 +256,80 @@ def test_the_llama_1b_size_has_llama_3_2_1b_parameters():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**spec))
     assert sum(p.numel() for p in model.parameters()) == 1_235_814_400
+
+
+@pytest.fixture(scope="module")
+def tiny_group_run(tmp_path_factory):
+    """`python -m benchmarks.run --size tiny --objectives grpo rloo --steps 1`, measured in this process."""
+    out = tmp_path_factory.mktemp("bench") / "tiny_group.json"
+    return run_in_process(out, "--size", "tiny", "--objectives", "grpo", "rloo", "--steps", "1")
+
+
+def test_grpo_and_rloo_time_an_iteration_of_group_sampled_full_length_rollouts(tiny_group_run):
+    """The tiny size samples 2 prompts x 4 responses of exactly 4 tokens per iteration: 8 rollouts (so
+    samples/s x seconds per iteration = 8) and 8 x 4 = 32 response tokens. Both have a KL (GRPO's in the loss,
+    RLOO's in the reward), so the reference loads, and in float32 the rollout log-probs are the sampling pass's."""
+    from benchmarks.workloads import SIZES
+
+    spec = SIZES["tiny"]
+    assert (spec.group_rollouts, spec.max_new_tokens) == (8, 4)
+    payload, saved = tiny_group_run
+    rows = {row["objective"]: row for row in saved["rows"]}
+    assert set(rows) == {"grpo", "rloo"}
+    for objective, row in rows.items():
+        engine = row["engine"]
+        assert engine["repeats"] == 1 and "errors" not in engine, objective
+        assert engine["samples_per_s"] * engine["step_seconds"] == pytest.approx(8, rel=1e-9)
+        for key in ("time/generation", "time/scoring", "time/experience", "time/training", "flops_per_step"):
+            assert engine[key] > 0, (objective, key)
+        run = row["runs"]["engine"][0]
+        assert run["response_tokens_per_step"] == 32
+        assert run["reference_loaded"] is True and run["rollout_logprobs"] == "sampling"
+    text = bench_run.format_table(payload)
+    assert sum(line.startswith(("| grpo |", "| rloo |")) for line in text.splitlines()) == 2
+
+
+def test_group_rollouts_forward_the_reference_once_and_no_reference_without_a_kl(tiny_group_run, tmp_path):
+    """Frozen tokens per iteration: decoding feeds each row's prompt and its first 3 sampled tokens (the full
+    sequence less one token per row, 8 fewer than the training forward's tokens T), and the reference forward
+    sees the T tokens again: 2T - 8. GRPO with kl_coef 0 loads no reference (nor does it forward one): T - 8."""
+    _, saved = tiny_group_run
+    for row in saved["rows"]:
+        run = row["runs"]["engine"][0]
+        assert run["frozen_tokens_per_step"] == 2 * run["train_tokens_per_step"] - 8, row["objective"]
+    no_kl = bench_run.measure_one("engine", "grpo", "tiny", 1, ("objective.kl_coef=0.0",), 1)
+    assert no_kl["reference_loaded"] is False
+    assert no_kl["frozen_tokens_per_step"] == no_kl["train_tokens_per_step"] - 8 > 0
+
+
+def test_a_baseline_checkout_runs_its_own_engine_alternating_with_this_one(tmp_path, monkeypatch):
+    """`--baseline DIR`: each baseline measurement runs `--worker engine` in DIR's code (here this checkout
+    again, so both sides run the same work), alternating with this checkout's, and the row pairs them."""
+    from benchmarks.run import BASELINE, REPO_ROOT
+
+    monkeypatch.setenv(BASELINE, "")  # main sets it for its workers; put back as it was after the test
+    payload = bench_run.main(["--size", "tiny", "--objectives", "sft", "--steps", "1", "--repeats", "2",
+                              "--baseline", str(REPO_ROOT), "--json", str(tmp_path / "base.json")])
+    row = payload["rows"][0]
+    assert set(row["runs"]) == {"engine", "baseline"} and row["baseline"]["repeats"] == row["engine"]["repeats"] == 2
+    assert [r["runner"] for r in row["runs"]["baseline"]] == ["baseline", "baseline"]
+    assert {r["checkout"] for r in row["runs"]["baseline"]} == {str(REPO_ROOT)}
+    engine, base = row["runs"]["engine"], row["runs"]["baseline"]
+    assert [e["train_tokens_per_step"] for e in engine] == [b["train_tokens_per_step"] for b in base]
+    assert row["throughput_ratio"] > 0 and row["memory_ratio"] > 0
+    assert "engine/baseline throughput" in bench_run.format_table(payload)
+
+
+def test_the_peer_gets_the_prompts_in_the_order_the_engine_loader_draws_them():
+    """`prompt_order` is the order of the engine runner's DataLoader(shuffle=True, generator seeded 0), batch
+    after batch, and not the bare `torch.randperm` of that seed (the loader's iterator draws from the generator
+    first)."""
+    from torch.utils.data import DataLoader
+
+    from benchmarks.workloads import prompt_order
+
+    loader = DataLoader(list(range(40)), batch_size=8, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))
+    drawn = [int(i) for batch in loader for i in batch]
+    assert prompt_order(40) == drawn and sorted(drawn) == list(range(40))
+    assert prompt_order(40) != torch.randperm(40, generator=torch.Generator().manual_seed(0)).tolist()
