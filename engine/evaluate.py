@@ -62,7 +62,9 @@ class EvaluationConfig:
     """A reward function "package.module:function" scoring (prompts, responses); "auto": the sorting
     task's judge when every prompt is a sorting prompt; None: no judge."""
     num_prompts: int = 200
+    """How many held-out prompts; 0 skips generation, as `prompts=None` does."""
     num_pairs: int = 200
+    """How many held-out pairs; 0 skips them, as `pairs=None` does."""
     data_seed: int = 0
     """The synthetic task's seed (its test split is drawn from a stream disjoint from training)."""
     seed: int = 0
@@ -193,7 +195,7 @@ class Evaluator:
     def run(self) -> dict:
         cfg = self.cfg
         result = {"config": asdict(cfg), "metrics": {}, "samples": []}
-        if cfg.prompts is not None and self.policy is not None:
+        if cfg.prompts is not None and cfg.num_prompts > 0 and self.policy is not None:
             if cfg.prompts == "synthetic":
                 rows = synthetic_rows("prompt", cfg.num_prompts, cfg.data_seed)
             else:
@@ -201,7 +203,7 @@ class Evaluator:
             metrics, samples = self.prompts(rows)
             result["metrics"].update(metrics)
             result["samples"] = samples
-        if cfg.pairs is not None and (self.policy is not None or self.reward is not None):
+        if cfg.pairs is not None and cfg.num_pairs > 0 and (self.policy is not None or self.reward is not None):
             pairs = (synthetic_rows("preference", cfg.num_pairs, cfg.data_seed) if cfg.pairs == "synthetic"
                      else read_pairs(cfg.pairs)[: cfg.num_pairs])
             result["metrics"].update(self.pairs(pairs))
@@ -342,6 +344,9 @@ def parse_args(argv: Iterable[str] | None) -> tuple[EvaluationConfig, str | None
     args = parser.parse_args(None if argv is None else list(argv))
     if args.model is None and args.reward_model is None:
         parser.error("give --model, --reward-model, or both")
+    for flag in ("num_prompts", "num_pairs"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be 0 (none) or more, got {getattr(args, flag)}")
     none = {"none": None}
     cfg = EvaluationConfig(
         model=args.model, reference=args.reference, reward_model=args.reward_model,

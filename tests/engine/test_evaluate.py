@@ -96,6 +96,20 @@ def test_against_itself_kl_is_zero_win_rate_one_half_and_lengths_match_rollout(t
     assert first_batch["response/eos"] == pytest.approx(1 - gen.no_eos.double().mean().item())
 
 
+def test_zero_prompts_or_pairs_skip_that_part_and_a_negative_count_exits_2(tiny_dir, capsys):
+    """0 means none, as `--prompts none` / `--pairs none`: no generation with 0 prompts, no pair metrics with 0
+    pairs (0 pairs used to reach torch.cat of no batches)."""
+    common = ["--model", tiny_dir, "--max-new-tokens", "4", "--batch-size", "4", "--samples", "2"]
+    no_pairs = ev.main([*common, "--num-prompts", "3", "--num-pairs", "0"])["metrics"]
+    assert no_pairs["num_prompts"] == 3 and "num_pairs" not in no_pairs and "pairs/dpo_accuracy" not in no_pairs
+    no_prompts = ev.main([*common, "--num-prompts", "0", "--num-pairs", "2"])
+    assert no_prompts["samples"] == [] and "judge/score" not in no_prompts["metrics"]
+    assert no_prompts["metrics"]["num_pairs"] == 2
+    with pytest.raises(SystemExit) as error:
+        ev.main([*common, "--num-pairs", "-1"])
+    assert error.value.code == 2 and "--num-pairs must be 0 (none) or more, got -1" in capsys.readouterr().err
+
+
 def test_reward_model_accuracy_is_the_share_of_pairs_ranked_right():
     """Scores by hand (the response's length): two pairs ranked right, one wrong, one tie (wrong, as the
     reward loss's accuracy counts it): 2 / 4."""
