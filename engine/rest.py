@@ -273,6 +273,12 @@ def filter_samples(cfg: RestConfig, improve: int, samples: Path, output: Path) -
     if not kept:
         raise ConfigError(f"no sample of {samples} has a reward above its {where}; lower `{kind}s`, or sample "
                           "more (num_samples, prompts.num_prompts, sampling.temperature)")
+    batch = load_config(cfg.improve.config, [f"objective.name={cfg.improve.objective}", *cfg.improve.overrides]
+                        ).batch.global_batch_size
+    if len(kept) < batch:  # the Improve run drops a last partial batch, so it would have no step to take
+        raise ConfigError(f"{len(kept)} samples of {samples} are above the {where}, fewer than one batch of the "
+                          f"Improve run (batch.global_batch_size={batch}); lower `{kind}s`, sample more "
+                          "(num_samples, prompts.num_prompts), or set a smaller batch in improve.overrides")
     if get_objective(cfg.improve.objective).row_weights and min(row["weight"] for row in kept) < 0:
         raise ConfigError(f"improve.objective={cfg.improve.objective} weights each kept sample by its reward, and "
                           f"some kept rewards are negative (down to {min(r['weight'] for r in kept):g}); raise the "
@@ -341,10 +347,11 @@ def report(cfg: RestConfig, out: Path) -> dict:
     Improve step its threshold, the samples kept, the mean reward of the kept and of all samples, and the
     held-out judge score after it (the Grow step's row: the score after its last Improve step)."""
 
-    def judge(path: Path) -> float | None:
-        return json.loads(path.read_text())["metrics"].get("judge/score") if path.exists() else None
+    def judge(path: Path) -> dict:
+        metrics = json.loads(path.read_text())["metrics"] if path.exists() else {}
+        return {"judge": metrics.get("judge/score"), "solved": metrics.get("judge/solved")}
 
-    result = {"base": {"policy": cfg.policy, "judge": judge(out / "eval_base.json")}, "grow": []}
+    result = {"base": {"policy": cfg.policy, **judge(out / "eval_base.json")}, "grow": []}
     for g in range(1, cfg.grow_steps + 1):
         lines = [json.loads(line) for line in (out / f"grow_{g}" / "samples.jsonl").read_text().splitlines()]
         scored = [line["reward"] for line in lines if line["reward"] is not None]
@@ -353,24 +360,24 @@ def report(cfg: RestConfig, out: Path) -> dict:
         for i in range(1, cfg.improve_steps + 1):
             step_dir = out / f"grow_{g}" / f"improve_{i}"
             done = json.loads((step_dir / "policy" / "done.json").read_text())
-            improves.append({**json.loads((step_dir / "filter.json").read_text()),
-                             "judge": judge(step_dir / "eval.json"), "train_seconds": done["seconds"]})
+            improves.append({**json.loads((step_dir / "filter.json").read_text()), **judge(step_dir / "eval.json"),
+                             "train_seconds": done["seconds"]})
         result["grow"].append({
             "grow": g, "samples": len(lines), "prompts": len({line["prompt_index"] for line in lines}),
             "mean_reward": _mean(scored),
             "mean_rewards": {n: _mean([x["rewards"][n] for x in lines if x["rewards"][n] is not None]) for n in names},
-            "judge": improves[-1]["judge"], "improve": improves})
-    table = ["| step | threshold | samples kept | mean reward, kept | mean reward, all | judge (held-out) |",
-             "|---|---|---|---|---|---|",
-             f"| start | | | | | {_fmt(result['base']['judge'])} |"]
+            "judge": improves[-1]["judge"], "solved": improves[-1]["solved"], "improve": improves})
+    table = ["| step | threshold | samples kept | mean reward, kept | mean reward, all | judge (held-out) | solved |",
+             "|---|---|---|---|---|---|---|",
+             f"| start | | | | | {_fmt(result['base']['judge'])} | {_fmt(result['base']['solved'])} |"]
     for grown in result["grow"]:
         table.append(f"| grow {grown['grow']} | | {grown['samples']} samples of {grown['prompts']} prompts | | "
-                     f"{_fmt(grown['mean_reward'])} | {_fmt(grown['judge'])} |")
+                     f"{_fmt(grown['mean_reward'])} | {_fmt(grown['judge'])} | {_fmt(grown['solved'])} |")
         for step in grown["improve"]:
             tau = f"> {step['threshold']:g}" if "threshold" in step else f"> p{step['percentile']:g} of each prompt"
             table.append(f"| improve {grown['grow']}.{step['improve']} | {tau} | {step['kept']} "
                          f"({step['kept_share']:.1%}) | {_fmt(step['mean_reward_kept'])} | "
-                         f"{_fmt(step['mean_reward_all'])} | {_fmt(step['judge'])} |")
+                         f"{_fmt(step['mean_reward_all'])} | {_fmt(step['judge'])} | {_fmt(step['solved'])} |")
     result["table"] = table
     _write_json(out / "report.json", result)
     title = (f"# ReST: {cfg.grow_steps} Grow x {cfg.improve_steps} Improve steps from {cfg.policy}\n\n"

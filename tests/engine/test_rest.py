@@ -5,6 +5,7 @@ run (1 Grow x 2 Improve steps) on the tiny model from an SFT model trained here.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -16,6 +17,8 @@ from tests.engine.runs import run, run_cli, series
 from tests.engine.test_ppo_runs import sft_policy  # noqa: F401  (the fixture: 150 steps of SFT on the task)
 
 JUDGE = (RewardSourceConfig(name="judge", function="data.synthetic:judge_reward"),)
+IMPROVE = rest.ImproveConfig(config=str(pipeline.REPO_ROOT / "configs" / "rest" / "improve.yaml"),
+                             overrides=("batch.global_batch_size=2", "batch.micro_batch_size=2"))
 # three prompts x four samples; None is a sample whose reward function failed
 TABLE = [[0.2, 1.0, 0.4, 0.6],
          [1.0, 1.0, 1.0, 1.0],
@@ -69,7 +72,7 @@ def write_samples(path, table=TABLE, responses=None):
 def test_filter_stage_writes_the_kept_rows_and_their_statistics(tmp_path):
     """Improve step 1 (tau 0.5) keeps 1.0, 0.6, 1.0 x 4 and 0.8: 7 of 12 samples, mean (1.0 + 0.6 + 4 + 0.8) / 7 =
     6.4 / 7; all 11 scored samples average 7.5 / 11. Step 2 (tau 0.8) keeps 1.0 and 1.0 x 4: 5, mean 1.0."""
-    cfg = rest.RestConfig(rewards=JUDGE, improve_steps=2, thresholds=(0.5, 0.8))
+    cfg = rest.RestConfig(rewards=JUDGE, improve_steps=2, thresholds=(0.5, 0.8), improve=IMPROVE)
     samples = write_samples(tmp_path / "samples.jsonl")
     stats = rest.filter_samples(cfg, 1, samples, tmp_path / "i1" / "kept.jsonl")
     kept = [json.loads(line) for line in (tmp_path / "i1" / "kept.jsonl").read_text().splitlines()]
@@ -83,12 +86,15 @@ def test_filter_stage_writes_the_kept_rows_and_their_statistics(tmp_path):
     stats = rest.filter_samples(cfg, 2, samples, tmp_path / "i2" / "kept.jsonl")
     assert (stats["kept"], stats["mean_reward_kept"], stats["threshold"]) == (5, 1.0, 0.8)
 
-    by_percentile = rest.RestConfig(rewards=JUDGE, improve_steps=2, percentiles=(50, 75))
+    by_percentile = rest.RestConfig(rewards=JUDGE, improve_steps=2, percentiles=(50, 75), improve=IMPROVE)
     assert rest.filter_samples(by_percentile, 1, samples, tmp_path / "p1" / "kept.jsonl")["kept"] == 3
     # an empty response is never kept (an SFT row needs a completion); nothing above tau is an error
     empty = write_samples(tmp_path / "empty.jsonl", [[1.0, 0.0]], [[" ", "b"]])
     with pytest.raises(ConfigError, match="no sample of .* has a reward above its threshold 0.5"):
         rest.filter_samples(cfg, 1, empty, tmp_path / "e" / "kept.jsonl")
+    # fewer kept samples than one batch of the Improve run (its config's 32): no optimizer step could run
+    with pytest.raises(ConfigError, match="7 samples of .* fewer than one batch .*global_batch_size=32"):
+        rest.filter_samples(replace(cfg, improve=replace(IMPROVE, overrides=())), 1, samples, tmp_path / "b.jsonl")
 
 
 def test_config_checks_thresholds_before_anything_runs():
@@ -104,8 +110,7 @@ def test_config_checks_thresholds_before_anything_runs():
         rest.RestConfig(rewards=JUDGE, thresholds=(0.5, 0.8), improve_from="last")
     with pytest.raises(ConfigError, match="family 'pairwise'"):
         rest.check(rest.RestConfig(rewards=JUDGE, thresholds=(0.5, 0.8), policy="tiny",
-                                   improve=rest.ImproveConfig(config=str(rest.pipeline.REPO_ROOT / "configs/rest/improve.yaml"),
-                                                              objective="dpo")))
+                                   improve=replace(IMPROVE, objective="dpo")))
 
 
 def test_reward_weighted_sft_reads_the_rows_weights_in_the_sft_loop(tmp_path):
@@ -172,23 +177,35 @@ def rest_run(sft_policy, tmp_path_factory):  # noqa: F811
             f"policy={sft_policy}", "grow_steps=1", "improve_steps=2", "thresholds=[0.5,0.8]",
             "prompts.num_prompts=32", "sampling.micro_batch_size=128", "evaluation.num_prompts=32",
             "improve.overrides=[max_steps=3,batch.global_batch_size=16,batch.micro_batch_size=16,"
-            "checkpoint.every_steps=2]"]
+            "checkpoint.every_steps=2,logging.every_steps=1]"]
     capture = pytest.MonkeyPatch()
     lines: list[str] = []
     capture.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+    logs = []
     try:
         result = rest.main(args)
-        first = "\n".join(lines)
-        lines.clear()
-        again = rest.main(args)
-        second = "\n".join(lines)
+        logs.append("\n".join(lines))
+        # Improve step 1.2 as a kill after its step-2 checkpoint leaves it: no final/, no done.json, no evaluation.
+        # Its first logged step is marked: a resumed run keeps the lines up to its checkpoint, a fresh one would not.
+        policy = out / "grow_1" / "improve_2" / "policy"
+        shutil.rmtree(policy / "final")
+        (policy / "done.json").unlink()
+        (out / "grow_1" / "improve_2" / "eval.json").unlink()
+        records = [json.loads(line) for line in (policy / "metrics.jsonl").read_text().splitlines()]
+        straight = [dict(r) for r in records]
+        records[0]["loss/nll"] = -1.0
+        (policy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        for _ in range(2):
+            lines.clear()
+            again = rest.main(args)
+            logs.append("\n".join(lines))
     finally:
         capture.undo()
-    return out, result, first, again, second
+    return out, result, again, logs, straight
 
 
 def test_ci_sized_rest_run_writes_every_stage_and_the_report(rest_run):
-    out, result, first, again, second = rest_run
+    out, result, again, (first, resumed, second), straight = rest_run
     for stage in ("grow", "filter", "train", "evaluate"):
         assert f"python -m engine.{'rest ' + stage if stage in ('grow', 'filter') else stage}" in first
     samples = [json.loads(line) for line in (out / "grow_1" / "samples.jsonl").read_text().splitlines()]
@@ -212,7 +229,18 @@ def test_ci_sized_rest_run_writes_every_stage_and_the_report(rest_run):
         assert 0 <= step["judge"] <= 1
     assert grown["judge"] == two["judge"] and result["base"]["judge"] is not None
 
-    # the re-run finds every stage finished and runs none
+    # the interrupted Improve step, and only it and its evaluation, ran again: from its step-2 checkpoint (the
+    # marked line kept), to the same last step and judge score as the uninterrupted run
+    assert "improve 1.2: python -m engine.train" in resumed and "eval 1.2: python -m engine.evaluate" in resumed
+    assert resumed.count("already finished, skipped") == 6 and "grow 1: python" not in resumed
+    records = [json.loads(line) for line in (out / "grow_1" / "improve_2" / "policy" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and records[0]["loss/nll"] == -1.0
+    assert records[2]["loss/nll"] == pytest.approx(straight[2]["loss/nll"], rel=1e-6)
+    assert [(s["kept"], s["judge"]) for s in again["grow"][0]["improve"]] == [(one["kept"], one["judge"]),
+                                                                             (two["kept"], two["judge"])]
+
+    # the next re-run finds every stage finished and runs none
     cfg = load_config(out / "config.yaml", cls=rest.RestConfig)
     assert second.count("already finished, skipped") == len(rest.plan(cfg, out, out / "config.yaml")) == 8
-    assert "python -m engine" not in second and again["grow"] == result["grow"]
+    assert "python -m engine" not in second
