@@ -176,7 +176,7 @@ def rest_run(sft_policy, tmp_path_factory):  # noqa: F811
     args = ["--config", str(pipeline.REPO_ROOT / "configs" / "rest" / "tiny.yaml"), "--out", str(out), "--seed", "0",
             f"policy={sft_policy}", "grow_steps=1", "improve_steps=2", "thresholds=[0.5,0.8]",
             "prompts.num_prompts=32", "sampling.micro_batch_size=128", "evaluation.num_prompts=32",
-            "improve.overrides=[max_steps=3,batch.global_batch_size=16,batch.micro_batch_size=16,"
+            "improve.overrides=[max_steps=3,batch.global_batch_size=8,batch.micro_batch_size=8,"
             "checkpoint.every_steps=2,logging.every_steps=1]"]
     capture = pytest.MonkeyPatch()
     lines: list[str] = []
