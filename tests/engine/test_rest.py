@@ -14,7 +14,6 @@ from engine import pipeline, rest
 from engine.config import ConfigError, load_config
 from engine.ppo_config import RewardSourceConfig
 from tests.engine.runs import run, run_cli, series
-from tests.engine.test_ppo_runs import sft_policy  # noqa: F401  (the fixture: 150 steps of SFT on the task)
 
 JUDGE = (RewardSourceConfig(name="judge", function="data.synthetic:judge_reward"),)
 IMPROVE = rest.ImproveConfig(config=str(pipeline.REPO_ROOT / "configs" / "rest" / "improve.yaml"),
@@ -171,7 +170,7 @@ def test_runner_skips_finished_stages_and_keeps_a_resuming_runs_checkpoints(tmp_
 
 
 @pytest.fixture(scope="module")
-def rest_run(sft_policy, tmp_path_factory):  # noqa: F811
+def rest_run(sft_policy, tmp_path_factory):
     out = tmp_path_factory.mktemp("rest")
     args = ["--config", str(pipeline.REPO_ROOT / "configs" / "rest" / "tiny.yaml"), "--out", str(out), "--seed", "0",
             f"policy={sft_policy}", "grow_steps=1", "improve_steps=2", "thresholds=[0.5,0.8]",
