@@ -48,7 +48,8 @@ def make_collator(
     reward model would read its score before the EOS; pass `allow_pad_as_eos=True` where no reward is
     read from the batch (DPO, ORPO), since the masks and labels here never depend on the pad id.
 
-    sft        -> input_ids, attention_mask, labels (-100 on prompt and padding), position_ids: (B, T)
+    sft        -> input_ids, attention_mask, labels (-100 on prompt and padding), position_ids: (B, T);
+                  weight (B,) when the rows have one (not packed: a packed row holds many sequences)
     preference -> the same with 2B rows, chosen_0..chosen_{B-1} then rejected_0..rejected_{B-1};
                   margin (B,) when the rows have one
     prompt     -> input_ids, attention_mask (B, P) left-padded; prompt list[str]; extras list[dict]
@@ -86,6 +87,8 @@ def _collate(
         batch = _right_pad(sequences, pad_id, multiple)
     if family == "preference" and "margin" in rows[0]:
         batch["margin"] = torch.tensor([float(r["margin"]) for r in rows], dtype=torch.float32)
+    if family == "sft" and not packing and "weight" in rows[0]:
+        batch["weight"] = torch.tensor([float(r["weight"]) for r in rows], dtype=torch.float32)
     return batch
 
 

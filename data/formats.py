@@ -3,12 +3,14 @@
 Canonical records (keys compared case-insensitively in the input; messages are role/content dicts):
 
     sft         {"messages": [...]}  loss on assistant turns     or  {"text": str} (pretraining-style)
+                [, "weight": float]  the row's weight, for objectives that read one (reward_weighted_sft)
     preference  {"prompt_messages": [...], "chosen": str, "rejected": str[, "margin": float]}
     prompt      {"prompt_messages": [...], "prompt": str, **every other field of the row, untouched}
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,13 +22,13 @@ FAMILIES = ("sft", "preference", "prompt")
 # format -> (required keys, optional keys), per family; keys are lower case
 FORMATS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "sft": {
-        "messages": (("messages",), ()),
-        "conversations": (("conversations",), ()),
-        "prompt_completion": (("prompt", "completion"), ()),
-        "prompt_response": (("prompt", "response"), ()),
-        "qa": (("question", "answer"), ()),
-        "alpaca": (("instruction", "output"), ("input", "system")),
-        "text": (("text",), ()),
+        "messages": (("messages",), ("weight",)),
+        "conversations": (("conversations",), ("weight",)),
+        "prompt_completion": (("prompt", "completion"), ("weight",)),
+        "prompt_response": (("prompt", "response"), ("weight",)),
+        "qa": (("question", "answer"), ("weight",)),
+        "alpaca": (("instruction", "output"), ("input", "system", "weight")),
+        "text": (("text",), ("weight",)),
     },
     "preference": {
         "preference": (("prompt", "chosen", "rejected"), ("margin",)),
@@ -80,7 +82,9 @@ def canonical(family: str, fmt: str, row: Mapping[str, Any], where: str) -> dict
     missing = [k for k in required if row.get(lower.get(k)) is None]
     if missing:
         raise row_error(where, row, f"missing key(s) {missing} for format {fmt!r}", f"keys {list(required)}")
-    return _CANONICAL[(family, fmt)](_Row(row, lower, where, fmt))
+    r = _Row(row, lower, where, fmt)
+    record = _CANONICAL[(family, fmt)](r)
+    return _with_weight(r, record) if family == "sft" else record
 
 
 class _Row:
@@ -219,6 +223,16 @@ def _with_margin(r: _Row, record: dict) -> dict:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)):
             raise r.error(f"field 'margin' is {type(margin).__name__}", "'margin' to be a number in every row that has one")
         record["margin"] = float(margin)
+    return record
+
+
+def _with_weight(r: _Row, record: dict) -> dict:
+    """An SFT row's optional `weight` (a finite number), read by objectives that weight rows."""
+    if r.lower.get("weight") is not None:
+        weight = r.raw("weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise r.error(f"field 'weight' is {weight!r}", "'weight' to be a finite number in every row that has one")
+        record["weight"] = float(weight)
     return record
 
 

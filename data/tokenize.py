@@ -244,6 +244,7 @@ class Tokenise:
         return {
             "input_ids": ids,
             "labels": labels,
+            **({"weight": row["weight"]} if row.get("weight") is not None else {}),
             "_prompt_len": n_prompt,
             "_response_len": n_response,
             "_prompt_truncated": prompt_cut,

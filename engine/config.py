@@ -306,8 +306,9 @@ def _nearest(word: str, candidates: Sequence[str]) -> str:
 # ---- loading -----------------------------------------------------------------------------------
 
 
-def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[str] = ()) -> RunConfig:
-    """Merge the YAML files in order, apply `key=value` overrides, and build the typed RunConfig."""
+def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[str] = (), cls: type = RunConfig) -> Any:
+    """Merge the YAML files in order, apply `key=value` overrides, and build the typed config: a RunConfig, or
+    another frozen dataclass `cls` read the same way (engine.rest's RestConfig)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     raw: dict = {}
@@ -324,7 +325,7 @@ def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[st
         if not sep or not key.strip():
             raise ConfigError(f"override {override!r} must look like section.key=value, e.g. optim.lr=1e-5")
         _set_dotted(raw, key.strip(), _parse_yaml(text, f"override {override!r}") if text.strip() else None)
-    return from_dict(RunConfig, raw)
+    return from_dict(cls, raw)
 
 
 def _parse_yaml(text: str, where: str) -> Any:

@@ -65,6 +65,11 @@ class Step:
     done_path: Path
     log_path: Path
     training: bool = True
+    headline: str | None = None
+    """A training step's metric, read from its metrics.jsonl, for the line that says it is done."""
+    resumes: bool = False
+    """A training step whose command continues from its checkpoints (checkpoint.resume_from=latest): an
+    unfinished run's directory is kept, not started over."""
     started: float = 0.0
     process: subprocess.Popen | None = field(default=None, repr=False)
 
@@ -90,7 +95,8 @@ def plan(out: Path, seed: int, ci: bool, report_to: str | None = None) -> list[S
         if stage in ("dpo", "orpo"):
             argv.append(f"data.path={out / PAIRS}")
             needs = ("sft", "pairs")
-        steps.append(Step(stage, argv, needs, out / stage / "done.json", out / stage / "train.log"))
+        steps.append(Step(stage, argv, needs, out / stage / "done.json", out / stage / "train.log",
+                          headline=dict(TRAINING)[stage]))
         if stage == "sft":
             # on-policy preference pairs for DPO and ORPO: the SFT model's samples, a correct one against the worst
             argv = ["-m", "engine.generate", "--model", str(sft_final), "--output", str(out / PAIRS),
@@ -106,14 +112,16 @@ def plan(out: Path, seed: int, ci: bool, report_to: str | None = None) -> list[S
     return steps
 
 
-def run(steps: list[Step], *, jobs: int, threads: int, log) -> dict[str, float]:
-    """Run the unfinished steps, each once its needs are finished, at most `jobs` at a time.
+def run(steps: list[Step], *, jobs: int, threads: int, log, first: int = 2, total: int | None = None
+        ) -> dict[str, float]:
+    """Run the unfinished steps, each once its needs are finished, at most `jobs` at a time; their progress
+    lines are numbered from `first` of `total` (default: the quickstart's, one line before and after them).
 
     Returns the wall-clock seconds of each training step (read back from done.json for skipped ones)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO_ROOT)}
-    total = len(steps) + 2
-    number = {step.name: index for index, step in enumerate(steps, start=2)}
+    total = len(steps) + first if total is None else total
+    number = {step.name: index for index, step in enumerate(steps, start=first)}
     finished, pending, running = set(), [], []
     for step in steps:
         if step.is_done():
@@ -125,7 +133,7 @@ def run(steps: list[Step], *, jobs: int, threads: int, log) -> dict[str, float]:
         while pending or running:
             for step in [s for s in pending if all(n in finished for n in s.needs)][: jobs - len(running)]:
                 pending.remove(step)
-                if step.training:
+                if step.training and not step.resumes:
                     shutil.rmtree(step.done_path.parent, ignore_errors=True)  # a half-finished run starts over
                 step.log_path.parent.mkdir(parents=True, exist_ok=True)
                 log(f"[{number[step.name]}/{total}] {step.name}: python {_show(step.argv)}")
@@ -147,7 +155,7 @@ def run(steps: list[Step], *, jobs: int, threads: int, log) -> dict[str, float]:
                     last = _last_metrics(step.done_path.parent / "metrics.jsonl")
                     step.done_path.write_text(json.dumps({"seconds": round(seconds, 1), "command": _show(step.argv),
                                                           "last": last}, indent=2) + "\n")
-                    key = dict(TRAINING)[step.name]
+                    key = step.headline
                     headline = f"; final {key} {last[key]:.3f}" if key in last else ""
                 finished.add(step.name)
                 log(f"[{number[step.name]}/{total}] {step.name}: done in {seconds:.0f} s{headline}")

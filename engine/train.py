@@ -153,12 +153,15 @@ def check_inputs(cfg: RunConfig, objective: Objective) -> None:
                           f"here; pick an objective of family {', '.join(LOOPS)}")
     if cfg.data.packing and objective.family != "sft":
         raise ConfigError(f"data.packing=true applies to SFT only; set data.packing=false for {objective.name}")
+    if cfg.data.packing and objective.row_weights:
+        raise ConfigError(f"objective {objective.name!r} weights each row, and a packed row holds many; set "
+                          "data.packing=false")
     if objective.needs_reference and cfg.reference.mode == "disabled" and not cfg.model.lora.enabled:
         raise ConfigError("reference.mode=disabled switches off the policy's LoRA adapter, but model.lora.enabled "
                           "is false; set model.lora.enabled=true or reference.mode=copy")
 
     if FAMILIES[objective.family].online:
-        _check_reward_functions(cfg)
+        check_reward_functions(cfg.ppo.rewards, "ppo.rewards")
     for key, model_cfg in (("model", cfg.model), ("reward_model", cfg.reward_model)):
         if model_cfg is not None:
             _check_model_path(f"{key}.name_or_path", model_cfg.name_or_path)
@@ -190,21 +193,22 @@ def check_inputs(cfg: RunConfig, objective: Objective) -> None:
         raise ConfigError(str(error)) from error
 
 
-def _check_reward_functions(cfg: RunConfig) -> None:
-    """Import each reward function and check its kwargs now: a typo in its module, its name or a setting
-    (or a regex that does not compile) would otherwise surface after every model has loaded."""
+def check_reward_functions(specs, key: str) -> None:
+    """Import each reward function of `specs` (RewardSourceConfigs, the config's `key`) and check its kwargs
+    now: a typo in its module, its name or a setting (or a regex that does not compile) would otherwise
+    surface after every model has loaded."""
     from rollout.scoring import check_reward_kwargs, load_reward_function
 
-    for i, spec in enumerate(cfg.ppo.rewards):
+    for i, spec in enumerate(specs):
         if spec.function is not None:
             try:
                 fn = load_reward_function(spec.function)
             except ValueError as error:
-                raise ConfigError(f"ppo.rewards[{i}].function ({spec.name!r}): {error}") from error
+                raise ConfigError(f"{key}[{i}].function ({spec.name!r}): {error}") from error
             try:
                 check_reward_kwargs(fn, spec.kwargs)
             except ValueError as error:
-                raise ConfigError(f"ppo.rewards[{i}].kwargs ({spec.name!r}, {spec.function}): {error}") from error
+                raise ConfigError(f"{key}[{i}].kwargs ({spec.name!r}, {spec.function}): {error}") from error
 
 
 def _check_model_path(key: str, name_or_path: str) -> None:

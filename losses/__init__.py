@@ -58,7 +58,7 @@ from .registry import (
     register,
 )
 from .reward import pairwise_reward_loss
-from .sft import sft_loss
+from .sft import reward_weighted_sft_loss, sft_loss
 from .shaping import soft_overlong_penalty
 
 __all__ = [
@@ -103,6 +103,7 @@ __all__ = [
     "register",
     "register_advantage",
     "reinforce_pp_advantages",
+    "reward_weighted_sft_loss",
     "rloo_advantages",
     "sequence_sums",
     "sft_loss",

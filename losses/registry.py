@@ -2,7 +2,8 @@
 
 Each family has one call convention (shapes as in ``losses/__init__.py``):
 
-- ``sft``:      fn(logprobs, mask, **kw)
+- ``sft``:      fn(logprobs, mask, **kw); row_weights=True: fn(logprobs, mask, weights, **kw), ``weights``
+                (B,) the data's per-row ``weight`` column (a reward-weighted SFT loss)
 - ``reward``:   fn(chosen_rewards, rejected_rewards, *, margin=None, **kw)
 - ``pairwise``: needs_reference=True:  fn(policy_chosen_logps, policy_rejected_logps,
                                           ref_chosen_logps, ref_rejected_logps, **kw), each (B,),
@@ -75,6 +76,8 @@ class Objective:
     """The values each keyword argument may take; checked with the arguments when they are bound."""
     advantage: str | None = None
     """For the ppo family: the advantage estimator (``losses.get_advantage``) the objective goes with."""
+    row_weights: bool = False
+    """For the sft family: the loop passes each row's ``weight`` (a data column, (B,)) as a third argument."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -84,6 +87,9 @@ class Objective:
         if self.advantage is not None and self.family != "ppo":
             raise ValueError(f"objective {self.name!r}: only the ppo family has an advantage estimator, "
                              f"got advantage={self.advantage!r} for family {self.family!r}")
+        if self.row_weights and self.family != "sft":
+            raise ValueError(f"objective {self.name!r}: only the sft family reads row weights, got family "
+                             f"{self.family!r}")
         if self.logps_reduction not in LOGPS_REDUCTIONS:
             raise ValueError(
                 f"objective {self.name!r}: logps_reduction must be one of {LOGPS_REDUCTIONS}, "
@@ -108,6 +114,7 @@ def register(
     logps_reduction: str = "sum",
     ranges: Mapping[str, Range] | None = None,
     advantage: str | None = None,
+    row_weights: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers ``fn`` as an objective under ``name`` (default: the function's name).
 
@@ -127,6 +134,8 @@ def register(
             also be given None (the feature off), whatever its range.
         advantage: ppo family only: the name of the advantage estimator the objective goes with
             (``losses.get_advantage``), e.g. "gae" for ppo, "grpo" for grpo.
+        row_weights: sft family only: the function takes a third positional argument, ``weights``
+            (B,), which the loop fills from the data's ``weight`` column.
 
     Returns:
         The decorator.
@@ -143,6 +152,7 @@ def register(
             logps_reduction=logps_reduction,
             ranges=dict(ranges if ranges is not None else first.ranges if isinstance(first, Objective) else {}),
             advantage=advantage,
+            row_weights=row_weights,
         )
         existing = _REGISTRY.get(objective.name)
         if existing is not None and _qualified_name(existing.fn) != _qualified_name(fn):

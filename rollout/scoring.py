@@ -321,6 +321,8 @@ class ScoreResult:
     scores: torch.Tensor  # (B,) float32 final score of each response
     valid: torch.Tensor  # (B,) bool: False where a reward function failed on the row (skip it)
     metrics: dict[str, float]
+    by_source: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) float64 its unweighted score
+    raw: torch.Tensor | None = None  # (B,) float64 the weighted sum, before normalising, clipping and the EOS penalty
 
 
 class Scorer:
@@ -360,8 +362,10 @@ class Scorer:
         valid = torch.ones(n, dtype=torch.bool)
         metrics: dict[str, float] = {}
         skipped = []
+        by_source = {}
         for source in self.sources:
             scores, ok = source(prompts, responses, fields)
+            by_source[source.name] = scores
             total += source.weight * scores
             valid &= ok
             skipped.append(int((~ok).sum()))
@@ -394,7 +398,7 @@ class Scorer:
             "objective/score_raw": float(raw[valid].mean()),
             "rollout/skipped": float((~valid).sum()),
         })
-        return ScoreResult(scores=total.float(), valid=valid, metrics=metrics)
+        return ScoreResult(scores=total.float(), valid=valid, metrics=metrics, by_source=by_source, raw=raw)
 
     def _count_skipped(self, n: int, skipped: list[int]) -> None:
         """Add this batch's rows and each source's skipped rows (of every process) to the run's counts, and stop

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from data import DataConfig, build_datasets, make_collator
 from data.tokenize import reward_pair_encoder
 from engine import lifecycle, loaders, models, optim
-from engine.config import ConfigError, RunConfig
+from engine.config import ConfigError, ModelConfig, RunConfig
 from engine.distributed import finished_everywhere
 from engine.logging import RunLogger
 from engine.metrics import MeanMetrics
@@ -364,6 +364,17 @@ def build_scorer(cfg: RunConfig, accelerator: Accelerator) -> Scorer:
             raise ConfigError("PPO needs a reward: set ppo.rewards (reward functions or models) or reward_model")
         specs = (RewardSourceConfig(name="reward_model", model=cfg.reward_model.name_or_path),)
     base = cfg.reward_model or replace(cfg.model, lora=replace(cfg.model.lora, enabled=False))
+    sources = reward_sources(specs, base, cfg.data.prompt_format, ppo.rollout_micro_batch_size, accelerator.device)
+    return Scorer(sources, normalize=ppo.normalize_scores, clip=ppo.score_clip,
+                  missing_eos_penalty=ppo.missing_eos_penalty, max_skipped_fraction=ppo.max_skipped_fraction,
+                  all_gather=lambda t: accelerator.gather(t.to(accelerator.device)).cpu())
+
+
+def reward_sources(specs, base: ModelConfig, prompt_format: str, micro_batch_size: int,
+                   device) -> list[RewardFunction | RewardModel]:
+    """The reward functions and frozen reward models (each with its own tokenizer) of `specs`, a sequence of
+    RewardSourceConfig; a model loads as `base` (dtype, quantisation) with its path. engine.rest scores its
+    Grow samples with these too."""
     sources = []
     for spec in specs:
         if spec.function is not None:
@@ -371,19 +382,16 @@ def build_scorer(cfg: RunConfig, accelerator: Accelerator) -> Scorer:
                                           spec.timeout_s))
             continue
         model_cfg = replace(base, name_or_path=spec.model)
-        model = _to_device(models.load_reward_model(model_cfg, for_training=False), accelerator.device)
+        model = _to_device(models.load_reward_model(model_cfg, for_training=False), device)
         tokenizer = models.load_tokenizer(model_cfg)
-        fmt = default_format(tokenizer, cfg.data.prompt_format, spec.template)
+        fmt = default_format(tokenizer, prompt_format, spec.template)
         # a chat template that writes BOS itself must not get a second one from the tokenizer
         bos_in_text = bool(tokenizer.bos_token) and fmt("", "").startswith(tokenizer.bos_token)
         encode = None if spec.template is not None else reward_pair_encoder(
-            DataConfig(prompt_format=cfg.data.prompt_format, max_length=spec.max_length, max_prompt_length=None),
-            tokenizer)
+            DataConfig(prompt_format=prompt_format, max_length=spec.max_length, max_prompt_length=None), tokenizer)
         sources.append(RewardModel(spec.name, model, tokenizer, fmt, spec.weight, spec.max_length,
-                                   ppo.rollout_micro_batch_size, add_special_tokens=not bos_in_text, encode=encode))
-    return Scorer(sources, normalize=ppo.normalize_scores, clip=ppo.score_clip,
-                  missing_eos_penalty=ppo.missing_eos_penalty, max_skipped_fraction=ppo.max_skipped_fraction,
-                  all_gather=lambda t: accelerator.gather(t.to(accelerator.device)).cpu())
+                                   micro_batch_size, add_special_tokens=not bos_in_text, encode=encode))
+    return sources
 
 
 def _to_device(model, device):

@@ -7,7 +7,7 @@ import math
 import torch
 from accelerate import Accelerator
 
-from data import build_datasets, make_collator
+from data import DataError, build_datasets, make_collator
 from engine import lifecycle, loaders, models
 from engine.config import RunConfig
 from engine.logprobs import label_logprobs
@@ -22,6 +22,10 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                                 disable_dropout=models.disables_dropout(cfg.model, "sft"))
     data = build_datasets("sft", cfg.data, tokenizer, log=accelerator.print,
                           report_dir=cfg.output_dir if accelerator.is_main_process else None)
+    if objective.row_weights and "weight" not in data.train.column_names:
+        raise DataError(f"objective {objective.name!r} weights each row by the data's 'weight' column, and "
+                        f"data.path={cfg.data.path!r} has none; give every row a number 'weight' (a reward, say), "
+                        "or train with objective.name=sft")
     collate = make_collator("sft", tokenizer, packing=cfg.data.packing)
 
     # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
@@ -37,6 +41,8 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
 
     def loss_on(batch):
         _, logprobs, mask = forward(batch)  # per-token log-probs of the labels
+        if objective.row_weights:  # (B,) each row's weight, from the data's `weight` column
+            return loss_fn(logprobs, mask, batch["weight"])
         return loss_fn(logprobs, mask)
 
     def evaluate() -> dict[str, float]:

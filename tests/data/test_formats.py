@@ -1,7 +1,9 @@
 """Every row format, detected from its keys, gives the canonical record and the right trained tokens."""
 
 import pytest
+import torch
 
+from data import DataError, make_collator
 from data.formats import canonical, detect_format
 from tests.data.conftest import build, write_jsonl
 
@@ -121,6 +123,36 @@ def test_margin_is_kept_and_collated(tmp_path, tok_bos):
             {"prompt": "Sort the letters: d c", "chosen": "c d", "rejected": "d", "margin": 2}]
     bundle = build("preference", write_jsonl(tmp_path / "m.jsonl", rows), tok_bos, tmp_path)
     assert bundle.train["margin"] == [0.5, 2.0]
+
+
+def test_sft_weight_is_kept_and_collated(tmp_path, tok_bos):
+    """A `weight` beside any SFT format's keys becomes a float column, and each batch's (B,) weight."""
+    rows = [{"prompt": "Sort the letters: b a", "completion": "a b", "weight": 0.5},
+            {"prompt": "Sort the letters: d c", "completion": "c d", "weight": 2}]
+    bundle = build("sft", write_jsonl(tmp_path / "w.jsonl", rows), tok_bos, tmp_path)
+    assert bundle.train["weight"] == [0.5, 2.0]
+    batch = make_collator("sft", tok_bos)([bundle.train[0], bundle.train[1]])
+    assert batch["weight"].tolist() == [0.5, 2.0] and batch["weight"].dtype == torch.float32
+    assert "weight" not in make_collator("sft", tok_bos, packing=True)([bundle.train[0], bundle.train[1]])
+    record = canonical("sft", "messages", {"messages": [{"role": "user", "content": "q"},
+                                                        {"role": "assistant", "content": "a"}], "weight": 3}, "m")
+    assert record["weight"] == 3.0
+    unweighted = build("sft", write_jsonl(tmp_path / "u.jsonl", [{k: r[k] for k in ("prompt", "completion")}
+                                                                for r in rows]), tok_bos, tmp_path)
+    assert "weight" not in unweighted.train.column_names
+
+
+@pytest.mark.parametrize("weight", ["high", True, float("nan"), float("inf")])
+def test_sft_weight_must_be_a_finite_number(weight):
+    with pytest.raises(DataError, match="'weight' to be a finite number"):
+        canonical("sft", "prompt_completion", {"prompt": "p", "completion": "c", "weight": weight}, "w.jsonl, line 1")
+
+
+def test_sft_weight_on_some_rows_only_is_refused(tmp_path, tok_bos):
+    rows = [{"prompt": "Sort the letters: b a", "completion": "a b", "weight": 0.5},
+            {"prompt": "Sort the letters: d c", "completion": "c d"}]
+    with pytest.raises(DataError, match="'weight' is set on some rows and not on others"):
+        build("sft", write_jsonl(tmp_path / "w.jsonl", rows), tok_bos, tmp_path)
 
 
 @pytest.mark.parametrize(

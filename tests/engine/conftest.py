@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import math
+from pathlib import Path
 
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data import DataConfig, build_datasets, make_collator
 from engine import loaders, models
+from engine.tiny import resolve_model_path
 
 
 @pytest.fixture
@@ -18,3 +25,31 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(models, "load_policy", refuse)
     monkeypatch.setattr(models, "load_reward_model", refuse)
     monkeypatch.setattr(loaders, "optimizer_steps", refuse)
+
+
+def warmup_cosine(steps: int, warmup: int = 10):
+    """A LambdaLR factor: linear warm-up over `warmup` steps, then cosine to 0 at `steps`."""
+    return lambda s: (s + 1) / (warmup + 1) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+
+
+@pytest.fixture(scope="session")
+def sft_policy(tmp_path_factory) -> Path:
+    """The tiny model after 150 steps of plain SFT on the sorting task: it answers in the right format with
+    some letters out of place, so the judge has room to go up (a random model never earns any credit)."""
+    out = tmp_path_factory.mktemp("sft")
+    path = resolve_model_path("tiny")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    rows = build_datasets("sft", DataConfig(path="synthetic"), tokenizer, log=None).train
+    collate = make_collator("sft", tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(150))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        batch = collate([rows[i] for i in torch.randint(len(rows), (16,), generator=generator).tolist()])
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

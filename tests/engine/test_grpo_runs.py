@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from engine import models, train
 from tests.engine.runs import run_cli
-from tests.engine.test_ppo_runs import sampled_judge_score, sft_policy  # noqa: F401  (a fixture)
+from tests.engine.test_ppo_runs import sampled_judge_score
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 SMALL = ["data.synthetic_size=200", "data.max_samples=64", "batch.global_batch_size=16", "batch.micro_batch_size=8",
@@ -31,7 +31,7 @@ def run_online(config: str, output_dir, *overrides: str) -> train.RunResult:
 
 
 @pytest.mark.parametrize("config", ["grpo.yaml", "rloo.yaml"])
-def test_critic_free_objectives_raise_the_judge_score_without_a_value_head(tmp_path, sft_policy, config):  # noqa: F811
+def test_critic_free_objectives_raise_the_judge_score_without_a_value_head(tmp_path, sft_policy, config):
     before = sampled_judge_score(sft_policy)
     result = run_online(config, tmp_path / "run", f"model.name_or_path={sft_policy}", "max_steps=20")
     after = sampled_judge_score(result.final_dir)
@@ -62,7 +62,7 @@ def test_with_every_kl_coefficient_zero_no_reference_model_loads(tmp_path, monke
     assert [kw["for_training"] for kw in loaded] == [True, False]
 
 
-def test_the_update_does_not_depend_on_the_micro_batch_split(tmp_path, sft_policy):  # noqa: F811
+def test_the_update_does_not_depend_on_the_micro_batch_split(tmp_path, sft_policy):
     """GRPO's seq-mean-token-mean loss and Dr. GRPO's constant-length sum, accumulated over micro-batches of 8
     rows or taken over the whole minibatch of 16 at once, weighted by each one's share of the sequences: the
     same losses and gradient norms, and the same weights after two iterations."""

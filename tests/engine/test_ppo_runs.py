@@ -18,6 +18,7 @@ from data.synthetic import judge_reward
 from engine import train
 from engine.tiny import resolve_model_path
 from rollout.generation import SamplingConfig, generate
+from tests.engine.conftest import warmup_cosine
 
 TINY_PPO = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "ppo.yaml"
 
@@ -57,33 +58,6 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
-
-
-def warmup_cosine(steps: int, warmup: int = 10):
-    return lambda s: (s + 1) / (warmup + 1) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
-
-
-@pytest.fixture(scope="module")
-def sft_policy(tmp_path_factory) -> Path:
-    """The tiny model after 150 steps of plain SFT on the sorting task: it answers in the right format with
-    some letters out of place, so the judge has room to go up (a random model never earns any credit)."""
-    out = tmp_path_factory.mktemp("sft")
-    path = resolve_model_path("tiny")
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    rows = build_datasets("sft", DataConfig(path="synthetic"), tokenizer, log=None).train
-    collate = make_collator("sft", tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(150))
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        batch = collate([rows[i] for i in torch.randint(len(rows), (16,), generator=generator).tolist()])
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from losses import (
     ppo_policy_loss,
     ppo_value_loss,
     reinforce_pp_advantages,
+    reward_weighted_sft_loss,
     rloo_advantages,
     sft_loss,
 )
@@ -26,6 +27,7 @@ F64 = torch.float64
 B, R = 4, 6
 LENGTHS = [6, 3, 1, 4]
 SCORES = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=F64)
+ROW_WEIGHTS = torch.tensor([0.5, 2.0, 1.0, 0.25], dtype=F64)
 
 # Each case: (number of (B, R) inputs, fn(inputs, mask) -> tensor). Inputs are log-prob-like (<= 0).
 CASES = {
@@ -34,6 +36,7 @@ CASES = {
     "masked_var": (1, lambda x, m: masked_var(x[0], m)),
     "masked_whiten": (1, lambda x, m: masked_whiten(x[0], m)),
     "sft_loss": (1, lambda x, m: sft_loss(x[0], m)[0]),
+    "reward_weighted_sft_loss": (1, lambda x, m: reward_weighted_sft_loss(x[0], m, ROW_WEIGHTS.to(x[0].dtype))[0]),
     "orpo_loss": (2, lambda x, m: orpo_loss(x[0], m, x[1], m, lam=0.3, sft_mask=m)[0]),
     "kl_k1": (2, lambda x, m: kl_penalty(x[0], x[1], mask=m)),
     "kl_k3": (2, lambda x, m: kl_penalty(x[0], x[1], estimator="k3", mask=m)),

@@ -11,6 +11,7 @@ from losses import Objective, bind_objective, get_objective, list_objectives, re
 
 BUILTIN = {
     "sft": ("sft", False),
+    "reward_weighted_sft": ("sft", False),
     "reward": ("reward", False),
     "dpo": ("pairwise", True),
     "cdpo": ("pairwise", True),
@@ -69,7 +70,9 @@ def test_family_call_conventions(family, positional):
     for objective in list_objectives():
         if objective.family == family and objective.fn.__module__.startswith("losses."):
             params = inspect.signature(objective.fn).parameters.values()
-            assert [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD] == positional
+            # an sft objective with row weights takes the data's (B,) weight column third
+            expected = [*positional, "weights"] if objective.row_weights else positional
+            assert [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD] == expected, objective.name
 
 
 def test_pairwise_call_conventions():

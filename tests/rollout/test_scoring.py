@@ -77,6 +77,10 @@ def test_weighted_sources_and_missing_eos_penalty(reward_tokenizer):
     assert out.metrics["objective/score/length_reward"] == pytest.approx(float(lengths.mean()))
     assert out.metrics["objective/score/fails_on_x"] == 1.0
     assert out.metrics["rollout/skipped"] == 0
+    # each source's own score per row, and their weighted sum before the EOS penalty, in float64
+    torch.testing.assert_close(out.by_source["length_reward"], lengths, rtol=0, atol=0)  # 5, 1 and 43 characters
+    torch.testing.assert_close(out.by_source["fails_on_x"], torch.ones(3, dtype=torch.float64), rtol=0, atol=0)
+    torch.testing.assert_close(out.raw, torch.tensor([4.5, 2.5, 23.5], dtype=torch.float64), rtol=0, atol=0)
 
 
 def test_reward_function_gets_the_rows_other_fields():
