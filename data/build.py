@@ -17,7 +17,7 @@ import datasets
 
 from data.config import DataConfig
 from data.errors import DataError, row_error
-from data.formats import FAMILIES, Drop, canonical, detect_format
+from data.formats import FAMILIES, PAIR_NUMBERS, Drop, canonical, detect_format
 from data.report import DataReport, SplitReport
 from data.sources import Split, cache_root, load_splits, select_splits, source_fingerprint
 from data.tokenize import Formatter, Tokenise, check_tokenizer
@@ -145,7 +145,7 @@ def _build(family: str, cfg: DataConfig, tokenizer, fingerprint: str) -> DataBun
 
 def _canonical_rows(family: str, fmt: str, split: Split, formatter: Formatter) -> tuple[list[dict], Counter]:
     records, dropped = [], Counter()
-    has_margin = None
+    has_field: dict[str, bool] = {}
     kinds: dict[str, tuple[str, str]] = {}
     for i, row in enumerate(split.rows):
         where = split.where(i)
@@ -156,10 +156,10 @@ def _canonical_rows(family: str, fmt: str, split: Split, formatter: Formatter) -
             continue
         _check_templated(record, row, where, formatter)
         if family == "preference":
-            if has_margin is None:
-                has_margin = "margin" in record
-            elif has_margin != ("margin" in record):
-                raise row_error(where, row, "'margin' is set on some rows and not on others", "'margin' on every row or none")
+            for key in PAIR_NUMBERS:
+                if has_field.setdefault(key, key in record) != (key in record):
+                    raise row_error(where, row, f"{key!r} is set on some rows and not on others",
+                                    f"{key!r} on every row or none")
         _check_kinds(record, kinds, row, where)
         records.append(record)
     return records, dropped
