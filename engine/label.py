@@ -181,6 +181,34 @@ def agreement(pairs: Sequence[Pair], judged: Comparison, score_fn: Callable, min
             "kept_pairs": kept, "kept_agree": kept_right / kept if kept else None}
 
 
+def label_pairs(judge: Judge, template: str, constitution: str, pairs: Sequence[Pair], *, min_confidence: float = 0.0,
+                score_fn: Callable | None = None, progress: Callable[[int], None] | None = None
+                ) -> tuple[list[dict], dict]:
+    """Judge every pair in both orders and keep those at `min_confidence` or above.
+
+    Returns:
+        the labelled rows (`labelled_rows`) and a report: labels, label_ids, judged, min_confidence,
+        dropped_low_confidence, kept, mean_confidence, mean_soft_label, position_bias (P(label 1) averaged
+        over both orders: 0.5 for a judge without one), and with `score_fn` the `agreement` dict.
+    """
+    # 1. Both orders of every pair through the judge, a micro-batch at a time.
+    judged = compare(judge, template, constitution, [p.prompt for p in pairs], [p.a for p in pairs],
+                     [p.b for p in pairs], progress=progress)
+    # 2. Preferred response first, soft label and confidence; drop the pairs below the threshold.
+    rows = labelled_rows(pairs, judged, min_confidence)
+    some = len(pairs) > 0
+    report = {
+        "labels": list(judge.labels), "label_ids": list(judge.label_ids), "judged": len(pairs),
+        "min_confidence": min_confidence, "dropped_low_confidence": len(pairs) - len(rows), "kept": len(rows),
+        "mean_confidence": float(judged.confidence.mean()) if some else None,
+        "mean_soft_label": float(torch.maximum(judged.p, 1 - judged.p).mean()) if some else None,
+        "position_bias": float((judged.q_ab + judged.q_ba).mean() / 2) if some else None,
+    }
+    if score_fn is not None and some:
+        report["agreement"] = agreement(pairs, judged, score_fn, min_confidence)
+    return rows, report
+
+
 def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.label", description=__doc__.split("\n\n")[0])
     parser.add_argument("--judge", required=True, help="the judge: a causal LM's path or hub id (full or adapter)")
@@ -236,25 +264,15 @@ def main(argv: Iterable[str] | None = None) -> dict:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
 
-    # 1. Both orders of every pair through the judge, a micro-batch at a time.
     with tqdm(total=2 * len(pairs), desc="judging", unit="prompt", dynamic_ncols=True,
               disable=args.no_progress) as bar:
-        judged = compare(judge, template, constitution, [p.prompt for p in pairs], [p.a for p in pairs],
-                         [p.b for p in pairs], progress=bar.update)
-    # 2. Preferred response first, soft label and confidence; drop the pairs below the threshold.
-    rows = labelled_rows(pairs, judged, args.min_confidence)
-    report = {
-        "judge": args.judge, "constitution": args.constitution, "template": args.template,
-        "labels": list(args.labels), "label_ids": list(judge.label_ids), "input": args.input,
-        "pairing": args.pairs, **counts, "judged": len(pairs), "min_confidence": args.min_confidence,
-        "dropped_low_confidence": len(pairs) - len(rows), "kept": len(rows),
-        "mean_confidence": float(judged.confidence.mean()) if len(pairs) else None,
-        "mean_soft_label": float(torch.maximum(judged.p, 1 - judged.p).mean()) if len(pairs) else None,
-        "position_bias": float((judged.q_ab + judged.q_ba).mean() / 2) if len(pairs) else None,
-    }
-    if score_fn is not None and pairs:
-        report["agreement"] = {"with": args.compare_with, **agreement(pairs, judged, score_fn, args.min_confidence)}
-    # 3. The labelled pairs and the report, each written whole or not at all.
+        rows, report = label_pairs(judge, template, constitution, pairs, min_confidence=args.min_confidence,
+                                   score_fn=score_fn, progress=bar.update)
+    report = {"judge": args.judge, "constitution": args.constitution, "template": args.template,
+              "input": args.input, "pairing": args.pairs, **counts, **report}
+    if "agreement" in report:
+        report["agreement"] = {"with": args.compare_with, **report["agreement"]}
+    # The labelled pairs and the report, each written whole or not at all.
     write_atomic(Path(args.output), "".join(json.dumps(row) + "\n" for row in rows))
     report_path = Path(args.report) if args.report else Path(args.output).with_suffix(".report.json")
     write_atomic(report_path, json.dumps(report, indent=2) + "\n")
