@@ -67,6 +67,9 @@ class RewardSourceConfig:
         if len(kinds) != 1:
             raise PPOConfigError(f"reward source {self.name!r}: set exactly one of `function`, `model` and `judge`"
                                  + (f" (got {', '.join(kinds)})" if kinds else ""))
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise PPOConfigError(f"reward source {self.name!r}: timeout_s must be positive (or null: no limit), "
+                                 f"got {self.timeout_s}")
         judge_keys = [key for key in ("constitution", "judge_template", "label_values")
                       if getattr(self, key) is not None]
         if self.judge is None and judge_keys:
@@ -88,9 +91,6 @@ class RewardSourceConfig:
     def values(self) -> tuple[float, ...]:
         """A judge source's label values, the default (1, 0, ..., 0) filled in."""
         return self.label_values or (1.0,) + (0.0,) * (len(self.labels) - 1)
-        if self.timeout_s is not None and not self.timeout_s > 0:
-            raise PPOConfigError(f"reward source {self.name!r}: timeout_s must be positive (or null: no limit), "
-                                 f"got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
