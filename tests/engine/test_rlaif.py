@@ -19,7 +19,15 @@ from transformers import AutoModelForCausalLM
 
 from data.synthetic import judge as task_judge
 from engine import label as label_cli
-from engine.label import COMPARE_TEMPLATE, Pair, judge_formatter, label_pairs, load_judge, read_pairs, read_template
+from engine.label import (
+    COMPARE_TEMPLATE,
+    Pair,
+    judge_formatter,
+    label_pairs,
+    load_judge,
+    read_pairs,
+    read_template,
+)
 from engine.models import load_tokenizer
 from engine.tiny import resolve_model_path
 from rollout.judge import Judge, JudgeReward, check_template, compare, fill, label_token_ids

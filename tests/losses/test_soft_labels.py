@@ -11,8 +11,16 @@ import pytest
 import torch
 
 import losses
-from losses import bind_objective, dpo_loss, get_objective, pair_fields, pairwise_reward_loss
-from losses import soft_dpo_loss, soft_preference_nll, soft_reward_loss
+from losses import (
+    bind_objective,
+    dpo_loss,
+    get_objective,
+    pair_fields,
+    pairwise_reward_loss,
+    soft_dpo_loss,
+    soft_preference_nll,
+    soft_reward_loss,
+)
 
 F64 = torch.float64
 
