@@ -17,14 +17,14 @@ import datasets
 
 from data.config import DataConfig
 from data.errors import DataError, row_error
-from data.formats import FAMILIES, Drop, canonical, detect_format
+from data.formats import FAMILIES, PAIR_NUMBERS, Drop, canonical, detect_format
 from data.report import DataReport, SplitReport
 from data.sources import Split, cache_root, load_splits, select_splits, source_fingerprint
 from data.tokenize import Formatter, Tokenise, check_tokenizer
 
 FORMAT_VERSION = 3  # bumped whenever tokenised rows or the report change, to invalidate caches
 # the per-row number a family's records may carry: a preference pair's margin, an SFT row's weight
-ROW_NUMBERS = {"preference": "margin", "sft": "weight"}
+ROW_NUMBERS = {"preference": PAIR_NUMBERS, "sft": ("weight",)}
 STAT_COLUMNS = ("_prompt_len", "_response_len", "_prompt_truncated", "_response_truncated", "_drop")
 # config fields that do not change the tokenised rows
 _NOT_IN_FINGERPRINT = ("num_proc", "packing", "share_prompt", "share_prompt_row_tokens", "group_by_length",
@@ -147,8 +147,8 @@ def _build(family: str, cfg: DataConfig, tokenizer, fingerprint: str) -> DataBun
 
 def _canonical_rows(family: str, fmt: str, split: Split, formatter: Formatter) -> tuple[list[dict], Counter]:
     records, dropped = [], Counter()
-    number = ROW_NUMBERS.get(family)  # a number some formats carry per row: on every row or none
-    has_number = None
+    numbers = ROW_NUMBERS.get(family, ())  # numbers some formats carry per row: each on every row or none
+    has_field: dict[str, bool] = {}
     kinds: dict[str, tuple[str, str]] = {}
     for i, row in enumerate(split.rows):
         where = split.where(i)
@@ -158,12 +158,10 @@ def _canonical_rows(family: str, fmt: str, split: Split, formatter: Formatter) -
             dropped[str(reason)] += 1
             continue
         _check_templated(record, row, where, formatter)
-        if number is not None:
-            if has_number is None:
-                has_number = number in record
-            elif has_number != (number in record):
-                raise row_error(where, row, f"{number!r} is set on some rows and not on others",
-                                f"{number!r} on every row or none")
+        for key in numbers:
+            if has_field.setdefault(key, key in record) != (key in record):
+                raise row_error(where, row, f"{key!r} is set on some rows and not on others",
+                                f"{key!r} on every row or none")
         _check_kinds(record, kinds, row, where)
         records.append(record)
     return records, dropped

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from data.errors import DataError
+from data.formats import PAIR_NUMBERS
 from data.tokenize import IGNORE_INDEX, check_tokenizer
 
 TOKEN_COLUMNS = {"prompt_input_ids", "prompt", "prompt_messages"}
@@ -51,7 +52,7 @@ def make_collator(
     sft        -> input_ids, attention_mask, labels (-100 on prompt and padding), position_ids: (B, T);
                   weight (B,) when the rows have one (not packed: a packed row holds many sequences)
     preference -> the same with 2B rows, chosen_0..chosen_{B-1} then rejected_0..rejected_{B-1};
-                  margin (B,) when the rows have one
+                  margin (B,) and soft_label (B,) when the rows have them
     prompt     -> input_ids, attention_mask (B, P) left-padded; prompt list[str]; extras list[dict]
     packing    -> (1, N) input_ids, labels, position_ids; attention_mask None; seq_lens (S,) the length
                   of each packed sequence in order (the padding tail, if any, is not counted)
@@ -85,8 +86,9 @@ def _collate(
         batch = _pack(sequences, pad_id, multiple)
     else:
         batch = _right_pad(sequences, pad_id, multiple)
-    if family == "preference" and "margin" in rows[0]:
-        batch["margin"] = torch.tensor([float(r["margin"]) for r in rows], dtype=torch.float32)
+    for key in PAIR_NUMBERS if family == "preference" else ():
+        if key in rows[0]:
+            batch[key] = torch.tensor([float(r[key]) for r in rows], dtype=torch.float32)
     if family == "sft" and not packing and "weight" in rows[0]:
         batch["weight"] = torch.tensor([float(r["weight"]) for r in rows], dtype=torch.float32)
     return batch

@@ -4,7 +4,7 @@ Canonical records (keys compared case-insensitively in the input; messages are r
 
     sft         {"messages": [...]}  loss on assistant turns     or  {"text": str} (pretraining-style)
                 [, "weight": float]  the row's weight, for objectives that read one (reward_weighted_sft)
-    preference  {"prompt_messages": [...], "chosen": str, "rejected": str[, "margin": float]}
+    preference  {"prompt_messages": [...], "chosen": str, "rejected": str[, "margin": float][, "soft_label": float]}
     prompt      {"prompt_messages": [...], "prompt": str, **every other field of the row, untouched}
 """
 
@@ -31,9 +31,9 @@ FORMATS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
         "text": (("text",), ("weight",)),
     },
     "preference": {
-        "preference": (("prompt", "chosen", "rejected"), ("margin",)),
-        "binarized": (("chosen", "rejected"), ("prompt", "margin")),
-        "hh": (("chosen", "rejected"), ("margin",)),
+        "preference": (("prompt", "chosen", "rejected"), ("margin", "soft_label")),
+        "binarized": (("chosen", "rejected"), ("prompt", "margin", "soft_label")),
+        "hh": (("chosen", "rejected"), ("margin", "soft_label")),
     },
     "prompt": {
         "prompt": (("prompt",), ()),
@@ -43,6 +43,8 @@ FORMATS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     },
 }
 
+PAIR_NUMBERS = ("margin", "soft_label")
+"""Optional per-pair numbers of a preference row, carried to the collator and the objective."""
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ASSISTANT = "\n\nAssistant:"
@@ -178,7 +180,7 @@ def _preference(r: _Row) -> dict:
         chosen, rejected = r.text("chosen"), r.text("rejected")
     if not prompt:
         raise r.error("no prompt", "a 'prompt' field, or 'chosen'/'rejected' message lists that include the prompt turns")
-    return _with_margin(r, {"prompt_messages": prompt, "chosen": chosen, "rejected": rejected})
+    return _with_pair_fields(r, {"prompt_messages": prompt, "chosen": chosen, "rejected": rejected})
 
 
 def _hh(r: _Row) -> dict:
@@ -200,7 +202,7 @@ def _hh(r: _Row) -> dict:
     chosen_response, rejected_response = chosen[cut:].removeprefix(" "), rejected[cut:].removeprefix(" ")
     if not chosen_response.strip() or not rejected_response.strip():
         raise Drop("empty_response")
-    return _with_margin(r, {"prompt_messages": prompt, "chosen": chosen_response, "rejected": rejected_response})
+    return _with_pair_fields(r, {"prompt_messages": prompt, "chosen": chosen_response, "rejected": rejected_response})
 
 
 def _hh_messages(r: _Row, transcript: str) -> list[dict[str, str]]:
@@ -215,14 +217,22 @@ def _hh_messages(r: _Row, transcript: str) -> list[dict[str, str]]:
     return messages
 
 
-def _with_margin(r: _Row, record: dict) -> dict:
+def _with_pair_fields(r: _Row, record: dict) -> dict:
+    """The optional per-pair numbers: `margin` (a preference strength) and `soft_label` (the probability, in
+    [0, 1], that chosen is preferred, as engine.label writes it)."""
     if record["chosen"] == record["rejected"]:
         raise Drop("chosen_equals_rejected")
-    if r.lower.get("margin") is not None:
-        margin = r.raw("margin")
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-            raise r.error(f"field 'margin' is {type(margin).__name__}", "'margin' to be a number in every row that has one")
-        record["margin"] = float(margin)
+    for key in PAIR_NUMBERS:
+        if r.lower.get(key) is None:
+            continue
+        value = r.raw(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise r.error(f"field {key!r} is {type(value).__name__ if value == value else 'NaN'}",
+                          f"{key!r} to be a number in every row that has one")
+        if key == "soft_label" and not 0.0 <= value <= 1.0:
+            raise r.error(f"field 'soft_label' is {value}", "'soft_label' to be a probability in [0, 1]",
+                          "It is the probability that 'chosen' is preferred to 'rejected'.")
+        record[key] = float(value)
     return record
 
 

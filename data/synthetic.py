@@ -105,6 +105,33 @@ def corrupt(rng: random.Random, target: list[str]) -> list[str]:
     return out
 
 
+def comparisons(n: int, *, seed: int = 0, max_corruptions: int = 3) -> list[dict]:
+    """`n` comparisons of two answers to one prompt, each labelled by `judge`: {"prompt", "response_1",
+    "response_2", "better": 1 or 2}, for training a judge model (the RLAIF demo, configs/rlaif/).
+
+    Each answer is the sorted letters with 0 to `max_corruptions` corruptions (`corrupt`, applied in turn),
+    so the rows hold the task's preference pairs (the answer against one corruption) and comparisons of
+    two wrong answers, as a policy's samples are; a draw whose two answers score the same is drawn again.
+    Rows depend only on the arguments."""
+    rng = random.Random(f"{seed}:comparisons")
+    rows = []
+    while len(rows) < n:
+        letters = sample_letters(rng, MIN_LETTERS, MAX_LETTERS, REPEATS)
+        prompt, target = make_prompt(letters), sorted(letters)
+        answers = []
+        for _ in range(2):
+            out = list(target)
+            for _ in range(rng.randint(0, max_corruptions)):
+                if len(set(out)) > 1:  # a swap needs two different letters; a shorter answer may have none
+                    out = corrupt(rng, out)
+            answers.append(" ".join(out))
+        scores = [judge(prompt, answer) for answer in answers]
+        if scores[0] != scores[1]:
+            rows.append({"prompt": prompt, "response_1": answers[0], "response_2": answers[1],
+                         "better": 1 if scores[0] > scores[1] else 2})
+    return rows
+
+
 def generate(
     split: str,
     n: int,

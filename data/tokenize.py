@@ -17,6 +17,7 @@ from typing import Any
 
 from data.config import DataConfig
 from data.errors import DataError
+from data.formats import PAIR_NUMBERS
 
 IGNORE_INDEX = -100
 SENTINEL = "\u2063SENTINEL\u2063"
@@ -271,8 +272,9 @@ class Tokenise:
             drop = "no_room_for_response"
         elif out["chosen_input_ids"] == out["rejected_input_ids"]:
             drop = "chosen_equals_rejected_after_truncation"
-        if "margin" in row:
-            out["margin"] = row["margin"]
+        for key in PAIR_NUMBERS:
+            if key in row:
+                out[key] = row[key]
         out.update(
             _prompt_len=len(full_prompt),
             _response_len=max(lengths),

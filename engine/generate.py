@@ -21,7 +21,8 @@ any DPO/ORPO/reward config reads with `data.path`. The quickstart's DPO and ORPO
 SFT model: the policy's own samples show it the mistakes it makes, as in Xiong et al. 2024, "Iterative
 Preference Learning from Human Feedback", and Guo et al. 2024, "Direct Language Model Alignment from Online
 AI Feedback". `--prompts synthetic` draws prompts of the sorting task with `--data-seed` (`--num-prompts` of
-them), never from the held-out split evaluation uses.
+them), never from the held-out split evaluation uses; `--prompts synthetic-test` draws that held-out split
+(engine.evaluate's prompts for the same `--data-seed`), for measurements on prompts no run trained on.
 """
 
 from __future__ import annotations
@@ -97,9 +98,14 @@ class PromptEncoder:
         return input_ids, attention_mask
 
 
-def synthetic_prompts(n: int, seed: int = 0) -> list[dict]:
+def synthetic_prompts(n: int, seed: int = 0, *, held_out: bool = False) -> list[dict]:
     """The first `n` prompts the sorting task (data.synthetic) draws with `seed`, with their `answer` fields;
-    evaluation's held-out prompts come from a different seed."""
+    evaluation's held-out prompts come from a different stream, and `held_out` returns those instead (the
+    first `n` prompts engine.evaluate uses with the same seed)."""
+    if held_out:
+        from engine.evaluate import synthetic_rows as held_out_rows
+
+        return held_out_rows("prompt", n, seed)
     from data.synthetic import generate as synthetic_rows
 
     return synthetic_rows("prompt", n, seed=seed)
@@ -208,7 +214,8 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a final/ directory (full, adapter or merged), or a hub id")
     parser.add_argument("--prompts", default="-",
-                        help="a .txt (one prompt a line) or .jsonl file; '-' for stdin; 'synthetic': the task's training prompts")
+                        help="a .txt (one prompt a line) or .jsonl file; '-' for stdin; 'synthetic': the task's training "
+                             "prompts; 'synthetic-test': its held-out ones, those engine.evaluate uses")
     parser.add_argument("--num-prompts", type=int, default=None,
                         help="use the first N prompts (default: all of a file, 1000 synthetic ones)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic prompts")
@@ -264,8 +271,10 @@ def main(argv: Iterable[str] | None = None) -> list[dict]:
     if args.num_samples > 1 and (args.num_beams > 1 or args.temperature == 0):
         raise SystemExit("--num-samples > 1 needs sampling (--temperature > 0, --num-beams 1)")
     score_fn = load_reward_function(args.pairs_by) if args.pairs_by else None  # a bad spec fails before decoding
-    rows = synthetic_prompts(args.num_prompts or 1000, args.data_seed) if args.prompts == "synthetic" \
-        else read_prompts(args.prompts)[: args.num_prompts]
+    if args.prompts in ("synthetic", "synthetic-test"):
+        rows = synthetic_prompts(args.num_prompts or 1000, args.data_seed, held_out=args.prompts == "synthetic-test")
+    else:
+        rows = read_prompts(args.prompts)[: args.num_prompts]
     k = args.num_samples
     # each prompt K times in a row: one batched decode, the K samples of a prompt side by side
     flat = answer(model, tokenizer, encoder, [r["prompt"] for r in rows for _ in range(k)], sampling,

@@ -25,8 +25,9 @@ class PPOConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RewardSourceConfig:
-    """One reward source: a reward model (`model`, a sequence-classification checkpoint) or a reward
-    function (`function`, "package.module:function"), with its weight in the summed score."""
+    """One reward source: a reward model (`model`, a sequence-classification checkpoint), a reward
+    function (`function`, "package.module:function") or an AI judge (`judge`, a causal LM read through its
+    answer-label probabilities, rollout.judge.JudgeReward), with its weight in the summed score."""
 
     name: str = "reward"
     """Metric name: `objective/score/<name>`."""
@@ -44,13 +45,52 @@ class RewardSourceConfig:
     timeout_s: float | None = None
     """Seconds one call of the reward function may take; the rows of a call that runs past it are skipped
     (counted against ppo.max_skipped_fraction). None: no limit."""
+    judge: str | None = None
+    """An AI judge: a causal LM's path or hub id (full or adapter), loaded once, frozen, in float32. A response
+    scores sum_k label_values[k] * P(labels[k] | judge_template filled with the constitution, prompt and
+    response), the label probabilities renormalised over `labels`."""
+    constitution: str | None = None
+    """With `judge`: the text file of principles put into the template's {constitution}."""
+    judge_template: str | None = None
+    """With `judge`: a template file with {constitution}, {prompt} and {response}; None:
+    configs/rlaif/score_template.txt (answer 1 for yes, 2 for no)."""
+    labels: tuple[str, ...] = ("1", "2")
+    """With `judge`: the answer labels, one token each of the judge's tokenizer."""
+    label_values: tuple[float, ...] | None = None
+    """With `judge`: the worth of each label; None: 1 for the first and 0 for the others, so the score is
+    P(first label). Labels "1".."5" with values 1..5 score the expected rating."""
+    judge_format: str = "auto"
+    """With `judge`: "auto" (one user turn of the judge's chat template, if it has one) or "plain" (the text)."""
 
     def __post_init__(self):
-        if (self.function is None) == (self.model is None):
-            raise PPOConfigError(f"reward source {self.name!r}: set exactly one of `function` and `model`")
+        kinds = [key for key in ("function", "model", "judge") if getattr(self, key) is not None]
+        if len(kinds) != 1:
+            raise PPOConfigError(f"reward source {self.name!r}: set exactly one of `function`, `model` and `judge`"
+                                 + (f" (got {', '.join(kinds)})" if kinds else ""))
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise PPOConfigError(f"reward source {self.name!r}: timeout_s must be positive (or null: no limit), "
                                  f"got {self.timeout_s}")
+        judge_keys = [key for key in ("constitution", "judge_template", "label_values")
+                      if getattr(self, key) is not None]
+        if self.judge is None and judge_keys:
+            raise PPOConfigError(f"reward source {self.name!r}: {', '.join(judge_keys)} belong to a `judge` source")
+        if self.judge is not None:
+            if self.constitution is None:
+                raise PPOConfigError(f"reward source {self.name!r}: a judge needs `constitution`, a text file of "
+                                     "the principles it judges by")
+            if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+                raise PPOConfigError(f"reward source {self.name!r}: labels must be two or more distinct answers, "
+                                     f"got {list(self.labels)}")
+            if self.label_values is not None and len(self.label_values) != len(self.labels):
+                raise PPOConfigError(f"reward source {self.name!r}: {len(self.label_values)} label_values for "
+                                     f"{len(self.labels)} labels {list(self.labels)}")
+            if self.judge_format not in ("auto", "plain"):
+                raise PPOConfigError(f"reward source {self.name!r}: judge_format must be 'auto' or 'plain', "
+                                     f"got {self.judge_format!r}")
+
+    def values(self) -> tuple[float, ...]:
+        """A judge source's label values, the default (1, 0, ..., 0) filled in."""
+        return self.label_values or (1.0,) + (0.0,) * (len(self.labels) - 1)
 
 
 @dataclass(frozen=True)
@@ -86,7 +126,7 @@ class PPOConfig(Decoding):
     """Rows per forward while generating, scoring and computing reference log-probs and values."""
 
     rewards: tuple[RewardSourceConfig, ...] = ()
-    """Reward models and reward functions; their weighted sum is the score. Empty: `reward_model:`."""
+    """Reward models, reward functions and AI judges; their weighted sum is the score. Empty: `reward_model:`."""
     normalize_scores: bool = False
     """Divide (score - running mean) by the running std (Welford, saved in checkpoints)."""
     score_clip: float | None = None

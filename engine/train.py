@@ -209,6 +209,25 @@ def check_reward_functions(specs, key: str) -> None:
                 check_reward_kwargs(fn, spec.kwargs)
             except ValueError as error:
                 raise ConfigError(f"{key}[{i}].kwargs ({spec.name!r}, {spec.function}): {error}") from error
+        if spec.judge is not None:
+            _check_judge(f"{key}[{i}]", spec)
+
+
+def _check_judge(key: str, spec) -> None:
+    """A judge source's files, template fields and labels (one token each), read before any weights load."""
+    from engine.label import SCORE_TEMPLATE, judge_formatter, read_template
+    from engine.models import load_tokenizer
+    from rollout.judge import SCORE_FIELDS, check_template, label_token_ids
+
+    _check_model_path(f"{key}.judge", spec.judge)
+    for name, path in (("constitution", spec.constitution), ("judge_template", spec.judge_template or SCORE_TEMPLATE)):
+        if not Path(path).is_file():
+            raise ConfigError(f"{key}.{name}={str(path)!r} is not a file ({spec.name!r})")
+    try:
+        check_template(read_template(spec.judge_template or SCORE_TEMPLATE), SCORE_FIELDS, f"{key}.judge_template")
+        label_token_ids(judge_formatter(load_tokenizer(spec.judge), spec.judge_format).encode, spec.labels)
+    except ValueError as error:
+        raise ConfigError(f"{key} ({spec.name!r}): {error}") from error
 
 
 def _check_model_path(key: str, name_or_path: str) -> None:

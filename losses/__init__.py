@@ -34,7 +34,7 @@ from .advantages import (
     reinforce_pp_advantages,
     rloo_advantages,
 )
-from .dpo import dpo_loss, hinge_loss, ipo_loss, preference_metrics
+from .dpo import dpo_loss, hinge_loss, ipo_loss, preference_metrics, soft_dpo_loss
 from .kl import AdaptiveKLController, FixedKLController, kl_penalty, kl_shaped_rewards
 from .logprobs import (
     entropy_from_logits,
@@ -50,14 +50,16 @@ from .policy import aggregate, aggregation_count, aggregation_unit, clipped_poli
 from .ppo import ppo_policy_loss, ppo_value_loss
 from .registry import (
     LOGPS_REDUCTIONS,
+    PAIR_FIELDS,
     Objective,
     Range,
     bind_objective,
     get_objective,
     list_objectives,
+    pair_fields,
     register,
 )
-from .reward import pairwise_reward_loss
+from .reward import pairwise_reward_loss, soft_preference_nll, soft_reward_loss
 from .sft import reward_weighted_sft_loss, sft_loss
 from .shaping import soft_overlong_penalty
 
@@ -66,6 +68,7 @@ __all__ = [
     "Estimator",
     "FixedKLController",
     "LOGPS_REDUCTIONS",
+    "PAIR_FIELDS",
     "Objective",
     "Range",
     "aggregate",
@@ -95,6 +98,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "orpo_loss",
+    "pair_fields",
     "pairwise_reward_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
@@ -107,7 +111,10 @@ __all__ = [
     "rloo_advantages",
     "sequence_sums",
     "sft_loss",
+    "soft_dpo_loss",
     "soft_overlong_penalty",
+    "soft_preference_nll",
+    "soft_reward_loss",
     "split_pairs",
     "token_logprobs",
     "upcast",

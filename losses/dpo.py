@@ -1,6 +1,6 @@
-"""Preference optimisation against a frozen reference: DPO, conservative DPO, IPO and the hinge loss.
+"""Preference optimisation against a frozen reference: DPO, conservative DPO, soft-label DPO, IPO and the hinge loss.
 
-All three take per-sequence log-probs (B,) of the policy and of the reference for the chosen and
+All of them take per-sequence log-probs (B,) of the policy and of the reference for the chosen and
 rejected responses and work on the same quantity, the difference of log-ratios
 
     D = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)).
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .masking import upcast
 from .registry import Range, register
+from .reward import soft_preference_nll
 
 
 def preference_metrics(
@@ -91,6 +92,47 @@ def dpo_loss(
 
 
 register("cdpo", family="pairwise", needs_reference=True, defaults={"label_smoothing": 0.1})(dpo_loss)
+
+
+@register("soft_dpo", family="pairwise", needs_reference=True, ranges={"beta": BETA})
+def soft_dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float,
+    soft_label: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DPO against a per-pair soft label: p softplus(-beta D) + (1 - p) softplus(beta D).
+
+    This is conservative DPO (Mitchell 2023) with a label-smoothing e = 1 - p of each pair's own, the
+    cross-entropy of DPO's Bradley-Terry model (Rafailov et al. 2023, Eq. 7) against the preference
+    probability p that an AI judge gives the pair (Lee et al. 2023, RLAIF, Sec. 2.2, where the reward
+    model is trained on such soft labels). p = 1 is plain DPO; p = 0.5 pulls D to 0 (no preference);
+    in between beta * D is pulled to log(p / (1 - p)), never to infinity.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: (B,) summed response log-probs under the policy.
+        ref_chosen_logps, ref_rejected_logps: (B,) the same under the reference model.
+        beta: inverse temperature of the implicit reward (strength of the KL constraint).
+        soft_label: (B,) p in [0, 1] per pair, from the data's ``soft_label`` column; None: p = 1.
+
+    Returns:
+        ``(loss, metrics)``: the mean over pairs; metrics from ``preference_metrics`` and
+        ``labels/soft_label`` (mean p).
+    """
+    policy_chosen, policy_rejected, chosen_logratios, rejected_logratios = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    logits = beta * (chosen_logratios - rejected_logratios)
+    losses = soft_preference_nll(logits, soft_label)
+    metrics = preference_metrics(
+        beta * chosen_logratios, beta * rejected_logratios, policy_chosen, policy_rejected
+    )
+    p = soft_label.to(logits.dtype) if soft_label is not None else logits.new_ones(logits.shape)
+    metrics["labels/soft_label"] = p.mean().detach()
+    return losses.mean(), metrics
 
 
 @register("ipo", family="pairwise", needs_reference=True, logps_reduction="mean", ranges={"beta": BETA})

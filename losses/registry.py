@@ -13,6 +13,10 @@ Each family has one call convention (shapes as in ``losses/__init__.py``):
 - ``ppo``:      fn(logprobs, old_logprobs, advantages, mask, **kw); ``advantage`` names the estimator
                 (``losses.get_advantage``) whose output it is meant for: "gae" for ppo, "grpo" for grpo
 
+Per-pair tensors from the data (``PAIR_FIELDS``: ``margin``, ``soft_label``, each (B,)) reach an objective
+of the reward or pairwise family as keyword arguments of those names, when its signature names them
+(``pair_fields``); the reward family always gets ``margin``. They are data, never config keys.
+
 A new objective is a new function decorated with ``@register(...)``; a function outside this
 repository decorated the same way can be named in a config as ``"package.module:function"``.
 Each keyword argument may declare the values that train right, e.g. ``ranges={"beta": Range(gt=0)}``:
@@ -33,6 +37,8 @@ from typing import Any
 
 FAMILIES = ("sft", "reward", "pairwise", "ppo")
 LOGPS_REDUCTIONS = ("sum", "mean")
+PAIR_FIELDS = ("margin", "soft_label")
+"""Columns of a preference row that the loops pass to an objective, per pair, as (B,) keyword tensors."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,14 @@ def bind_objective(
     return objective, functools.partial(objective.fn, **merged)
 
 
+def pair_fields(objective: Objective) -> tuple[str, ...]:
+    """The per-pair data columns (of ``PAIR_FIELDS``) the loop passes to this objective: those its signature
+    names, and ``margin`` for every reward-family objective (the family's convention)."""
+    params = inspect.signature(objective.fn).parameters
+    return tuple(name for name in PAIR_FIELDS
+                 if name in params or (name == "margin" and objective.family == "reward"))
+
+
 def list_objectives() -> list[Objective]:
     """All registered objectives, sorted by name."""
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]
@@ -224,6 +238,9 @@ def _check_kwargs(name: str, fn: Callable[..., Any], kwargs: Mapping[str, Any], 
     keyword_only = {p.name: p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
     for key in kwargs:
+        if key in PAIR_FIELDS and key in keyword_only:
+            raise ValueError(f"objective {name!r}: {key!r} is read per pair from the data's {key!r} column, "
+                             "not set in the config; add the column to the preference rows")
         if key not in keyword_only and not accepts_any:
             valid = ", ".join(keyword_only) or "none"
             raise ValueError(

@@ -32,6 +32,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     share = use_shared_prompt(cfg.data, policy, log=accelerator.print)
     collate = with_row_index(make_collator("preference", tokenizer, allow_pad_as_eos=True, share_prompt=share,
                                            share_row_tokens=cfg.data.share_prompt_row_tokens))
+    fields = supervised.pair_columns(cfg, objective, data)  # soft_label, where the objective reads it
 
     # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
     run = supervised.setup(cfg, accelerator, policy, train_rows, eval_rows, collate, "preference")
@@ -57,13 +58,14 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
         # One forward over the batch; the log-probs' rows [0, B) are the chosen sequences, [B, 2B) the
         # rejected (shared-prompt batches included); the objective on the first `pairs` pairs (all when None).
         keep = slice(pairs)
+        per_pair = {key: batch[key][keep] if key in batch else None for key in fields}
         logprobs, mask = label_logprobs(policy, batch)
         if reference is not None:
             ref_chosen, ref_rejected = reference.logps(batch, reduction=objective.logps_reduction, split=split)
             chosen, rejected = split_pairs(reduce_logprobs(logprobs, mask, objective.logps_reduction))
-            return loss_fn(chosen[keep], rejected[keep], ref_chosen[keep], ref_rejected[keep])
+            return loss_fn(chosen[keep], rejected[keep], ref_chosen[keep], ref_rejected[keep], **per_pair)
         (chosen, rejected), (chosen_mask, rejected_mask) = split_pairs(logprobs), split_pairs(mask)
-        return loss_fn(chosen[keep], chosen_mask[keep], rejected[keep], rejected_mask[keep])
+        return loss_fn(chosen[keep], chosen_mask[keep], rejected[keep], rejected_mask[keep], **per_pair)
 
     def evaluate() -> dict[str, float]:
         policy.eval()

@@ -45,6 +45,7 @@ from losses import (
 )
 from rollout.experience import Experience
 from rollout.generation import SamplingConfig, eos_ids, finished_locally
+from rollout.judge import JudgeReward
 from rollout.online import collect
 from rollout.scoring import RewardFunction, RewardModel, Scorer, default_format, load_reward_function
 from rollout.value_head import (
@@ -381,6 +382,9 @@ def reward_sources(specs, base: ModelConfig, prompt_format: str, micro_batch_siz
             sources.append(RewardFunction(spec.name, load_reward_function(spec.function), spec.weight, spec.kwargs,
                                           spec.timeout_s))
             continue
+        if spec.judge is not None:
+            sources.append(judge_source(spec, device=device, micro_batch_size=micro_batch_size))
+            continue
         model_cfg = replace(base, name_or_path=spec.model)
         model = _to_device(models.load_reward_model(model_cfg, for_training=False), device)
         tokenizer = models.load_tokenizer(model_cfg)
@@ -392,6 +396,16 @@ def reward_sources(specs, base: ModelConfig, prompt_format: str, micro_batch_siz
         sources.append(RewardModel(spec.name, model, tokenizer, fmt, spec.weight, spec.max_length,
                                    micro_batch_size, add_special_tokens=not bos_in_text, encode=encode))
     return sources
+
+
+def judge_source(spec, *, device, micro_batch_size: int) -> JudgeReward:
+    """An AI judge of `ppo.rewards` (engine.ppo_config.RewardSourceConfig.judge), loaded once onto `device`."""
+    from engine.label import SCORE_TEMPLATE, load_judge, read_template
+
+    judge = load_judge(spec.judge, labels=spec.labels, judge_format=spec.judge_format, device=device,
+                       micro_batch_size=micro_batch_size)
+    return JudgeReward(spec.name, judge, read_template(spec.judge_template or SCORE_TEMPLATE),
+                       Path(spec.constitution).read_text().strip(), spec.values(), spec.weight)
 
 
 def _to_device(model, device):

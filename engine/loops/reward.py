@@ -24,6 +24,7 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     share = use_shared_prompt(cfg.data, model, scores=True, log=accelerator.print)
     collate = make_collator("preference", tokenizer, share_prompt=share,
                             share_row_tokens=cfg.data.share_prompt_row_tokens)
+    fields = supervised.pair_columns(cfg, objective, data)  # margin, and soft_label where the objective reads it
 
     # 2. Loaders, optimizer and schedule, placed and sharded by Accelerate.
     run = supervised.setup(cfg, accelerator, model, data.train, data.eval, collate, "preference")
@@ -40,11 +41,11 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
     def loss_on(batch):
         # Score chosen and rejected in one forward; the objective on the pair of scores.
         chosen, rejected = scores(batch)
-        return loss_fn(chosen, rejected, margin=batch.get("margin"))
+        return loss_fn(chosen, rejected, **{key: batch.get(key) for key in fields})
 
     def evaluate() -> dict[str, float]:
         model.eval()
-        chosen, rejected, margins = [], [], []
+        chosen, rejected, columns = [], [], {key: [] for key in fields}
         with torch.no_grad():
             for batch, counted in loaders.eval_batches(accelerator, eval_loader, cfg.eval.max_batches):
                 c, r = scores(batch)
@@ -54,10 +55,11 @@ def train(cfg: RunConfig, accelerator: Accelerator, objective: Objective, loss_f
                 keep = accelerator.gather((torch.arange(len(c), device=c.device) < rows).int()).bool()
                 chosen.append(accelerator.gather(c)[keep])
                 rejected.append(accelerator.gather(r)[keep])
-                margins.append(accelerator.gather(batch["margin"] if "margin" in batch else torch.zeros_like(c))[keep])
+                for key, values in columns.items():  # a margin the data lacks is 0; a soft label it needs is there
+                    values.append(accelerator.gather(batch[key] if key in batch else torch.zeros_like(c))[keep])
         model.train()
-        chosen, rejected, margin = (torch.cat(x) for x in (chosen, rejected, margins))
-        loss, metrics = loss_fn(chosen, rejected, margin=margin)
+        chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+        loss, metrics = loss_fn(chosen, rejected, **{key: torch.cat(values) for key, values in columns.items()})
         return {"eval/loss": loss.item(), **{f"eval/{k}": v.item() for k, v in metrics.items()}}
 
     # 4. Resume, then optimizer steps, each micro-batch of pairs weighted by its share of the step's pairs (all

@@ -17,9 +17,10 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from engine import lifecycle, loaders, optim
-from engine.config import RunConfig
+from engine.config import ConfigError, RunConfig
 from engine.logging import RunLogger
 from engine.metrics import MeanMetrics
+from losses import pair_fields
 
 
 @dataclass
@@ -88,3 +89,15 @@ def train_steps(cfg: RunConfig, accelerator: Accelerator, run: Run, loss_on: Cal
             metrics[sum_as] = float(accelerator.reduce(sum(counts), "sum"))
         lifecycle.after_step(accelerator, cfg, logger, position, run.total, metrics, evaluate)
     return logger
+
+
+def pair_columns(cfg: RunConfig, objective, data) -> tuple[str, ...]:
+    """The per-pair columns (`margin`, `soft_label`) the reward and pairwise loops pass to the objective
+    (`losses.pair_fields`). An objective that reads `soft_label` trains on it, so data without the column is
+    a ConfigError naming data.path, before the first step."""
+    fields = pair_fields(objective)
+    if "soft_label" in fields and "soft_label" not in data.train.column_names:
+        raise ConfigError(f"objective {objective.name!r} reads each pair's 'soft_label' (the probability that "
+                          f"chosen is preferred), and data.path={cfg.data.path!r} has no such column; label the "
+                          "pairs with `python -m engine.label`, or pick an objective of hard labels")
+    return fields

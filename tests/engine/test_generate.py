@@ -163,3 +163,16 @@ def test_backend_flags_give_the_same_greedy_answers_and_a_bad_value_exits_2(tiny
         gen.main(common + ["--backend", "continuous", "--memory-fraction", "1.5"])
     assert exit_info.value.code == 2
     assert "rollout.memory_fraction must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_synthetic_test_prompts_are_the_held_out_ones_evaluation_uses(tiny_dir, tmp_path):
+    """`--prompts synthetic-test` reads the split engine.evaluate samples, none of them a training prompt."""
+    from engine.evaluate import synthetic_rows
+
+    held_out = gen.synthetic_prompts(50, 0, held_out=True)
+    assert held_out == synthetic_rows("prompt", 50, 0)
+    assert not {r["prompt"] for r in held_out} & {r["prompt"] for r in gen.synthetic_prompts(1000, 0)}
+    out = tmp_path / "held_out.jsonl"
+    gen.main(["--model", tiny_dir, "--prompts", "synthetic-test", "--num-prompts", "3", "--max-new-tokens", "4",
+              "--output", str(out)])
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == [r["prompt"] for r in held_out[:3]]

@@ -15,6 +15,8 @@ BUILTIN = {
     "reward": ("reward", False),
     "dpo": ("pairwise", True),
     "cdpo": ("pairwise", True),
+    "soft_dpo": ("pairwise", True),
+    "soft_reward": ("reward", False),
     "ipo": ("pairwise", True),
     "hinge": ("pairwise", True),
     "orpo": ("pairwise", False),
