@@ -32,6 +32,19 @@ def warmup_cosine(steps: int, warmup: int = 10):
     return lambda s: (s + 1) / (warmup + 1) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
 
 
+def train_plainly(model, rows, collate, *, steps: int, lr: float, loss) -> None:
+    """`steps` AdamW steps at `lr` (warm-up, then cosine) on batches of 16 rows drawn with seed 0; `loss(batch)`
+    is the scalar to minimise. The fixtures' models train with this loop, not the engine's."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        loss(collate([rows[i] for i in torch.randint(len(rows), (16,), generator=generator).tolist()])).backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+
+
 @pytest.fixture(scope="session")
 def sft_policy(tmp_path_factory) -> Path:
     """The tiny model after 150 steps of plain SFT on the sorting task: it answers in the right format with
@@ -41,15 +54,9 @@ def sft_policy(tmp_path_factory) -> Path:
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     rows = build_datasets("sft", DataConfig(path="synthetic"), tokenizer, log=None).train
     collate = make_collator("sft", tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(150))
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        batch = collate([rows[i] for i in torch.randint(len(rows), (16,), generator=generator).tolist()])
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
+    train_plainly(model, rows, collate, steps=150, lr=2e-3,
+                  loss=lambda batch: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                           labels=batch["labels"]).loss)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -18,7 +18,7 @@ from data.synthetic import judge_reward
 from engine import train
 from engine.tiny import resolve_model_path
 from rollout.generation import SamplingConfig, generate
-from tests.engine.conftest import warmup_cosine
+from tests.engine.conftest import train_plainly
 
 TINY_PPO = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "ppo.yaml"
 
@@ -68,16 +68,12 @@ def reward_model(tmp_path_factory) -> Path:
     model, tokenizer = AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     rows = build_datasets("preference", DataConfig(path="synthetic"), tokenizer, log=None).train
     collate = make_collator("preference", tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(120))
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(120):
-        batch = collate([rows[i] for i in torch.randint(len(rows), (16,), generator=generator).tolist()])
+
+    def bradley_terry(batch):
         chosen, rejected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].chunk(2)
-        (-torch.nn.functional.logsigmoid(chosen - rejected).mean()).backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
+        return -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+
+    train_plainly(model, rows, collate, steps=120, lr=1e-3, loss=bradley_terry)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
