@@ -137,7 +137,7 @@ def test_each_named_choice_has_one_definition():
     assert reference.LOGPS_REDUCTIONS is logprobs.LOGPS_REDUCTIONS is registry.LOGPS_REDUCTIONS
     assert not hasattr(reference, "MODES")
     assert workloads.FAMILY == {"sft": "sft", "reward": "preference", "dpo": "preference", "orpo": "preference",
-                                "ppo": "prompt"}  # read from engine.families through each objective's family
+                                "ppo": "prompt", "grpo": "prompt", "rloo": "prompt"}  # read from engine.families through each objective's family
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict:
