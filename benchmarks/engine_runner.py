@@ -60,7 +60,7 @@ def run_engine(objective: str, size: str, *, steps: int | None = None, overrides
     """`device` is where Accelerate puts the run ("cuda" when a GPU is visible); the clock waits for it."""
     _check_retired(overrides)
     if objective in ONLINE:
-        return run_engine_ppo(size, objective=objective, steps=steps, overrides=overrides)
+        return run_engine_ppo(size, objective=objective, steps=steps, overrides=overrides, device=device)
     from engine import lifecycle, models, optim, reference, train
 
     spec = SIZES[size]
@@ -159,7 +159,7 @@ def _config(cls, raw: dict, args: list[str]):
 
 
 def run_engine_ppo(size: str, *, objective: str = "ppo", steps: int | None = None,
-                   overrides: tuple[str, ...] = ()) -> StepClock:
+                   overrides: tuple[str, ...] = (), device: str = "cpu") -> StepClock:
     """One online measurement through the PPO loop's steps, timed per iteration (rollout and update). For GRPO
     and RLOO the loop's own choices decide what is built: no value function for a critic-free estimator, the
     reference only where a KL coefficient is above 0 (`ppo.kl_settings`)."""
@@ -177,11 +177,12 @@ def run_engine_ppo(size: str, *, objective: str = "ppo", steps: int | None = Non
     keep_freed_memory()  # as engine/train.py's main does before any model loads
     spec = SIZES[size]
     counter = FlopCounter()
-    clock = StepClock(counter, warmup=1, rows_per_step=spec.rollout_batch if objective == "ppo" else spec.group_rollouts)
+    clock = StepClock(counter, warmup=1, rows_per_step=spec.rollout_batch if objective == "ppo" else spec.group_rollouts,
+                      device=device)
     with tempfile.TemporaryDirectory(prefix="bench-") as out:
         cfg = ppo_config(size, out, objective=objective, steps=steps, overrides=overrides)
         _, loss_fn = bind_objective(cfg.objective.name, dict(cfg.objective.kwargs))
-        accelerator = Accelerator(gradient_accumulation_plugin=GradientAccumulationPlugin(
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.batch.accumulation_steps(1), sync_with_dataloader=False), step_scheduler_with_optimizer=False)
         set_seed(cfg.seed)
         ppo.check_sizes(cfg, 1)
@@ -199,7 +200,8 @@ def run_engine_ppo(size: str, *, objective: str = "ppo", steps: int | None = Non
             actor_critic = ActorCritic(policy, with_value_head=False)
         reference = None
         if with_reference and cfg.reference.mode != "disabled":
-            reference = counter.watch(models.load_policy(models.reference_model_config(cfg.model), for_training=False))
+            reference = counter.watch(ppo._to_device(models.load_policy(models.reference_model_config(cfg.model),
+                                                                        for_training=False), accelerator.device))
         scorer = ppo.build_scorer(cfg, accelerator)
         for source in scorer.sources:
             if hasattr(source, "model"):
@@ -218,7 +220,7 @@ def run_engine_ppo(size: str, *, objective: str = "ppo", steps: int | None = Non
 
         batches = iter(loader)
         for step in range(1 + (steps or spec.ppo_steps)):
-            batch = next(batches)
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
             set_seed(cfg.seed + step)
             exp, _, stats, times = ppo.rollout(batch, actor_critic=accelerator.unwrap_model(actor_critic),
                                                reference=reference, scorer=scorer, tokenizer=tokenizer,

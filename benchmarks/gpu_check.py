@@ -57,7 +57,12 @@ FAMILIES = {  # objective -> (config, data family, the metric that must move, +1
     # a random reward model gives the policy nothing to learn in three iterations; what must fall is the clipped
     # surrogate on the same rollout, from the first epoch over it to the second (one minibatch per epoch)
     "ppo": ("configs/tiny/ppo.yaml", "prompt", "loss/policy, epoch 2 - epoch 1", -1),
+    # the critic-free family: the same surrogate check over two epochs of each rollout
+    "grpo": ("configs/tiny/grpo.yaml", "prompt", "loss/policy, epoch 2 - epoch 1", -1),
+    "rloo": ("configs/tiny/rloo.yaml", "prompt", "loss/policy, epoch 2 - epoch 1", -1),
 }
+ONLINE = ("ppo", "grpo", "rloo")  # an optimizer step is an iteration: a rollout, then two epochs over it
+GROUP_SIZE = 4  # GRPO / RLOO responses per prompt: `Sizes.rollout` rollouts from rollout / GROUP_SIZE prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +162,8 @@ def data_path(sizes: Sizes, family: str, cache: Path, rows: int) -> Path:
 def engine_argv(run: Run, sizes: Sizes, model: Path, cache: Path, output_dir: str) -> list[str]:
     config, family, _, _ = FAMILIES[run.objective]
     qlora = run.config is not None or any(o.startswith("model.quant") for o in run.overrides)
-    ppo = run.objective == "ppo"
-    rows = sizes.rollout if ppo else sizes.rows
+    online = run.objective in ONLINE
+    rows = sizes.rollout if online else sizes.rows
     argv = ["--config", str(REPO_ROOT / (run.config or config)), f"output_dir={output_dir}",
             f"model.name_or_path={model}", f"max_steps={sizes.steps}", "epochs=1",
             f"data.path={data_path(sizes, family, cache, rows)}", "data.eval_split=null", "data.eval_fraction=0.0", "data.split=train",
@@ -168,7 +173,14 @@ def engine_argv(run: Run, sizes: Sizes, model: Path, cache: Path, output_dir: st
             "logging.progress_bar=false", "optim.scheduler=constant", "optim.warmup_steps=0",
             "optim.warmup_ratio=0.0", f"optim.lr={1e-3 if qlora else 1e-4}", "mixed_precision=bf16",
             "model.dtype=bfloat16"]
-    if ppo:
+    if online and run.objective != "ppo":
+        argv += [f"ppo.rollout_batch_size={rows // GROUP_SIZE}", f"ppo.group_size={GROUP_SIZE}",
+                 f"ppo.rollout_micro_batch_size={rows}", f"ppo.max_new_tokens={sizes.new_tokens}",
+                 f"ppo.min_new_tokens={sizes.new_tokens}", "ppo.temperature=1.0", "ppo.epochs=2",
+                 # a random policy ties every group on the task's judge (all zero advantages); the random reward
+                 # model's scores differ within a group, as PPO's do
+                 f"ppo.rewards=[{{name: rm, model: {model}}}]"]
+    if run.objective == "ppo":
         argv += [f"ppo.rollout_batch_size={rows}", f"ppo.rollout_micro_batch_size={rows}",
                  f"ppo.max_new_tokens={sizes.new_tokens}", f"ppo.min_new_tokens={sizes.new_tokens}",
                  "ppo.temperature=1.0", "ppo.epochs=2", "ppo.kl_target=null", "ppo.max_approx_kl=null",
@@ -199,7 +211,7 @@ def measure(run: Run, sizes: Sizes, cache: Path, peak_flops: float | None) -> di
     cuda = torch.cuda.is_available() and sizes is GPU
     model = shape_dir(run.shape, cache, "cuda" if cuda else "cpu")
     counter = FlopCounter()
-    rows = sizes.rollout if run.objective == "ppo" else sizes.rows
+    rows = sizes.rollout if run.objective in ONLINE else sizes.rows
     clock = StepClock(counter, warmup=1, rows_per_step=rows)
     recorded: dict = {}
 
@@ -211,7 +223,7 @@ def measure(run: Run, sizes: Sizes, cache: Path, peak_flops: float | None) -> di
     def timed_after_step(accelerator, cfg, logger, position, total, metrics, *args, **kwargs):
         extra = {k: v for k, v in metrics.items() if k.startswith("time/")}
         if "rollout/response_length" in metrics:
-            extra["generated_tokens"] = metrics["rollout/response_length"] * cfg.ppo.rollout_batch_size
+            extra["generated_tokens"] = metrics["rollout/response_length"] * cfg.ppo.rollout_batch_size * cfg.ppo.group_size
         after_step(accelerator, cfg, logger, position, total, metrics, *args, **kwargs)
         clock.tick(**extra)
 
@@ -229,13 +241,15 @@ def measure(run: Run, sizes: Sizes, cache: Path, peak_flops: float | None) -> di
     def recorded_objective(*args, **kwargs):
         objective, loss_fn = bind_objective(*args, **kwargs)
         loss_fn = torch.compile(loss_fn) if "check.compile_loss=true" in run.overrides else loss_fn
-        if run.objective != "ppo":
+        if run.objective not in ONLINE:
             return objective, loss_fn
 
         def recorded(*a, **k):
             loss, metrics = loss_fn(*a, **k)
             calls.append(float(loss.detach()))
             return loss, metrics
+        # the online loop reads the loss's signature and bound settings from a partial's func and keywords
+        recorded.func, recorded.keywords = getattr(loss_fn, "func", loss_fn), getattr(loss_fn, "keywords", {})
         return objective, recorded
 
     after_step, check_memory, bind_objective = lifecycle.after_step, train.check_memory, train.bind_objective
@@ -261,7 +275,7 @@ def measure(run: Run, sizes: Sizes, cache: Path, peak_flops: float | None) -> di
 
     _, _, key, direction = FAMILIES[run.objective]
     losses = [row[key] for row in result.history if key in row]
-    if run.objective == "ppo":  # (epoch 2 - epoch 1) of each iteration: below 0 where the update pays
+    if run.objective in ONLINE:  # (epoch 2 - epoch 1) of each iteration: below 0 where the update pays
         losses = [b - a for a, b in zip(calls[::2], calls[1::2])]
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_mib() * 2**20
     estimate = recorded.get("estimate")
@@ -271,7 +285,7 @@ def measure(run: Run, sizes: Sizes, cache: Path, peak_flops: float | None) -> di
         "name": run.name, "group": run.group, "wall_s": wall, "distributed_type": distributed, "metric": key,
         "losses": losses,
         "finite": bool(losses) and all(math.isfinite(v) for v in losses),
-        "moved": (bool(losses) and direction * sum(losses) > 0) if run.objective == "ppo" else
+        "moved": (bool(losses) and direction * sum(losses) > 0) if run.objective in ONLINE else
                  (len(losses) > 1 and direction * (losses[-1] - losses[0]) > 0),
         "peak_gib": peak / 2**30, "peak_kind": "max_memory_allocated" if cuda else "peak RSS (VmHWM)",
         "estimate_gib": estimate.total / 2**30 if estimate else None,
@@ -356,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=float, default=None, help="seconds for the whole check (GPU: 330)")
     parser.add_argument("--wheels", type=Path, default=None,
                         help="folder of wheels to install missing packages from (bitsandbytes, datasets, trl)")
-    parser.add_argument("--only", default=None, metavar="TEXT", help="only the runs whose name contains TEXT")
+    parser.add_argument("--only", default=None, metavar="TEXT", help="only the runs whose name contains TEXT (or one of several, comma-separated)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the unsharded runs in this process (fast; no hard timeout, shared peak RSS)")
     parser.add_argument("--cache", type=Path, default=None, help="where the built models and rows go")
@@ -391,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
     budget = args.budget or sizes.budget
     runs, skipped = [], []
     for run in plan():
-        if args.only and args.only not in run.name:
+        if args.only and not any(text in run.name for text in args.only.split(",")):
             continue
         reason = skip_reason(run, cuda)
         left = budget - (time.perf_counter() - started)

@@ -70,6 +70,11 @@ SIZES = {
     "llama-1b": Size("llama-1b", CONFIGS / "llama-3.2-1b.json", batch=8, steps=8, warmup=3, synthetic_size=128,
                      rollout_batch=64, max_new_tokens=256, ppo_epochs=1, minibatch=8, peak_repeats=3, ppo_steps=2,
                      letters=(200, 240), max_length=512, max_prompt_length=256),
+    # the same model for GRPO / RLOO against TRL on one GPU: 8 prompts of ~220 tokens x 4 responses of up to 128
+    # new tokens per iteration, two optimizer steps of 16 rollouts
+    "llama-1b-group": Size("llama-1b-group", CONFIGS / "llama-3.2-1b.json", batch=8, steps=8, warmup=3,
+                           synthetic_size=128, rollout_batch=64, max_new_tokens=128, ppo_epochs=1, minibatch=8,
+                           peak_repeats=3, ppo_steps=2, letters=(200, 240), max_length=512, max_prompt_length=256),
 }
 
 
@@ -87,11 +92,11 @@ def prompt_order(rows: int, seed: int = 0) -> list[int]:
 
 
 def model_dir(size: str, kind: str) -> Path:
-    """The seeded build of `size` (kind "causal" or "reward"), made on first use; the directory name carries a
-    hash of the model config, so an edited config is a new build."""
+    """The seeded build of `size`'s model config (kind "causal" or "reward"), made on first use and shared by the
+    sizes of one config; the directory name carries a hash of the config, so an edited config is a new build."""
     config_path = SIZES[size].model_json
     key = hashlib.sha256(config_path.read_bytes()).hexdigest()[:10]
-    out = cache_root() / "benchmarks" / f"{size}-{kind}-{key}"
+    out = cache_root() / "benchmarks" / f"{config_path.stem}-{kind}-{key}"
     if not (out / "config.json").exists():
         try:
             build_model(out, kind=kind, config_path=config_path)

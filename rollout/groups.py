@@ -37,7 +37,8 @@ def _grouped(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None) 
     """Scores (P, G) in float64 and valid (P, G) bool (all True when None)."""
     if scores.dim() != 1:
         raise ValueError(f"scores must be (B,), got shape {tuple(scores.shape)}")
-    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.bool()
+    # the scorer's validity flags stay on the CPU while the scores may sit with the sequences on the GPU
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.to(scores.device, torch.bool)
     if valid.shape != scores.shape:
         raise ValueError(f"valid has shape {tuple(valid.shape)}, scores {tuple(scores.shape)}")
     return as_groups(scores.double(), group_size), as_groups(valid, group_size)

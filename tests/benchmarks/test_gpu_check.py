@@ -27,7 +27,8 @@ def test_every_family_and_recipe_runs_with_a_finite_loss_that_moves_and_a_memory
     # both modes, every family, both DPO references under QLoRA, the 8B recipes, the FSDP launch
     for name in ("1b bf16 sft", "1b bf16 reward", "1b bf16 dpo (copy reference)", "1b bf16 orpo", "1b bf16 ppo",
                  "1b qlora sft", "1b qlora reward", "1b qlora dpo (copy reference)",
-                 "1b qlora dpo (disabled reference)", "1b qlora orpo", "1b qlora ppo",
+                 "1b qlora dpo (disabled reference)", "1b qlora orpo", "1b qlora ppo", "1b bf16 grpo", "1b bf16 rloo",
+                 "1b qlora grpo", "1b qlora rloo",
                  "8b recipe llama3_8b_qlora_dpo", "8b recipe llama3_8b_qlora_ppo", "1b bf16 ppo under fsdp.yaml"):
         assert name in runs, name
     for name, run in runs.items():
@@ -39,7 +40,7 @@ def test_every_family_and_recipe_runs_with_a_finite_loss_that_moves_and_a_memory
     assert runs["1b bf16 sft"]["losses"][-1] < runs["1b bf16 sft"]["losses"][0] - 0.1
     assert runs["1b qlora dpo (disabled reference)"]["losses"][-1] < 0.69
     assert all(d < 0 for d in runs["1b qlora ppo"]["losses"])
-    for name in ("1b bf16 ppo", "1b qlora ppo", "8b recipe llama3_8b_qlora_ppo"):
+    for name in ("1b bf16 ppo", "1b qlora ppo", "8b recipe llama3_8b_qlora_ppo", "1b bf16 grpo", "1b qlora rloo"):
         assert runs[name]["generation_tokens_per_s"] > 0, name
     # launched through `accelerate launch --config_file configs/accelerate/fsdp.yaml`; on a machine without a
     # GPU Accelerate runs that as plain MULTI_CPU (the launch, the worker and its timeout are what is checked)
