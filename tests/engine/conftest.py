@@ -1,8 +1,13 @@
-"""Fixtures shared by the engine tests."""
+"""Fixtures shared by the engine tests, and the CI-sized quickstart started in the background."""
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -60,3 +65,45 @@ def sft_policy(tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# The CI-sized quickstart (test_pipeline.py) is the suite's longest job: a chain of single-threaded engine
+# commands, about five minutes. When its tests are collected it starts at once in a process of its own, on the
+# core the single-threaded suite leaves idle, and its tests are moved to the end of the run, where they wait
+# for it. Its steps are seeded and single-threaded, so running beside the suite changes their time, not their
+# results.
+QUICKSTART = pytest.StashKey[tuple]()
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    pipeline = [item for item in items if item.path.name == "test_pipeline.py"]
+    if not pipeline or config.option.collectonly:
+        return
+    items[:] = [item for item in items if item.path.name != "test_pipeline.py"] + pipeline
+    folder = Path(tempfile.mkdtemp(prefix="quickstart-ci-"))
+    log = (folder / "pipeline.log").open("w")
+    process = subprocess.Popen([sys.executable, "-m", "engine.pipeline", "--out", str(folder / "run"), "--ci",
+                                "--seed", "0", "--jobs", "1"], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                               env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    log.close()
+    config.stash[QUICKSTART] = (process, folder)
+
+
+def pytest_unconfigure(config):
+    process, folder = config.stash.get(QUICKSTART, (None, None))
+    if process is not None:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def background_quickstart(request) -> tuple[Path, str]:
+    """The background quickstart's run directory and printed output, once it has finished (exit status 0)."""
+    process, folder = request.config.stash[QUICKSTART]
+    process.wait()
+    output = (folder / "pipeline.log").read_text()
+    assert process.returncode == 0, output[-4000:]
+    return folder / "run", output

@@ -1,5 +1,6 @@
-"""The critic-free online objectives through the real entry point, on the tiny model, on CPU: GRPO and RLOO
-raise the judge's score from an SFT model without a value head; with every KL coefficient 0 no reference model
+"""The critic-free online objectives through the real entry point, on the tiny model, on CPU (that GRPO and RLOO
+raise the judge's score without a value head is the CI quickstart's test, tests/engine/test_pipeline.py): LoRA
+and QLoRA take the reference from the adapter switched off; with every KL coefficient 0 no reference model
 loads; the loss does not depend on how a minibatch is split into micro-batches; a resumed run with DAPO's
 dynamic sampling and overlong shaping equals an uninterrupted one; bad group settings stop before any model
 loads."""
@@ -16,7 +17,6 @@ from safetensors.torch import load_file
 
 from engine import models, train
 from tests.engine.runs import run_cli
-from tests.engine.test_ppo_runs import sampled_judge_score
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 SMALL = ["data.synthetic_size=200", "data.max_samples=64", "batch.global_batch_size=16", "batch.micro_batch_size=8",
@@ -28,25 +28,6 @@ def run_online(config: str, output_dir, *overrides: str) -> train.RunResult:
     """`engine/train.py --config configs/tiny/<config> output_dir=... <overrides>` in this process."""
     return train.main(["--config", str(CONFIGS / config), f"output_dir={output_dir}", "logging.progress_bar=false",
                        *overrides])
-
-
-@pytest.mark.parametrize("config", ["grpo.yaml", "rloo.yaml"])
-def test_critic_free_objectives_raise_the_judge_score_without_a_value_head(tmp_path, sft_policy, config):
-    before = sampled_judge_score(sft_policy)
-    result = run_online(config, tmp_path / "run", f"model.name_or_path={sft_policy}", "max_steps=20")
-    after = sampled_judge_score(result.final_dir)
-    judged = [r["objective/score/judge"] for r in result.history]
-    print(f"{config}: judge score, sampled on 200 held-out prompts: {before:.3f} -> {after:.3f}; during the run "
-          f"(first 3, last 3 iterations): {sum(judged[:3]) / 3:.3f} -> {sum(judged[-3:]) / 3:.3f}")
-    assert after > before + 0.03
-    assert sum(judged[-3:]) / 3 > sum(judged[:3]) / 3 + 0.03
-    assert not (result.final_dir / "value_head.safetensors").exists()
-    first = result.history[0]
-    for key in ("groups/reward_mean", "groups/reward_std", "groups/tied", "groups/all_solved", "groups/none_solved",
-                "policy/clipfrac_low", "policy/clipfrac_high", "policy/entropy", "rollout/response_length",
-                "rollout/no_eos", "objective/kl", "advantages/std"):
-        assert key in first, key
-    assert not any(key.startswith("val/") for key in first)  # no value function, no value loss
 
 
 def test_with_every_kl_coefficient_zero_no_reference_model_loads(tmp_path, monkeypatch):
@@ -120,17 +101,24 @@ def test_bad_group_settings_stop_before_any_model_loads(tmp_path, monkeypatch, o
     assert code == 2 and message in stderr and "Traceback" not in stderr, stderr
 
 
-def test_grpo_with_lora_takes_its_reference_from_the_adapter_switched_off(tmp_path, monkeypatch):
-    """LoRA with reference.mode=disabled: the reference log-probs are the base model's (the adapter off), no
-    second model loads, and final/ holds the adapter alone (no value head)."""
-    loaded = []
+@pytest.mark.parametrize("quant", [[], ["model.quant.bits=4", "model.quant.compute_dtype=float32"]],
+                         ids=["lora", "qlora"])
+def test_grpo_with_lora_takes_its_reference_from_the_adapter_switched_off(tmp_path, monkeypatch, quant):
+    """LoRA (and QLoRA, the base in 4 bits) with reference.mode=disabled: the reference log-probs are the base
+    model's (the adapter off), no second model loads, and final/ holds the adapter alone (no value head)."""
+    loaded, built = [], []
     real = models.load_policy
-    monkeypatch.setattr(models, "load_policy", lambda cfg, **kw: loaded.append(kw) or real(cfg, **kw))
+    monkeypatch.setattr(models, "load_policy",
+                        lambda cfg, **kw: loaded.append(kw) or built.append(real(cfg, **kw)) or built[-1])
     result = run_online("grpo.yaml", tmp_path / "lora", *SMALL, "model.lora.enabled=true", "model.lora.r=4",
-                        "reference.mode=disabled", "max_steps=2", "optim.lr=1e-2")
+                        "reference.mode=disabled", "max_steps=2", "optim.lr=1e-2", *quant)
     assert [kw["for_training"] for kw in loaded] == [True]
+    four_bit = [m for m in built[0].modules() if type(m).__module__.startswith("bitsandbytes")]
+    assert len(four_bit) == (7 * built[0].config.num_hidden_layers if quant else 0)  # every projection, 4-bit
     assert (result.final_dir / "adapter_model.safetensors").is_file()
     assert not (result.final_dir / "value_head.safetensors").exists()
+    # the first rollout's policy is the base (LoRA's B starts at 0): its KL to the adapter-off reference, read
+    # at the rollout before any update, is 0 in 4 bits as in full precision; the updates then move it
+    assert result.history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5), result.history[0]["objective/kl"]
     kl = [r["policy/kl_ref"] for r in result.history]
-    # the first rollout's policy is the base (LoRA's B starts at 0): KL 0; after one update it has moved
-    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] > 1e-5, kl
+    assert max(kl) > 1e-5, kl

@@ -1,10 +1,10 @@
-"""PPO runs on the tiny model, on CPU: resume equals an uninterrupted run, and the score PPO optimises goes up,
-with a reward function (the synthetic judge) and with a trained tiny reward model."""
+"""PPO runs on the tiny model, on CPU: resume equals an uninterrupted run, and the score PPO optimises goes up
+with a trained tiny reward model (with the synthetic judge as a reward function it is the CI quickstart's test,
+tests/engine/test_pipeline.py)."""
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -91,27 +91,6 @@ def sampled_judge_score(model_dir: Path, n: int = 200) -> float:
     responses = tokenizer.batch_decode(gen.responses.masked_fill(~gen.action_mask, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
     return sum(judge_reward(batch["prompt"], responses)) / n
-
-
-def test_ppo_on_the_judge_raises_the_judge_score(tmp_path, sft_policy):
-    before = sampled_judge_score(sft_policy)
-    # 20 iterations: at 12 the gain (0.025-0.075 sampled over seeds 0-3, whichever minibatch shuffle) was too
-    # close to the 0.03 asked for
-    result = run_ppo(tmp_path / "ppo", f"model.name_or_path={sft_policy}", "max_steps=20")
-    after = sampled_judge_score(result.final_dir)
-    judged = [r["objective/score/judge"] for r in result.history]
-    print(f"judge score, sampled on 200 held-out prompts: {before:.3f} -> {after:.3f}; "
-          f"during the run (first 3, last 3 iterations): {sum(judged[:3]) / 3:.3f} -> {sum(judged[-3:]) / 3:.3f}")
-    assert after > before + 0.03
-    assert sum(judged[-3:]) / 3 > sum(judged[:3]) / 3 + 0.03
-    assert (result.final_dir / "value_head.safetensors").is_file()
-    first = result.history[0]
-    for key in ("objective/kl", "objective/kl_coef", "objective/score", "objective/score/judge",
-                "objective/rlhf_reward", "policy/approx_kl", "policy/clipfrac", "policy/entropy", "val/clipfrac",
-                "val/explained_var", "rollout/response_length", "rollout/no_eos", "time/generation",
-                "time/scoring", "time/training"):
-        assert key in first and math.isfinite(first[key]), key
-    assert first["objective/kl"] == pytest.approx(0, abs=1e-5)  # the policy starts as its reference
 
 
 def test_ppo_on_a_trained_reward_model_raises_its_score(tmp_path, sft_policy, reward_model):
