@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,7 +69,7 @@ def sft_policy(tmp_path_factory) -> Path:
 
 
 # The CI-sized quickstart (test_pipeline.py) is the suite's longest job: a chain of single-threaded engine
-# commands, about five minutes. When its tests are collected it starts at once in a process of its own, on the
+# commands, about eight minutes in one process. When its tests are collected it starts at once in a process of its own, on the
 # core the single-threaded suite leaves idle, and its tests are moved to the end of the run, where they wait
 # for it. Its steps are seeded and single-threaded, so running beside the suite changes their time, not their
 # results.
@@ -76,6 +77,7 @@ QUICKSTART = pytest.StashKey[tuple]()
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected what they deselect
 def pytest_collection_modifyitems(session, config, items):
     pipeline = [item for item in items if item.path.name == "test_pipeline.py"]
     if not pipeline or config.option.collectonly:
@@ -85,7 +87,7 @@ def pytest_collection_modifyitems(session, config, items):
     log = (folder / "pipeline.log").open("w")
     process = subprocess.Popen([sys.executable, "-m", "engine.pipeline", "--out", str(folder / "run"), "--ci",
                                 "--seed", "0", "--jobs", "1"], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                               env=os.environ | {"PYTHONUNBUFFERED": "1"})
+                               env=os.environ | {"PYTHONUNBUFFERED": "1"}, start_new_session=True)
     log.close()
     config.stash[QUICKSTART] = (process, folder)
 
@@ -93,8 +95,8 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_unconfigure(config):
     process, folder = config.stash.get(QUICKSTART, (None, None))
     if process is not None:
-        if process.poll() is None:
-            process.kill()
+        if process.poll() is None:  # the suite stopped first: end the pipeline and the steps it started
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         shutil.rmtree(folder, ignore_errors=True)
 
