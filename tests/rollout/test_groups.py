@@ -70,6 +70,14 @@ def test_informative_groups_drop_ties_and_groups_of_fewer_than_two_valid_rows():
     assert informative_groups(scores, 3).tolist() == [True, True, False, True, True]  # every row counted
 
 
+def test_validity_flags_may_sit_on_another_device_than_the_scores():
+    """The scorer's flags stay on the CPU while the scores sit with the sequences on the GPU (GRPO failed its
+    first rollout on CUDA that way). The meta device stands in for the GPU: the flags follow the scores."""
+    scores = torch.tensor([1.0, 0.0, 0.5, 0.5], device="meta")
+    out = informative_groups(scores, 2, valid=torch.ones(4, dtype=torch.bool))
+    assert out.device == scores.device and out.shape == (2,)
+
+
 def test_group_rows_keep_whole_groups():
     assert group_rows(torch.tensor([True, False, True]), 2).tolist() == [True, True, False, False, True, True]
 
