@@ -69,10 +69,10 @@ def sft_policy(tmp_path_factory) -> Path:
 
 
 # The CI-sized quickstart (test_pipeline.py) is the suite's longest job: a chain of single-threaded engine
-# commands, about eight minutes in one process. When its tests are collected it starts at once in a process of its own, on the
-# core the single-threaded suite leaves idle, and its tests are moved to the end of the run, where they wait
-# for it. Its steps are seeded and single-threaded, so running beside the suite changes their time, not their
-# results.
+# commands, about eight minutes in one process. When its tests are collected it starts at once in a process
+# of its own, on the core the single-threaded suite leaves idle, and its tests are moved to the end of the
+# run, where they wait for it. Its steps are seeded and single-threaded, so running beside the suite changes
+# their time, not their results.
 QUICKSTART = pytest.StashKey[tuple]()
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
