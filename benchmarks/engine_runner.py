@@ -164,7 +164,7 @@ def run_engine_ppo(size: str, *, objective: str = "ppo", steps: int | None = Non
     and RLOO the loop's own choices decide what is built: no value function for a critic-free estimator, the
     reference only where a KL coefficient is above 0 (`ppo.kl_settings`)."""
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, set_seed
+    from accelerate.utils import GradientAccumulationPlugin, send_to_device, set_seed
     from torch.utils.data import DataLoader
 
     from data import build_datasets, make_collator
@@ -220,7 +220,7 @@ def run_engine_ppo(size: str, *, objective: str = "ppo", steps: int | None = Non
 
         batches = iter(loader)
         for step in range(1 + (steps or spec.ppo_steps)):
-            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+            batch = send_to_device(next(batches), accelerator.device)  # the loop's loader is prepared; this one is not
             set_seed(cfg.seed + step)
             exp, _, stats, times = ppo.rollout(batch, actor_critic=accelerator.unwrap_model(actor_critic),
                                                reference=reference, scorer=scorer, tokenizer=tokenizer,

@@ -30,6 +30,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from unittest import mock
 
+from benchmarks.workloads import ONLINE
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM by the datasheet; MFU is against this on CUDA
 WHEEL_PACKAGES = ("bitsandbytes", "datasets", "trl")  # on the GPU image torch/transformers/peft/accelerate are
@@ -61,7 +63,7 @@ FAMILIES = {  # objective -> (config, data family, the metric that must move, +1
     "grpo": ("configs/tiny/grpo.yaml", "prompt", "loss/policy, epoch 2 - epoch 1", -1),
     "rloo": ("configs/tiny/rloo.yaml", "prompt", "loss/policy, epoch 2 - epoch 1", -1),
 }
-ONLINE = ("ppo", "grpo", "rloo")  # an optimizer step is an iteration: a rollout, then two epochs over it
+# ONLINE (ppo, grpo, rloo): an optimizer step is an iteration, a rollout then two epochs over it
 GROUP_SIZE = 4  # GRPO / RLOO responses per prompt: `Sizes.rollout` rollouts from rollout / GROUP_SIZE prompts
 
 
@@ -173,18 +175,16 @@ def engine_argv(run: Run, sizes: Sizes, model: Path, cache: Path, output_dir: st
             "logging.progress_bar=false", "optim.scheduler=constant", "optim.warmup_steps=0",
             "optim.warmup_ratio=0.0", f"optim.lr={1e-3 if qlora else 1e-4}", "mixed_precision=bf16",
             "model.dtype=bfloat16"]
-    if online and run.objective != "ppo":
-        argv += [f"ppo.rollout_batch_size={rows // GROUP_SIZE}", f"ppo.group_size={GROUP_SIZE}",
+    if online:
+        group = 1 if run.objective == "ppo" else GROUP_SIZE
+        # scored by a random reward model: a random policy ties every group on the task's judge (all zero
+        # advantages), while the reward model's scores differ within a group
+        argv += [f"ppo.rollout_batch_size={rows // group}", f"ppo.group_size={group}",
                  f"ppo.rollout_micro_batch_size={rows}", f"ppo.max_new_tokens={sizes.new_tokens}",
                  f"ppo.min_new_tokens={sizes.new_tokens}", "ppo.temperature=1.0", "ppo.epochs=2",
-                 # a random policy ties every group on the task's judge (all zero advantages); the random reward
-                 # model's scores differ within a group, as PPO's do
                  f"ppo.rewards=[{{name: rm, model: {model}}}]"]
     if run.objective == "ppo":
-        argv += [f"ppo.rollout_batch_size={rows}", f"ppo.rollout_micro_batch_size={rows}",
-                 f"ppo.max_new_tokens={sizes.new_tokens}", f"ppo.min_new_tokens={sizes.new_tokens}",
-                 "ppo.temperature=1.0", "ppo.epochs=2", "ppo.kl_target=null", "ppo.max_approx_kl=null",
-                 f"ppo.rewards=[{{name: rm, model: {model}}}]", "reward_model=null", "ppo.critic=null"]
+        argv += ["ppo.kl_target=null", "ppo.max_approx_kl=null", "reward_model=null", "ppo.critic=null"]
         if run.config is not None:  # the recipe's 4-bit reward model, on the built shape
             argv += [f"reward_model.name_or_path={model}", "reward_model.dtype=bfloat16",
                      "reward_model.quant={bits: 4, quant_type: nf4, double_quant: true, compute_dtype: bfloat16}"]

@@ -6,7 +6,7 @@
 # check     benchmarks/gpu_check.py: every family in bf16, then in 4-bit QLoRA, on the Llama-3.2-1B shape (random
 #           weights from config, no download), each a few steps in its own process: finite, moving the objective's
 #           way, peak memory against the start-up estimate, tokens/s and MFU; under a 150 s budget.
-# grpo      GRPO against TRL's GRPOTrainer on the same shape (`--size llama-1b-group`: 8 prompts x 4 responses of
+# grpo      GRPO against TRL's GRPOTrainer (rloo: RLOO against its RLOOTrainer) on the same shape (`--size llama-1b-group`: 8 prompts x 4 responses of
 #           128 new tokens per iteration), bf16 autocast over float32 weights, alternating, medians of 3.
 # dpo       DPO against TRL's DPOTrainer on the same shape (8 pairs of ~435-token rows per step), medians of 3.
 # decoding  rollout decoding by backend (the loop, static cache, compiled static cache, continuous batching),
@@ -34,10 +34,8 @@ for stage in $STAGES; do
     echo "== $stage $(date -u +%T)"
     case $stage in
         check) timeout 180 $PY -m benchmarks.gpu_check --budget 150 --out "$OUT" || echo "check: exit $?" ;;
-        grpo) timeout 240 $PY -m benchmarks.run --device cuda --size llama-1b-group --peer trl --objectives grpo \
-                  --repeats 3 --threads 8 --json "$OUT/h200_llama1b_grpo.json" || echo "grpo: exit $?" ;;
-        rloo) timeout 270 $PY -m benchmarks.run --device cuda --size llama-1b-group --peer trl --objectives rloo \
-                  --repeats 3 --threads 8 --json "$OUT/h200_llama1b_rloo.json" || echo "rloo: exit $?" ;;
+        grpo|rloo) timeout 240 $PY -m benchmarks.run --device cuda --size llama-1b-group --peer trl --objectives $stage \
+                       --repeats 3 --threads 8 --json "$OUT/h200_llama1b_$stage.json" || echo "$stage: exit $?" ;;
         dpo) timeout 300 $PY -m benchmarks.run --device cuda --size llama-1b --peer trl --objectives dpo --repeats 3 \
                  --threads 8 --json "$OUT/h200_llama1b_dpo.json" || echo "dpo: exit $?" ;;
         decoding) timeout 240 $PY -m benchmarks.decoding --device cuda --size llama-1b --repeats 3 \

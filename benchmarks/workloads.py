@@ -4,7 +4,7 @@ models built once from a config (no download) into the cache, shared by the engi
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.families import FAMILIES
@@ -70,12 +70,10 @@ SIZES = {
     "llama-1b": Size("llama-1b", CONFIGS / "llama-3.2-1b.json", batch=8, steps=8, warmup=3, synthetic_size=128,
                      rollout_batch=64, max_new_tokens=256, ppo_epochs=1, minibatch=8, peak_repeats=3, ppo_steps=2,
                      letters=(200, 240), max_length=512, max_prompt_length=256),
-    # the same model for GRPO / RLOO against TRL on one GPU: 8 prompts of ~220 tokens x 4 responses of up to 128
-    # new tokens per iteration, two optimizer steps of 16 rollouts
-    "llama-1b-group": Size("llama-1b-group", CONFIGS / "llama-3.2-1b.json", batch=8, steps=8, warmup=3,
-                           synthetic_size=128, rollout_batch=64, max_new_tokens=128, ppo_epochs=1, minibatch=8,
-                           peak_repeats=3, ppo_steps=2, letters=(200, 240), max_length=512, max_prompt_length=256),
 }
+# the same model for GRPO / RLOO against TRL on one GPU: 8 prompts of ~220 tokens x 4 responses of up to 128 new
+# tokens per iteration, two optimizer steps of 16 rollouts
+SIZES["llama-1b-group"] = replace(SIZES["llama-1b"], name="llama-1b-group", max_new_tokens=128)
 
 
 def prompt_order(rows: int, seed: int = 0) -> list[int]:

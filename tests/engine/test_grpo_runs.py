@@ -108,8 +108,13 @@ def test_grpo_with_lora_takes_its_reference_from_the_adapter_switched_off(tmp_pa
     model's (the adapter off), no second model loads, and final/ holds the adapter alone (no value head)."""
     loaded, built = [], []
     real = models.load_policy
-    monkeypatch.setattr(models, "load_policy",
-                        lambda cfg, **kw: loaded.append(kw) or built.append(real(cfg, **kw)) or built[-1])
+
+    def load_and_record(cfg, **kwargs):
+        loaded.append(kwargs)
+        built.append(real(cfg, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(models, "load_policy", load_and_record)
     result = run_online("grpo.yaml", tmp_path / "lora", *SMALL, "model.lora.enabled=true", "model.lora.r=4",
                         "reference.mode=disabled", "max_steps=2", "optim.lr=1e-2", *quant)
     assert [kw["for_training"] for kw in loaded] == [True]
